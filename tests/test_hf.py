@@ -1,0 +1,481 @@
+"""The "atman" transformers attention on small random models of several families.
+
+Ground truth for suppressed runs is an independent eager attention defined here: it takes
+transformers' *eager* masks (additive float, always materialised for causal models), builds the
+scores itself and applies ATMAN.md section 2 with factors looked up by absolute key position.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    AttentionInterface,
+    BertConfig,
+    BertModel,
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    ViTConfig,
+    ViTModel,
+)
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+import atman_kernels
+import atman_kernels.hf as atman_hf
+from atman_kernels.hf import atman_attention
+
+VOCAB = 61
+CHECK = "independent_eager"
+
+
+# ----------------------------------------------------------------------------- ground truth
+_TEST_LAYER_INDEX: dict[int, int] = {}
+
+
+def _expected_factors(module, n_keys: int, batch: int, kwargs) -> tuple[torch.Tensor, str] | None:
+    if kwargs.get("atman_factors") is not None:
+        factors, mode, layers = (
+            kwargs["atman_factors"],
+            kwargs.get("atman_mode") or "paper",
+            kwargs.get("atman_layers"),
+        )
+    else:
+        state = atman_kernels.current_suppression()
+        if state is None:
+            return None
+        factors, mode, layers = state.factors, state.mode, state.layers
+    idx = getattr(module, "layer_idx", None)
+    if idx is None:
+        idx = _TEST_LAYER_INDEX.get(id(module))
+    if layers is not None and idx not in set(layers):
+        return None
+    full = torch.ones(factors.shape[0], n_keys, dtype=torch.float64)
+    n = min(n_keys, factors.shape[1])
+    full[:, :n] = factors[:, :n].double()
+    return full.expand(batch, n_keys), mode
+
+
+def independent_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """Eager attention with AtMan suppression, written out from the paper's definition."""
+    b, hq, nq, d = query.shape
+    hkv, nk = key.shape[1], key.shape[2]
+    scale = d**-0.5 if scaling is None else scaling
+    q = query.double()
+    k = key.double().repeat_interleave(hq // hkv, dim=1)
+    v = value.double().repeat_interleave(hq // hkv, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if attention_mask is None:
+        visible = torch.ones(1, 1, nq, nk, dtype=torch.bool)
+    else:
+        visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        s = s + attention_mask.double().masked_fill(~visible, 0.0)
+    got = _expected_factors(module, nk, b, kw)
+    if got is not None:
+        f, mode = got
+        f = f[:, None, None, :]
+        if mode == "paper":
+            m = torch.where(visible, s, torch.full_like(s, float("inf"))).amin(-1, keepdim=True)
+            s = m + f * (s - m)
+        else:
+            s = s + torch.log(f)
+    s = s.masked_fill(~visible, float("-inf"))
+    w = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    out = (w @ v).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(CHECK, independent_eager)
+AttentionMaskInterface.register(CHECK, eager_mask)
+
+
+# ----------------------------------------------------------------------------- tiny models
+def _llama():
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+        )
+    )
+
+
+def _qwen2():
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+        )
+    )
+
+
+def _mistral_sliding():
+    # window 4 < sequence length: the mask is no causal/padding pattern -> exact fallback path
+    return MistralForCausalLM(
+        MistralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            sliding_window=4,
+        )
+    )
+
+
+def _gpt2():
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+            initializer_range=0.2,
+        )
+    )
+
+
+def _bert():
+    return BertModel(
+        BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64, initializer_range=0.2,
+        ),
+        add_pooling_layer=False,
+    )
+
+
+def _vit():
+    return ViTModel(
+        ViTConfig(
+            image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, initializer_range=0.2,
+        ),
+        add_pooling_layer=False,
+    )
+
+
+FAMILIES = {
+    "llama": _llama,
+    "qwen2": _qwen2,
+    "mistral_sliding": _mistral_sliding,
+    "gpt2": _gpt2,
+    "bert": _bert,
+    "vit": _vit,
+}
+CAUSAL = {"llama", "qwen2", "mistral_sliding", "gpt2"}
+
+
+def build(family: str) -> PreTrainedModel:
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    if family == "vit":
+        _TEST_LAYER_INDEX.update(
+            {id(layer.attention): i for i, layer in enumerate(model.layers)}
+        )
+    return model
+
+
+def make_inputs(family: str, batch: int, seq: int = 10, pad: bool = True) -> dict:
+    """Inputs of ``batch`` rows; with ``pad``, rows have different amounts of padding."""
+    g = torch.Generator().manual_seed(1)
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad:
+        for r in range(1, batch):
+            n = min(r + 1, seq - 2)
+            if family == "bert":
+                mask[r, seq - n :] = 0  # right padding
+            else:
+                mask[r, :n] = 0  # left padding, as for generation
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def run(model, inputs, impl: str, **kwargs) -> torch.Tensor:
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        out = model(**inputs, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def valid_positions(inputs) -> torch.Tensor:
+    """[B, N] bool of positions whose outputs are defined (not padding queries)."""
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].bool()
+    return torch.ones(inputs["pixel_values"].shape[0], 17, dtype=torch.bool)
+
+
+def assert_close(a, b, valid, atol):
+    diff = (a - b).abs().amax(dim=-1)[valid]
+    assert torch.isfinite(a[valid]).all()
+    assert float(diff.max()) <= atol, f"max diff {float(diff.max()):.3g} > {atol}"
+
+
+def random_factors(batch: int, n: int, seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    f = torch.rand(batch, n, generator=g) * 2.0
+    f[f < 0.3] = 0.0  # exact zeros: fully suppressed keys
+    f[0] = 1.0  # one untouched variant
+    return f
+
+
+def seq_len(inputs) -> int:
+    return 17 if "pixel_values" in inputs else inputs["input_ids"].shape[1]
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_without_factors_matches_sdpa(family):
+    model = build(family)
+    inputs = make_inputs(family, batch=3)
+    ref = run(model, inputs, "sdpa")
+    got = run(model, inputs, "atman")
+    assert_close(got, ref, valid_positions(inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_with_factors_matches_independent_eager(family, mode):
+    model = build(family)
+    inputs = make_inputs(family, batch=4)
+    factors = random_factors(4, seq_len(inputs))
+    plain = run(model, inputs, "sdpa")
+    with atman_kernels.suppression(factors, mode=mode):
+        expected = run(model, inputs, CHECK)
+        with atman_attention(model):
+            got = run(model, inputs, "atman")
+    valid = valid_positions(inputs)
+    assert_close(got, expected, valid, atol=1e-4)
+    # the suppression did something (rows 1.. have factors != 1 on keys they see)
+    assert float((got - plain).abs().amax(dim=-1)[1:][valid[1:]].max()) > 1e-3
+    assert_close(got[:1], plain[:1], valid[:1], atol=1e-5)  # factor-1 variant untouched
+
+
+@pytest.mark.parametrize("family", ["llama", "vit"])
+def test_layer_subset(family):
+    model = build(family)
+    inputs = make_inputs(family, batch=3, pad=False)
+    factors = random_factors(3, seq_len(inputs))
+    with atman_attention(model):
+        with atman_kernels.suppression(factors, layers=[1]):
+            got = run(model, inputs, "atman")
+            expected = run(model, inputs, CHECK)
+            model.set_attn_implementation("atman")
+        with atman_kernels.suppression(factors):
+            all_layers = run(model, inputs, "atman")
+    valid = valid_positions(inputs)
+    assert_close(got, expected, valid, atol=1e-4)
+    assert float((got - all_layers)[1:].abs().max()) > 1e-3
+
+
+def test_forward_kwargs_route_and_precedence():
+    model = build("llama")
+    inputs = make_inputs("llama", batch=3, pad=False)
+    factors = random_factors(3, 10)
+    other = random_factors(3, 10, seed=7)
+    with atman_attention(model):
+        via_kwargs = run(model, inputs, "atman", atman_factors=factors, atman_mode="log")
+        with atman_kernels.suppression(factors, mode="log"):
+            via_context = run(model, inputs, "atman")
+        with atman_kernels.suppression(other):
+            kwargs_win = run(model, inputs, "atman", atman_factors=factors, atman_mode="log")
+        layer0 = run(model, inputs, "atman", atman_factors=factors, atman_layers=[0])
+        with atman_kernels.suppression(factors, layers=[0]):
+            layer0_ctx = run(model, inputs, "atman")
+    valid = valid_positions(inputs)
+    assert_close(via_kwargs, via_context, valid, atol=0)
+    assert_close(kwargs_win, via_context, valid, atol=0)
+    assert_close(layer0, layer0_ctx, valid, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_generation_matches_sdpa(family):
+    model = build(family)
+    inputs = make_inputs(family, batch=2, seq=6)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.set_attn_implementation("sdpa")
+    ref = model.generate(**inputs, **kw)
+    with atman_attention(model):
+        got = model.generate(**inputs, **kw)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("factor_len", ["prompt", "whole"])
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cached_decoding_with_factors_equals_full_recompute(family, mode, factor_len):
+    """Prefill + token-by-token decode through a KV cache under suppression equals
+    recomputing the whole sequence at every step. Factors cover the prompt (keys past their
+    end are untouched) or the whole sequence (keys are matched by absolute position)."""
+    model = build(family)
+    batch, prompt = 3, 7
+    ids = torch.randint(0, VOCAB, (batch, prompt + 4), generator=torch.Generator().manual_seed(3))
+    factors = random_factors(batch, prompt if factor_len == "prompt" else ids.shape[1])
+    with torch.no_grad(), atman_attention(model), atman_kernels.suppression(factors, mode=mode):
+        cache = DynamicCache(config=model.config)
+        out = model(ids[:, :prompt], past_key_values=cache, use_cache=True)
+        for step in range(prompt, ids.shape[1]):
+            full = model(ids[:, : step + 1]).logits[:, -1]
+            out = model(ids[:, step : step + 1], past_key_values=out.past_key_values)
+            torch.testing.assert_close(out.logits[:, -1], full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+def test_prefix_reuse_equals_full_recompute(mode):
+    """ATMAN.md section 5: a variant whose first suppressed position is p can reuse the
+    unsuppressed cache of positions < p; feeding only positions >= p gives the same logits."""
+    model = build("llama")
+    batch, n, p = 3, 12, 5
+    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(4))
+    ids = ids.expand(batch, n)
+    factors = random_factors(batch, n)
+    factors[:, :p] = 1.0
+    with torch.no_grad(), atman_attention(model):
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :p], past_key_values=cache, use_cache=True)
+        with atman_kernels.suppression(factors, mode=mode):
+            suffix = model(ids[:, p:], past_key_values=cache).logits
+            full = model(ids).logits[:, p:]
+    torch.testing.assert_close(suffix, full, atol=1e-5, rtol=1e-5)
+
+
+def test_common_masks_take_the_fused_op(monkeypatch):
+    """Causal, padding and cached-suffix masks run the fused op, not the N^2 fallback."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("materialised fallback used for a mask the op can express")
+
+    monkeypatch.setattr(atman_hf, "materialised_suppressed_attention", forbidden)
+    calls = []
+    real_op = atman_hf.suppressed_attention
+
+    def counting_op(*args, **kwargs):
+        calls.append(kwargs["causal"])
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(atman_hf, "suppressed_attention", counting_op)
+    for family in ("llama", "bert", "gpt2"):
+        model = build(family)
+        inputs = make_inputs(family, batch=3)
+        with atman_kernels.suppression(random_factors(3, 10)):
+            run(model, inputs, "atman")
+    model = build("llama")
+    with torch.no_grad(), atman_attention(model):
+        model.generate(**make_inputs("llama", 2, 6), max_new_tokens=3, do_sample=False)
+    assert calls and any(calls) and not all(calls)
+
+
+def test_inference_mode_with_padding():
+    model = build("llama")
+    inputs = make_inputs("llama", batch=3)
+    ref = run(model, inputs, "sdpa")
+    model.set_attn_implementation("atman")
+    with torch.inference_mode():
+        got = model(**inputs).logits
+    assert_close(got, ref, valid_positions(inputs), atol=1e-5)
+
+
+def test_custom_4d_float_mask_with_bias_runs_the_exact_fallback():
+    """A user 4D additive mask with a non-zero bias is neither causal nor padding."""
+    model = build("llama")
+    n = 8
+    ids = torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    bias = torch.randn(2, 1, n, n, generator=g) * 0.5
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = bias.masked_fill(~causal, torch.finfo(torch.float32).min)
+    factors = random_factors(2, n)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    with atman_kernels.suppression(factors):
+        expected = run(model, inputs, CHECK)
+        got = run(model, inputs, "atman")
+    assert_close(got, expected, torch.ones(2, n, dtype=torch.bool), atol=1e-4)
+
+
+def test_built_with_atman_implementation():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    model = GPT2LMHeadModel._from_config(config, attn_implementation="atman").eval()
+    assert model.config._attn_implementation == "atman"
+    inputs = make_inputs("gpt2", batch=2)
+    got = run(model, inputs, "atman")
+    ref = run(model, inputs, "sdpa")
+    assert_close(got, ref, valid_positions(inputs), atol=1e-5)
+
+
+def test_switch_is_restored_on_error():
+    model = build("bert")
+    model.set_attn_implementation("eager")
+    with pytest.raises(KeyError, match="boom"), atman_attention(model):
+        assert model.config._attn_implementation == "atman"
+        raise KeyError("boom")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_factor_batch_must_match_model_batch():
+    model = build("llama")
+    inputs = make_inputs("llama", batch=1, pad=False)
+    with atman_kernels.suppression(random_factors(3, 10)), pytest.raises(
+        ValueError, match=r"3 variants but the model's batch is 1.*expand"
+    ):
+        run(model, inputs, "atman")
+    inputs = make_inputs("llama", batch=2, pad=False)
+    with atman_kernels.suppression(random_factors(3, 10)), pytest.raises(
+        ValueError, match="3 variants but the model's batch is 2"
+    ):
+        run(model, inputs, "atman")
+
+
+def test_layer_subset_without_layer_index_is_an_error():
+    model = build("vit")
+    model.set_attn_implementation("atman")  # no atman_attention(): indices never assigned
+    with atman_kernels.suppression(random_factors(2, 17), layers=[0]), pytest.raises(
+        ValueError, match="layer index"
+    ):
+        run(model, make_inputs("vit", 2), "atman")
+
+
+# --- a model whose attention ignores the interface ------------------------------------------
+class HandRolledConfig(PretrainedConfig):
+    model_type = "hand_rolled_test"
+
+    def __init__(self, hidden_size=16, **kwargs):
+        self.hidden_size = hidden_size
+        super().__init__(**kwargs)
+
+
+class HandRolledSelfAttn(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return w @ v
+
+
+class HandRolledModel(PreTrainedModel):
+    config_class = HandRolledConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.attn = HandRolledSelfAttn(config.hidden_size)
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def test_model_not_routing_through_interface_is_a_clear_error():
+    model = HandRolledModel(HandRolledConfig())
+    with pytest.raises(NotImplementedError, match="HandRolledModel.*AttentionInterface"):
+        with atman_attention(model):
+            pass
+    with pytest.raises(TypeError, match="Sequential.*swap_multihead_attention"):
+        with atman_attention(nn.Sequential(nn.Linear(2, 2))):
+            pass
