@@ -1,0 +1,222 @@
+"""The Triton kernel against the float64 reference.
+
+Without a GPU the kernel runs in Triton's interpreter on CPU tensors. The interpreter is chosen
+when triton is first imported, so ``TRITON_INTERPRET=1`` is set here before anything imports
+atman_kernels or triton (``conftest.py`` sets it too, without importing triton); with CUDA the
+variable is left alone and the same tests run the compiled kernel. The interpreter is slow:
+head counts stay small and only the cases that need a long sequence get one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+from _tolerance import assert_close_to_reference, make_inputs, reference_pair  # noqa: E402
+
+from atman_kernels import suppressed_attention  # noqa: E402
+from atman_kernels.ops import triton_backend  # noqa: E402
+from atman_kernels.ops._checks import check_call  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = DEVICE == "cpu"
+BF16_SKIP = pytest.mark.skipif(
+    INTERPRETED,
+    reason="bfloat16 gives garbage in Triton's CPU interpreter (ATMAN.md section 8); "
+    "checked on CUDA and by the ahead-of-time compile in test_triton_aot.py",
+)
+# log mode computes log2(0) = -inf on purpose (f = 0 removes a key); numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+
+
+def run_triton(q, k, v, factors, mask, *, causal=False, mode="paper", scale=None):
+    """Run the kernel into a NaN-poisoned output, so an element it skips fails the test."""
+    call = check_call(q, k, v, factors, causal, scale, mode, mask)
+    reason = triton_backend.unsupported_reason(q, call)
+    assert reason is None, f"the Triton backend should take this call, but: {reason}"
+    out = torch.full(
+        (call.batch, call.heads_q, call.len_q, call.head_dim),
+        float("nan"),
+        dtype=q.dtype,
+        device=q.device,
+    )
+    result = triton_backend.run(q, k, v, factors, mask, call, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    return result
+
+
+# (id, make_inputs kwargs, causal). Batch, heads, lengths, head dim are make_inputs' first six.
+CASES = [
+    ("len1", dict(args=(2, 2, 2, 1, 1, 16)), False),
+    ("len7_d40", dict(args=(2, 2, 2, 7, 7, 40)), False),
+    ("len97_d80_gqa", dict(args=(2, 4, 2, 97, 97, 80)), False),
+    ("len257_d16_causal", dict(args=(1, 1, 1, 257, 257, 16)), True),
+    ("d64_mqa_causal_short_q", dict(args=(2, 3, 1, 7, 97, 64)), True),
+    ("d128_q1_causal", dict(args=(3, 2, 1, 1, 33, 128)), True),
+    ("q_longer_than_k_causal", dict(args=(2, 1, 1, 9, 5, 16)), True),
+    ("padding_full_row", dict(args=(3, 2, 2, 20, 70, 32), fully_padded_row=True), False),
+    (
+        "padding_causal_zero_big",
+        dict(args=(3, 2, 1, 30, 66, 16), padding=True, factor_kind="zero_and_big"),
+        True,
+    ),
+    ("shared_qkv_16_variants", dict(args=(16, 2, 1, 24, 24, 64), shared_qkv=True), True),
+    ("single_token", dict(args=(6, 2, 2, 12, 12, 16), factor_kind="single"), True),
+    ("no_factors", dict(args=(2, 2, 1, 40, 70, 40), factor_kind="none", padding=True), True),
+]
+# bfloat16 joins where the kernel is compiled (CUDA); under the interpreter one test says why not.
+DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
+
+
+def yardstick(q, k, v, factors, mask, **kwargs):
+    """(float64 reference, plain PyTorch at the kernel's precision). On CUDA the kernel feeds
+    fp32 operands to TF32 tensor cores, so plain PyTorch is measured with TF32 matmuls too."""
+    if q.is_cuda and q.dtype == torch.float32:
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return reference_pair(q, k, v, factors, mask, **kwargs)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+    return reference_pair(q, k, v, factors, mask, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,inputs,causal", CASES, ids=[c[0] for c in CASES])
+def test_matches_float64_reference(name, inputs, causal, dtype, mode):
+    inputs = dict(inputs)
+    args = inputs.pop("args")
+    q, k, v, factors, mask = make_inputs(*args, dtype=dtype, device=DEVICE, seed=7, **inputs)
+    out = run_triton(q, k, v, factors, mask, causal=causal, mode=mode)
+    exact, plain = yardstick(q, k, v, factors, mask, causal=causal, mode=mode)
+    assert_close_to_reference(out, exact, plain, what=f"triton {name} {dtype} {mode}")
+
+
+@BF16_SKIP
+def test_bfloat16_matches_float64_reference():
+    q, k, v, factors, mask = make_inputs(
+        3, 4, 2, 97, 130, 80, dtype=torch.bfloat16, device=DEVICE, padding=True
+    )
+    for mode in ("paper", "log"):
+        out = run_triton(q, k, v, factors, mask, causal=True, mode=mode)
+        exact, plain = yardstick(q, k, v, factors, mask, causal=True, mode=mode)
+        assert_close_to_reference(out, exact, plain, what=f"triton bfloat16 {mode}")
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+def test_fully_padded_row_gives_zeros(mode):
+    q, k, v, factors, mask = make_inputs(3, 2, 2, 9, 40, 16, device=DEVICE, fully_padded_row=True)
+    assert not bool(mask[-1].any())
+    out = run_triton(q, k, v, factors, mask, mode=mode)
+    assert bool(torch.isfinite(out).all())
+    assert bool((out[-1] == 0).all()), "a variant with every key padded must give zeros"
+    assert bool(out[:-1].abs().amax(dim=-1).gt(0).all()), "other variants must not be zeros"
+
+
+def test_log_mode_row_with_only_removed_keys_gives_zeros():
+    # Causal, Nq = Nk: row 0 sees key 0 only; f = 0 removes it in log mode.
+    q, k, v, _, _ = make_inputs(2, 2, 1, 17, 17, 16, device=DEVICE)
+    factors = torch.ones(2, 17, device=DEVICE)
+    factors[:, 0] = 0.0
+    out = run_triton(q, k, v, factors, None, causal=True, mode="log")
+    assert bool(torch.isfinite(out).all())
+    assert bool((out[:, :, 0] == 0).all())
+    exact, plain = yardstick(q, k, v, factors, None, causal=True, mode="log")
+    assert_close_to_reference(out, exact, plain, what="log mode, removed keys")
+
+
+def test_paper_mode_factor_zero_keeps_key_at_row_minimum():
+    # Paper mode does not remove a key: with every factor 0 all scores equal the row minimum,
+    # so the output is the plain mean of the visible values.
+    q, k, v, _, _ = make_inputs(1, 1, 1, 5, 11, 16, device=DEVICE)
+    factors = torch.zeros(1, 11, device=DEVICE)
+    out = run_triton(q, k, v, factors, None, causal=True, mode="paper")
+    for i in range(5):
+        expected = v[0, 0, : 11 - 5 + i + 1].double().mean(dim=0)
+        torch.testing.assert_close(out[0, 0, i].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+def test_unit_factors_equal_plain_attention(mode):
+    q, k, v, _, mask = make_inputs(2, 2, 2, 13, 29, 32, device=DEVICE, padding=True)
+    ones = torch.ones(2, 29, device=DEVICE)
+    with_ones = run_triton(q, k, v, ones, mask, causal=True, mode=mode)
+    plain = run_triton(q, k, v, None, mask, causal=True, mode=mode)
+    torch.testing.assert_close(with_ones, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_strided_views_read_without_mistakes():
+    # [B, N, H, D] memory seen as [B, H, N, D]; a k whose head dim is not unit-stride.
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 19, 3, 40, generator=g).to(DEVICE).transpose(1, 2)
+    k = torch.randn(2, 1, 40, 23, generator=g).to(DEVICE).transpose(2, 3)
+    v = torch.randn(2, 23, 1, 40, generator=g).to(DEVICE).transpose(1, 2)
+    factors = (torch.rand(2, 23, generator=g) * 2).to(DEVICE)
+    assert q.stride(-1) == 1 and k.stride(-1) != 1
+    out = run_triton(q, k, v, factors, None, causal=True)
+    exact, plain = yardstick(q, k, v, factors, None, causal=True)
+    assert_close_to_reference(out, exact, plain, what="strided views")
+
+
+def test_two_runs_are_bit_identical():
+    q, k, v, factors, mask = make_inputs(4, 2, 1, 70, 70, 64, device=DEVICE, padding=True)
+    first = run_triton(q, k, v, factors, mask, causal=True)
+    second = run_triton(q, k, v, factors, mask, causal=True)
+    assert torch.equal(first, second)
+
+
+def test_public_op_runs_the_triton_backend():
+    q, k, v, factors, _ = make_inputs(2, 2, 1, 9, 9, 16, device=DEVICE)
+    out = suppressed_attention(q, k, v, factors, causal=True, backend="triton")
+    exact, plain = yardstick(q, k, v, factors, None, causal=True)
+    assert_close_to_reference(out, exact, plain, what="suppressed_attention(backend='triton')")
+
+
+def test_unsupported_reasons():
+    q, k, v, _, _ = make_inputs(1, 1, 1, 4, 4, 16, dtype=torch.float64, device=DEVICE)
+    call = check_call(q, k, v, None, False, None, "paper", None)
+    assert "float64" in triton_backend.unsupported_reason(q, call)
+    q, k, v, _, _ = make_inputs(1, 1, 1, 4, 4, 320, device=DEVICE)
+    call = check_call(q, k, v, None, False, None, "paper", None)
+    assert triton_backend.unsupported_reason(q, call) == "head_dim 320 > 256"
+
+
+def test_out_argument_is_checked():
+    q, k, v, factors, _ = make_inputs(2, 1, 1, 4, 4, 16, device=DEVICE)
+    call = check_call(q, k, v, factors, False, None, "paper", None)
+    wrong = torch.empty(2, 1, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        triton_backend.run(q, k, v, factors, None, call, out=wrong)
+
+
+def test_cpu_without_interpreter_is_refused_and_import_stays_lazy():
+    """In a fresh process without TRITON_INTERPRET: importing the package does not import
+    triton, and CPU tensors get a reason instead of a crash."""
+    code = (
+        "import sys, torch\n"
+        "import atman_kernels\n"
+        "from atman_kernels.ops import triton_backend\n"
+        "from atman_kernels.ops._checks import check_call\n"
+        "assert 'triton' not in sys.modules, 'importing atman_kernels imported triton'\n"
+        "q = torch.zeros(1, 1, 2, 16)\n"
+        "call = check_call(q, q, q, None, False, None, 'paper', None)\n"
+        "print(triton_backend.unsupported_reason(q, call))\n"
+    )
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "needs CUDA tensors or TRITON_INTERPRET=1" in done.stdout
