@@ -210,3 +210,14 @@ def test_bad_input_raises_before_work(override, exc, msg, backend):
     with pytest.raises(exc, match=msg):
         suppressed_attention(args["q"], args["k"], args["v"], args["factors"], backend=backend,
                              **kwargs)
+
+
+def test_public_op_compiles_with_fullgraph():
+    q, k, v = _qkv(dtype=torch.float32)
+    f = torch.rand(2, 7)
+
+    def fn(q, k, v, f):
+        return suppressed_attention(q, k, v, f, causal=True) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, f), fn(q, k, v, f))
