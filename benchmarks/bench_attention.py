@@ -167,7 +167,8 @@ def plot(csv_path: Path, png_path: Path) -> None:
         axes[0].plot(ns, [float(r["median_s"]) * 1e3 for r in sel], "o-", label=method)
         axes[1].plot(ns, [max(float(r["peak_mib"]), 0.1) for r in sel], "o-", label=method)
     stamp = rows[0] if rows else {}
-    for ax, label in zip(axes, ["median time per call [ms]", "peak RSS above inputs [MiB]"]):
+    labels = ["median time per call [ms]", "peak RSS above inputs [MiB]"]
+    for ax, label in zip(axes, labels, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length N")
