@@ -6,12 +6,14 @@
 import importlib
 
 from .ops import BackendUnavailable, suppressed_attention
-from .suppression import current_suppression, suppression
+from .suppression import attention_backend, current_backend, current_suppression, suppression
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "attention_backend",
+    "current_backend",
     "current_suppression",
     "suppressed_attention",
     "suppression",

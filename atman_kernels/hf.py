@@ -54,7 +54,7 @@ from ._materialised import materialised_suppressed_attention
 from .ops import suppressed_attention
 from .ops._checks import MODES
 from .ops.reference import visible_keys
-from .suppression import Suppression, current_suppression
+from .suppression import Suppression, current_backend, current_suppression
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -331,7 +331,7 @@ def atman_attention_forward(
             scale=float(scaling),
             mode=mode or "paper",
             key_padding_mask=plan.key_padding,
-            backend="auto",
+            backend=current_backend(),
         )
     else:
         factors = mode = None

@@ -35,7 +35,7 @@ from ._materialised import materialised_suppressed_attention
 from .ops import suppressed_attention
 from .ops._checks import MODES
 from .ops.reference import visible_keys
-from .suppression import current_suppression
+from .suppression import current_backend, current_suppression
 
 __all__ = ["MultiheadAttention", "swap_multihead_attention"]
 
@@ -211,7 +211,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             causal, padding = plan
             out = suppressed_attention(
                 q, k, v, fac, causal=causal, mode=mode, key_padding_mask=padding,
-                backend="auto",
+                backend=current_backend(),
             )
         else:
             visible, bias = self._full_mask(key_padding_mask, attn_mask, bsz, len_q, len_k, q)

@@ -92,3 +92,29 @@ def suppression(
         yield state
     finally:
         _ACTIVE.reset(token)
+
+
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("atman_backend", default="auto")
+
+
+def current_backend() -> str:
+    """The op backend the integration layers ask for in this context ("auto" by default)."""
+    return _BACKEND.get()
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[str]:
+    """Run every attention call of the integration layers on op backend ``name`` in the block.
+
+    ``name`` is one of ``atman_kernels.ops.BACKENDS``: e.g. ``"reference"`` to check a model's
+    numbers against the plain PyTorch op, or to measure what the fused kernels save.
+    """
+    from .ops import BACKENDS
+
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    token = _BACKEND.set(name)
+    try:
+        yield name
+    finally:
+        _BACKEND.reset(token)

@@ -7,6 +7,7 @@ Peak memory is the operating system's accounting of the process (``VmHWM`` in
 from __future__ import annotations
 
 import csv
+import ctypes
 import datetime as _dt
 import json
 import os
@@ -30,7 +31,15 @@ def _status_kib(field: str) -> int:
 
 
 def reset_peak_rss() -> int:
-    """Reset the process's peak RSS to its current RSS; return the current RSS in bytes."""
+    """Reset the process's peak RSS to its current RSS; return the current RSS in bytes.
+
+    Freed heap memory is first handed back to the OS (``malloc_trim``), so that a measured call
+    cannot hide its allocations in pages an earlier step freed but the process kept.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     return _status_kib("VmRSS") * 1024
@@ -76,6 +85,8 @@ def machine_stamp() -> dict[str, str]:
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        # Other work on the machine skews CPU timings: the 1-minute load average says how much.
+        "loadavg_1m": f"{os.getloadavg()[0]:.1f}",
     }
 
 

@@ -479,3 +479,28 @@ def test_model_not_routing_through_interface_is_a_clear_error():
     with pytest.raises(TypeError, match="Sequential.*swap_multihead_attention"):
         with atman_attention(nn.Sequential(nn.Linear(2, 2))):
             pass
+
+
+def test_attention_backend_context_reaches_every_layer(monkeypatch):
+    """attention_backend("reference") routes every fused call to the reference op, same output."""
+    backends = []
+    real_op = atman_hf.suppressed_attention
+
+    def recording_op(*args, **kwargs):
+        backends.append(kwargs["backend"])
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(atman_hf, "suppressed_attention", recording_op)
+    model = build("llama")
+    inputs = make_inputs("llama", batch=3)
+    with atman_kernels.suppression(random_factors(3, 10)):
+        fused = run(model, inputs, "atman")
+        assert set(backends) == {"auto"}
+        backends.clear()
+        with atman_kernels.attention_backend("reference"):
+            reference = run(model, inputs, "atman")
+    assert backends and set(backends) == {"reference"}
+    assert_close(fused, reference, valid_positions(inputs), atol=1e-4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with atman_kernels.attention_backend("cuda"):
+            pass

@@ -1,0 +1,164 @@
+"""How many AtMan variants go through one forward, and recovery from out-of-memory errors.
+
+- :func:`available_memory`: a safe share of the free memory of a device;
+- :func:`bytes_per_variant`: the extra memory one more variant in the batch costs (KV cache,
+  transient activations, materialised attention scores, logits);
+- :func:`auto_chunk_size`: the chunk size that fits a memory budget;
+- :func:`run_chunked`: runs a function over chunks of items and, when a chunk raises an
+  out-of-memory error, splits it in half and retries (and keeps the smaller size afterwards).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error (CUDA, CPU allocator or MPS)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, (RuntimeError, MemoryError)):
+        text = str(exc).lower()
+        return (
+            isinstance(exc, MemoryError)
+            or "out of memory" in text
+            or "can't allocate" in text
+            or "cannot allocate" in text
+        )
+    return False
+
+
+def available_memory(device: torch.device | str = "cpu", share: float | None = None) -> int:
+    """Bytes the explainer may use on ``device``: a share of what is free now.
+
+    CUDA: ``torch.cuda.mem_get_info`` free memory x 0.8. CPU: available memory (psutil if
+    installed, else ``MemAvailable`` from /proc/meminfo, else 4 GiB) x 0.5.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * (0.8 if share is None else share))
+    free = None
+    try:
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+    except Exception:  # psutil missing or unusable: read /proc
+        try:
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        free = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            free = None
+    if free is None:
+        free = 4 * 2**30
+    return int(free * (0.5 if share is None else share))
+
+
+def _cfg(config: Any, *names: str, default: int) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def bytes_per_variant(
+    config: Any,
+    *,
+    len_q: int,
+    len_k: int,
+    n_logits: int,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Estimated memory of one variant in a forward over ``len_q`` queries and ``len_k`` keys.
+
+    Sum of: the KV cache of every layer (counted twice: the copied prefix and the grown
+    cache), transient activations of one layer (hidden states, MLP intermediate), the
+    materialised fp32 attention scores of one layer (the reference backend's [H, Nq, Nk] and
+    a few temporaries) and the fp32 logits of ``n_logits`` positions (with log-softmax).
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    elt = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    hidden = _cfg(config, "hidden_size", "n_embd", "d_model", default=1024)
+    layers = _cfg(config, "num_hidden_layers", "n_layer", "num_layers", default=24)
+    heads = _cfg(config, "num_attention_heads", "n_head", default=16)
+    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
+    head_dim = _cfg(config, "head_dim", default=max(1, hidden // heads))
+    inter = _cfg(config, "intermediate_size", "n_inner", default=4 * hidden)
+    vocab = _cfg(config, "vocab_size", "num_labels", default=32000)
+    kv_cache = 2 * 2 * layers * kv_heads * head_dim * len_k * elt
+    activations = len_q * (8 * hidden + 3 * inter) * elt
+    scores = 4 * heads * len_q * len_k * 4
+    logits = 3 * n_logits * vocab * 4
+    return int(kv_cache + activations + scores + logits)
+
+
+def auto_chunk_size(
+    n_variants: int, per_variant: int, budget: int, *, minimum: int = 1
+) -> int:
+    """Largest chunk (1 .. n_variants) whose ``per_variant`` bytes fit in ``budget``."""
+    if n_variants < 1:
+        return 1
+    fit = budget // max(1, per_variant)
+    return int(max(minimum, min(n_variants, fit)))
+
+
+def run_chunked(
+    items: Sequence[T],
+    chunk_size: int,
+    fn: Callable[[Sequence[T]], torch.Tensor],
+    *,
+    on_done: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """``torch.cat([fn(chunk) for chunk in chunks(items)])`` with out-of-memory recovery.
+
+    ``fn`` takes a non-empty slice of ``items`` and returns a tensor whose first dimension is
+    the slice length. A chunk that raises an out-of-memory error is split in half and each half
+    is retried; later chunks use the reduced size. A single item that still runs out of memory
+    re-raises the error. ``on_done(n)`` is called after every ``n`` finished items.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    results: list[torch.Tensor] = []
+    size = int(chunk_size)
+    start = 0
+    while start < len(items):
+        chunk = items[start : start + size]
+        try:
+            out = fn(chunk)
+        except Exception as exc:  # noqa: BLE001 - filtered right below
+            if not is_oom_error(exc) or len(chunk) == 1:
+                raise
+            _release_memory()
+            size = max(1, len(chunk) // 2)
+            log.warning("out of memory with %d variants per forward; retrying with %d",
+                        len(chunk), size)
+            continue
+        if out.shape[0] != len(chunk):
+            raise RuntimeError(
+                f"chunk function returned {out.shape[0]} rows for {len(chunk)} items"
+            )
+        results.append(out)
+        start += len(chunk)
+        if on_done is not None:
+            on_done(len(chunk))
+    return torch.cat(results) if results else torch.empty(0)
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,118 @@
+"""Suppression factors for AtMan variants, plain and conceptual (``ATMAN.md`` section 4).
+
+Conceptual suppression: tokens that carry the same concept leak it back when only one of them
+is suppressed, so suppressing position j also lowers the positions whose layer-0 input
+embedding is similar to j's:
+
+- sim_jk = cos(e_j, e_k), rows L2-normalised with eps 1e-8, clipped to [-1, 1];
+- j gets the factor c; every k != j with sim_jk >= kappa gets 1 - (1 - c) * sim_jk;
+- where several suppressed positions reach the same key, the minimum factor wins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def check_factor(factor: float) -> float:
+    """Validate the suppression factor c (finite, >= 0) and return it as a float."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise TypeError(f"factor must be a number, got {type(factor).__name__}")
+    factor = float(factor)
+    if not math.isfinite(factor) or factor < 0:
+        raise ValueError(f"factor must be finite and >= 0 (0.1 suppresses to 10%), got {factor}")
+    return factor
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """Validate the conceptual threshold kappa (None = off, else in [0, 1])."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(
+            f"conceptual_threshold must be a number in [0, 1] or None, got "
+            f"{type(threshold).__name__}"
+        )
+    threshold = float(threshold)
+    if not (0.0 <= threshold <= 1.0):
+        raise ValueError(
+            f"conceptual_threshold must be in [0, 1] (or None to turn it off), got {threshold}"
+        )
+    return threshold
+
+
+def cosine_similarity_matrix(embeddings: torch.Tensor) -> torch.Tensor:
+    """[N, N] cosine similarity of the rows of ``embeddings`` [N, D], clipped to [-1, 1].
+
+    Rows are L2-normalised with eps 1e-8 (a zero row has similarity 0 to everything).
+    Computed in float32 (float64 for float64 input).
+    """
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must have shape [N, D], got {tuple(embeddings.shape)}")
+    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    e = embeddings.detach().to(dtype)
+    e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return (e @ e.T).clamp(-1.0, 1.0)
+
+
+def suppression_factors(
+    seq_len: int,
+    suppressed: Sequence[int],
+    factor: float,
+    *,
+    similarity: torch.Tensor | None = None,
+    threshold: float | None = None,
+    eligible: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Factors [V, seq_len] for V variants, variant v suppressing position ``suppressed[v]``.
+
+    Without ``similarity``/``threshold`` a variant has ``factor`` at its position and 1
+    elsewhere. With both, keys k != j in ``eligible`` (default: every position) whose
+    similarity to j is >= ``threshold`` also get 1 - (1 - factor) * sim_jk; the minimum with
+    any factor already there is kept (so j itself keeps ``factor`` when factor <= 1).
+
+    Args:
+        seq_len: number of key positions N.
+        suppressed: the suppressed position of each variant (V entries, in [0, N)).
+        factor: c, finite and >= 0.
+        similarity: [N, N] similarity of the positions (``cosine_similarity_matrix``).
+        threshold: kappa in [0, 1], or None for plain suppression.
+        eligible: positions that conceptual suppression may touch.
+    """
+    factor = check_factor(factor)
+    threshold = check_threshold(threshold)
+    idx = torch.as_tensor(list(suppressed), dtype=torch.long)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= seq_len):
+        raise ValueError(f"suppressed positions must lie in [0, {seq_len}), got {idx.tolist()}")
+    dtype = similarity.dtype if similarity is not None else torch.float32
+    out = torch.ones(idx.numel(), seq_len, dtype=dtype)
+    rows = torch.arange(idx.numel())
+    if threshold is not None and similarity is not None:
+        if tuple(similarity.shape) != (seq_len, seq_len):
+            raise ValueError(
+                f"similarity must have shape [{seq_len}, {seq_len}], got {tuple(similarity.shape)}"
+            )
+        sim = similarity.detach().cpu()[idx]  # [V, N]: similarity of each variant's position
+        related = sim >= threshold
+        related[rows, idx] = False
+        if eligible is not None:
+            allowed = torch.zeros(seq_len, dtype=torch.bool)
+            allowed[torch.as_tensor(list(eligible), dtype=torch.long)] = True
+            related &= allowed[None, :]
+        concept = 1.0 - (1.0 - factor) * sim
+        out = torch.where(related, torch.minimum(out, concept), out)
+    out[rows, idx] = torch.minimum(out[rows, idx], torch.full_like(out[rows, idx], factor))
+    if factor > 1:
+        out[rows, idx] = factor
+    return out
+
+
+def first_changed_position(factors: torch.Tensor) -> torch.Tensor:
+    """[V] earliest position whose factor != 1 in each row of ``factors`` [V, N] (N if none)."""
+    changed = factors != 1
+    n = factors.shape[1]
+    pos = torch.arange(n).expand_as(factors)
+    return torch.where(changed, pos, torch.full_like(pos, n)).amin(dim=1)

@@ -1,0 +1,216 @@
+"""The result of an AtMan explanation and its (de)serialisation.
+
+An :class:`Explanation` holds one score per *explained position* (a prompt token, a target token
+but the last, or an image patch), the raw per-target-token matrix the score is summed from, and
+the settings that produced it. ``to_dict``/``from_dict`` and ``to_json``/``from_json`` round-trip
+everything but the optional picture (``image``), which is kept only for rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KINDS = ("causal_lm", "classifier", "image")
+POSTPROCESS = ("none", "abs", "square")
+
+
+def combine_scores(per_target: torch.Tensor, postprocess: str, normalize: bool) -> torch.Tensor:
+    """Scores [n] from the raw per-target matrix [T, n].
+
+    ``postprocess`` is applied to each target token's row before the rows are summed
+    ("square" squares each target token's map and sums, as the paper's image evaluation does;
+    for one target token this equals squaring the sum). ``normalize`` then min-max scales the
+    result to [0, 1] (all zeros when every score is equal).
+    """
+    if postprocess not in POSTPROCESS:
+        raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {postprocess!r}")
+    rows = per_target.to(torch.float64)
+    if postprocess == "abs":
+        rows = rows.abs()
+    elif postprocess == "square":
+        rows = rows.square()
+    scores = rows.sum(dim=0)
+    if normalize and scores.numel() > 0:
+        lo, hi = scores.min(), scores.max()
+        scores = (scores - lo) / (hi - lo) if hi > lo else torch.zeros_like(scores)
+    return scores.to(per_target.dtype)
+
+
+@dataclass
+class Explanation:
+    """Scores of the explained positions for one prediction.
+
+    Attributes:
+        tokens: display string of each explained position (``n`` entries).
+        scores: [n] combined score (after ``postprocess``/``normalize`` from ``settings``);
+            positive = the position supports the target.
+        per_target: [T, n] raw rise of each target token's cross-entropy when the position is
+            suppressed (T = number of target tokens; 1 for classifiers and images).
+        target_tokens: display string of each target token (T entries).
+        kind: "causal_lm", "classifier" or "image".
+        positions: index of each explained position in the model's input sequence.
+        token_ids: token id of each explained position (None for images).
+        baseline_loss: [T] cross-entropy of each target token without suppression.
+        patch_grid: (rows, cols) of the patch grid for images, row-major over ``scores``.
+        settings: how the explanation was made (factor, threshold, mode, ...).
+        image: optional [3, H, W] picture for :meth:`save_png`; not serialised.
+    """
+
+    tokens: list[str]
+    scores: torch.Tensor
+    per_target: torch.Tensor
+    target_tokens: list[str]
+    kind: str
+    positions: list[int] = field(default_factory=list)
+    token_ids: list[int] | None = None
+    baseline_loss: torch.Tensor | None = None
+    patch_grid: tuple[int, int] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    image: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        n = len(self.tokens)
+        if self.scores.dim() != 1 or self.scores.shape[0] != n:
+            raise ValueError(f"scores must have shape [{n}] (one per token), got "
+                             f"{tuple(self.scores.shape)}")
+        if self.per_target.dim() != 2 or self.per_target.shape[1] != n:
+            raise ValueError(f"per_target must have shape [T, {n}], got "
+                             f"{tuple(self.per_target.shape)}")
+        if self.per_target.shape[0] != len(self.target_tokens):
+            raise ValueError("per_target must have one row per target token")
+        if not self.positions:
+            self.positions = list(range(n))
+        if self.patch_grid is not None:
+            self.patch_grid = (int(self.patch_grid[0]), int(self.patch_grid[1]))
+            if self.patch_grid[0] * self.patch_grid[1] != n:
+                raise ValueError(f"patch_grid {self.patch_grid} does not hold {n} patches")
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def target(self) -> str:
+        """The target as one string (``settings["target"]`` if set, else the tokens joined)."""
+        text = self.settings.get("target")
+        return text if isinstance(text, str) else "".join(self.target_tokens)
+
+    def top(self, k: int = 5) -> list[tuple[int, str, float]]:
+        """The ``k`` highest-scoring positions as (index into ``tokens``, token, score)."""
+        order = torch.argsort(self.scores, descending=True, stable=True)[:k]
+        return [(int(i), self.tokens[int(i)], float(self.scores[int(i)])) for i in order]
+
+    def score_map(self) -> torch.Tensor:
+        """Scores as the [rows, cols] patch grid (images only)."""
+        if self.patch_grid is None:
+            raise ValueError("score_map needs a patch grid: only image explanations have one")
+        return self.scores.reshape(self.patch_grid)
+
+    # ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (lists and numbers only); ``image`` is left out."""
+        return {
+            "kind": self.kind,
+            "tokens": list(self.tokens),
+            "token_ids": None if self.token_ids is None else [int(i) for i in self.token_ids],
+            "positions": [int(p) for p in self.positions],
+            "scores": _floats(self.scores),
+            "per_target": [_floats(row) for row in self.per_target],
+            "target_tokens": list(self.target_tokens),
+            "baseline_loss": None if self.baseline_loss is None else _floats(self.baseline_loss),
+            "patch_grid": None if self.patch_grid is None else list(self.patch_grid),
+            "settings": _jsonable(self.settings),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Explanation:
+        """Inverse of :meth:`to_dict` (float64 tensors, so the numbers round-trip exactly)."""
+        missing = {"kind", "tokens", "scores", "per_target", "target_tokens"} - set(data)
+        if missing:
+            raise ValueError(f"explanation dict lacks the keys {sorted(missing)}")
+        n = len(data["tokens"])
+        per_target = torch.tensor(data["per_target"], dtype=torch.float64).reshape(-1, n)
+        baseline = data.get("baseline_loss")
+        grid = data.get("patch_grid")
+        return cls(
+            tokens=list(data["tokens"]),
+            scores=torch.tensor(data["scores"], dtype=torch.float64).reshape(n),
+            per_target=per_target,
+            target_tokens=list(data["target_tokens"]),
+            kind=data["kind"],
+            positions=list(data.get("positions") or []),
+            token_ids=None if data.get("token_ids") is None else list(data["token_ids"]),
+            baseline_loss=None if baseline is None else torch.tensor(baseline, dtype=torch.float64),
+            patch_grid=None if grid is None else (int(grid[0]), int(grid[1])),
+            settings=dict(data.get("settings") or {}),
+        )
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
+        """JSON text of :meth:`to_dict`; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Explanation:
+        """Read an explanation from JSON text or from a file holding it."""
+        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
+            text = Path(text_or_path).read_text(encoding="utf-8")
+        else:
+            text = str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+    # ----------------------------------------------------------------------------------------
+    def to_html(self, path: str | Path | None = None) -> str:
+        """A self-contained HTML page (inline CSS, no external assets); written to ``path``."""
+        from .render import render_html
+
+        html = render_html(self)
+        if path is not None:
+            Path(path).write_text(html, encoding="utf-8")
+        return html
+
+    def save_png(
+        self, path: str | Path, *, image: torch.Tensor | None = None, width: int = 800
+    ) -> tuple[int, int]:
+        """Write a PNG; returns its (width, height) in pixels.
+
+        Text: coloured token boxes laid out in lines, ``width`` pixels wide. Images: the score
+        heatmap over the picture (``image`` [3, H, W] or the one kept from ``explain``), or
+        the bare heatmap when there is no picture.
+        """
+        from .render import save_png
+
+        return save_png(self, path, image=image if image is not None else self.image, width=width)
+
+    def to_terminal(self, *, color: bool = True) -> str:
+        """The tokens with ANSI background colours (red supports, blue opposes)."""
+        from .render import render_terminal
+
+        return render_terminal(self, color=color)
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    out = []
+    for x in t.detach().to(torch.float64).cpu().reshape(-1).tolist():
+        out.append(x if math.isfinite(x) else None)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value) if isinstance(value, (set, frozenset)) else value
+        return [_jsonable(v) for v in items]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

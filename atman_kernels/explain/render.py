@@ -1,0 +1,245 @@
+"""Render an :class:`~atman_kernels.explain.explanation.Explanation`: HTML, PNG, terminal.
+
+Colours: each score is divided by the largest absolute score; positive values shade towards red
+(the position supports the target), negative towards blue, zero is white. Every output is
+self-contained: the HTML page has inline CSS and no external link, the PNG is drawn with Pillow.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .explanation import Explanation
+
+
+def _unit_scores(scores: torch.Tensor) -> list[float]:
+    """Scores divided by the largest magnitude, in [-1, 1] (zeros when all are zero)."""
+    s = scores.detach().to(torch.float64).cpu()
+    peak = float(s.abs().max()) if s.numel() else 0.0
+    if peak == 0.0 or peak != peak:
+        return [0.0] * s.numel()
+    return [max(-1.0, min(1.0, x / peak)) for x in s.tolist()]
+
+
+def score_rgb(unit: float) -> tuple[int, int, int]:
+    """RGB of a score in [-1, 1]: white at 0, red at +1, blue at -1."""
+    fade = int(round(255 * (1.0 - abs(unit))))
+    return (255, fade, fade) if unit >= 0 else (fade, fade, 255)
+
+
+def _display(token: str) -> str:
+    return token.replace("\n", "\u21b5").replace("\t", "\u21e5")
+
+
+def _settings_text(expl: Explanation) -> str:
+    keys = ("factor", "conceptual_threshold", "mode", "postprocess", "normalize", "model")
+    parts = [f"{k}={expl.settings[k]}" for k in keys if k in expl.settings]
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------- HTML
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;
+color:#222;max-width:960px}
+h1{font-size:20px;margin:0 0 4px 0} .settings{color:#666;font-size:13px;margin-bottom:16px}
+.text{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:16px;line-height:2.1;
+white-space:pre-wrap;border:1px solid #ddd;padding:12px;border-radius:6px}
+.tok{padding:2px 1px;border-radius:3px} .target{outline:1px dashed #888}
+.legend{display:flex;align-items:center;gap:8px;margin:14px 0;font-size:13px}
+.bar{width:240px;height:14px;border:1px solid #aaa;
+background:linear-gradient(to right,#0000ff,#ffffff,#ff0000)}
+table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;padding:3px 8px}
+.grid td{width:28px;height:28px;padding:0;text-align:center;font-size:9px}
+"""
+
+
+def render_html(expl: Explanation) -> str:
+    """A complete HTML page for the explanation (inline CSS, no network assets)."""
+    units = _unit_scores(expl.scores)
+    esc = html.escape
+    target = esc(expl.target)
+    head = (
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
+        f"<title>AtMan explanation: {target}</title><style>{_CSS}</style></head><body>"
+        f"<h1>AtMan explanation of the target \u201c{target}\u201d ({esc(expl.kind)})</h1>"
+        f"<div class=\"settings\">{esc(_settings_text(expl))}</div>"
+    )
+    body = []
+    if expl.patch_grid is None:
+        body.append("<div class=\"text\">")
+        for tok, unit, score in zip(expl.tokens, units, expl.scores.tolist(), strict=True):
+            r, g, b = score_rgb(unit)
+            body.append(
+                f"<span class=\"tok\" style=\"background:rgb({r},{g},{b})\" "
+                f"title=\"{score:.6g}\">{esc(_display(tok))}</span>"
+            )
+        body.append("</div>")
+    else:
+        rows, cols = expl.patch_grid
+        body.append("<table class=\"grid\">")
+        for i in range(rows):
+            body.append("<tr>")
+            for j in range(cols):
+                idx = i * cols + j
+                r, g, b = score_rgb(units[idx])
+                body.append(
+                    f"<td style=\"background:rgb({r},{g},{b})\" "
+                    f"title=\"{esc(expl.tokens[idx])}: {float(expl.scores[idx]):.6g}\"></td>"
+                )
+            body.append("</tr>")
+        body.append("</table>")
+    peak = float(expl.scores.abs().max()) if expl.scores.numel() else 0.0
+    body.append(
+        "<div class=\"legend\"><span>opposes target</span><span class=\"bar\"></span>"
+        f"<span>supports target</span><span>(colour scale \u00b1{peak:.4g})</span></div>"
+    )
+    body.append("<table><tr><th>rank</th><th>token</th><th>score</th></tr>")
+    for rank, (_, tok, score) in enumerate(expl.top(10), start=1):
+        body.append(f"<tr><td>{rank}</td><td>{esc(repr(tok))}</td><td>{score:.6g}</td></tr>")
+    body.append("</table></body></html>")
+    return head + "".join(body)
+
+
+# -------------------------------------------------------------------------------------- PNG
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_width(draw, text: str, font) -> int:
+    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+    return int(right - left)
+
+
+def save_png(
+    expl: Explanation,
+    path: str | Path,
+    *,
+    image: torch.Tensor | None = None,
+    width: int = 800,
+) -> tuple[int, int]:
+    """Write the explanation as a PNG and return its (width, height).
+
+    Text: token boxes coloured by score, wrapped into lines ``width`` pixels wide, a title with
+    the target and a colour legend. Images with a picture [3, H, W]: the heatmap blended over
+    the picture, scaled up by the smallest integer that makes the shorter side >= 224 pixels.
+    Images without a picture: the bare heatmap, 32 pixels per patch.
+    """
+    from PIL import Image
+
+    if expl.patch_grid is not None:
+        img = _image_heatmap(expl, image)
+    else:
+        if width < 200:
+            raise ValueError(f"width must be >= 200 pixels, got {width}")
+        img = _text_boxes(expl, width)
+    img.save(str(path), format="PNG")
+    assert isinstance(img, Image.Image)
+    return img.size
+
+
+def _text_boxes(expl: Explanation, width: int):
+    from PIL import Image, ImageDraw
+
+    font, small = _font(16), _font(12)
+    margin, pad, gap, line_h = 12, 4, 3, 30
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title = f"AtMan: target {expl.target!r}"
+    boxes = []  # (x, y, w, text, rgb)
+    x, y = margin, margin + 2 * 22
+    for tok, unit in zip(expl.tokens, _unit_scores(expl.scores), strict=True):
+        text = _display(tok)
+        w = _text_width(probe, text, font) + 2 * pad
+        w = min(w, width - 2 * margin)
+        if x + w > width - margin and x > margin:
+            x, y = margin, y + line_h
+        boxes.append((x, y, w, text, score_rgb(unit)))
+        x += w + gap
+    legend_y = y + line_h + 10
+    height = legend_y + 30
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((margin, margin), title, fill=(20, 20, 20), font=font)
+    draw.text((margin, margin + 22), _settings_text(expl), fill=(100, 100, 100), font=small)
+    for bx, by, w, text, rgb in boxes:
+        draw.rectangle([bx, by, bx + w, by + line_h - 6], fill=rgb, outline=(200, 200, 200))
+        draw.text((bx + pad, by + 3), text, fill=(0, 0, 0), font=font)
+    bar_w = 200
+    for i in range(bar_w):
+        draw.line(
+            [(margin + i, legend_y), (margin + i, legend_y + 12)],
+            fill=score_rgb(2.0 * i / (bar_w - 1) - 1.0),
+        )
+    draw.text((margin + bar_w + 8, legend_y - 2), "blue opposes / red supports", fill=(60,) * 3,
+              font=small)
+    return img
+
+
+def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
+    from PIL import Image
+
+    rows, cols = expl.patch_grid
+    units = _unit_scores(expl.scores)
+    heat = Image.new("RGB", (cols, rows))
+    alpha = Image.new("L", (cols, rows))
+    for idx, unit in enumerate(units):
+        heat.putpixel((idx % cols, idx // cols), score_rgb(unit))
+        alpha.putpixel((idx % cols, idx // cols), int(40 + 170 * abs(unit)))
+    if image is None:
+        size = (cols * 32, rows * 32)
+        return heat.resize(size, Image.NEAREST)
+    pic = image.detach().to(torch.float32).cpu()
+    if pic.dim() == 4 and pic.shape[0] == 1:
+        pic = pic[0]
+    if pic.dim() != 3 or pic.shape[0] not in (1, 3):
+        raise ValueError(f"image must have shape [3, H, W] (or [1, 3, H, W]), got "
+                         f"{tuple(image.shape)}")
+    lo, hi = float(pic.min()), float(pic.max())
+    pic = (pic - lo) / (hi - lo) if hi > lo else torch.zeros_like(pic)
+    pic = (pic * 255).round().to(torch.uint8).expand(3, -1, -1).permute(1, 2, 0).contiguous()
+    base = Image.fromarray(pic.numpy(), mode="RGB")
+    h, w = pic.shape[0], pic.shape[1]
+    scale = max(1, -(-224 // min(h, w)))
+    size = (w * scale, h * scale)
+    base = base.resize(size, Image.BILINEAR)
+    overlay = heat.resize(size, Image.NEAREST)
+    mask = alpha.resize(size, Image.NEAREST)
+    return Image.composite(overlay, base, mask)
+
+
+# --------------------------------------------------------------------------------- terminal
+def render_terminal(expl: Explanation, *, color: bool = True) -> str:
+    """Tokens with ANSI 24-bit background colours (or ``token[score]`` without colour)."""
+    units = _unit_scores(expl.scores)
+    if expl.patch_grid is not None:
+        rows, cols = expl.patch_grid
+        lines = []
+        for i in range(rows):
+            cells = []
+            for j in range(cols):
+                idx = i * cols + j
+                text = f"{float(expl.scores[idx]):+8.3f}"
+                if color:
+                    r, g, b = score_rgb(units[idx])
+                    text = f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{text}\x1b[0m"
+                cells.append(text)
+            lines.append(" ".join(cells))
+        return "\n".join(lines)
+    parts = []
+    for tok, unit, score in zip(expl.tokens, units, expl.scores.tolist(), strict=True):
+        text = _display(tok)
+        if color:
+            r, g, b = score_rgb(unit)
+            parts.append(f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{text}\x1b[0m")
+        else:
+            parts.append(f"{text}[{score:.3g}]")
+    return ("" if color else " ").join(parts)

@@ -1,0 +1,222 @@
+"""Seconds per AtMan explanation of SmolLM2-135M on CPU: prefix reuse vs full recompute vs
+one variant per forward.
+
+Setup: SmolLM2-135M-Instruct (fp32, converted from the bundled GGUF), CPU,
+``torch.set_num_threads(2)`` (pinned: the project's machines have 2 cores), prompts of exactly
+32/64/128/256 tokens cut from a fixed text, the target = the next 3 tokens of that text,
+default explainer settings (paper mode, factor 0.1, conceptual threshold 0.7).
+
+Methods:
+- ``prefix_reuse``: the default explainer (cached unsuppressed prefix, batch size "auto");
+- ``full_recompute``: every variant recomputes the whole sequence (batch size "auto");
+- ``full_recompute_same_chunk``: full recompute with the chunk size the prefix-reuse run used
+  (isolates the gain of the reuse from the effect of the batch size);
+- ``one_per_forward``: full recompute with batch_size=1, the naive loop.
+
+Before timing, every method's scores are checked against ``full_recompute`` (max difference
+relative to the largest score). Each (size, method) is timed ``--repeats`` times after one
+warm-up explanation; the median is reported. Results: a CSV stamped with device, versions and
+date, and a PNG plot (``benchmarks/results/explain_cpu.{csv,png}``).
+
+Conceptual suppression limits what prefix reuse can save: suppressing token j also lowers
+earlier tokens similar to j (a repeated " the"), so the variant must be recomputed from the
+earliest of them. On this text the ideal fraction of token-forwards kept is 0.67 (128 tokens)
+with kappa = 0.7, against 0.50 with single-token suppression (``--conceptual-threshold none``).
+
+Run: ``python benchmarks/bench_explain.py`` (several minutes; ``--sizes 32,64`` for a quick
+look; ``--naive-max 128`` skips the naive loop above 128 tokens; ``--threads 1`` on a machine
+whose cores are busy with other work, where 2 threads oversubscribe them; ``--append`` adds
+the rows of a second run, e.g. with ``--conceptual-threshold none``, to the CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+TEXT = (
+    "The history of Paris spans more than two thousand years. The city grew from a small "
+    "settlement of the Parisii tribe on an island in the Seine into the capital of France, "
+    "and over the centuries it became a centre of trade, learning, art and politics. In the "
+    "Middle Ages the university drew scholars from all over Europe, and the great cathedral "
+    "of Notre-Dame rose on the island where the city began. Kings built palaces along the "
+    "river, and the Louvre, first a fortress, became a royal residence and later one of the "
+    "largest museums in the world. During the nineteenth century the prefect Haussmann "
+    "rebuilt much of the centre, cutting wide boulevards through crowded medieval streets, "
+    "laying out parks and squares, and giving the city the uniform stone facades that "
+    "visitors still admire today. The Eiffel Tower, built for the world fair of 1889, was "
+    "meant to stand for only twenty years, yet it became the symbol of the city. In the "
+    "twentieth century Paris survived two world wars, welcomed artists and writers from many "
+    "countries, and grew into a metropolis of more than ten million people. Its museums, "
+    "cafes, markets and theatres attract millions of visitors every year, and its river "
+    "banks are listed as a world heritage site. Today the city faces new questions about "
+    "housing, transport and climate, and its mayors have turned roads along the Seine into "
+    "parks, added cycle lanes across the centre and planted trees in many squares, hoping "
+    "to keep the old city pleasant to live in for the people who call it home."
+)
+METHODS = ("prefix_reuse", "full_recompute", "full_recompute_same_chunk", "one_per_forward")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _explainer(model, tokenizer, method: str, same_chunk: int = 1, kappa: float | None = 0.7):
+    from atman_kernels.explain import AtManExplainer
+
+    kw = {"progress": False, "conceptual_threshold": kappa}
+    if method == "prefix_reuse":
+        return AtManExplainer(model, tokenizer, prefix_reuse=True, **kw)
+    if method == "full_recompute":
+        return AtManExplainer(model, tokenizer, prefix_reuse=False, **kw)
+    if method == "full_recompute_same_chunk":
+        return AtManExplainer(model, tokenizer, prefix_reuse=False, batch_size=same_chunk, **kw)
+    return AtManExplainer(model, tokenizer, prefix_reuse=False, batch_size=1, **kw)
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    peak = float(b.abs().max())
+    return float((a - b).abs().max()) / peak if peak > 0 else float((a - b).abs().max())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="32,64,128,256", help="prompt lengths in tokens")
+    parser.add_argument("--target-tokens", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per cell (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--naive-max", type=int, default=256,
+                        help="largest prompt for the one_per_forward loop")
+    parser.add_argument("--conceptual-threshold", default="0.7",
+                        help="kappa for conceptual suppression, or 'none' (single tokens)")
+    parser.add_argument("--append", action="store_true",
+                        help="add the rows to an existing CSV instead of replacing it")
+    parser.add_argument("--out", type=Path, default=RESULTS / "explain_cpu.csv")
+    args = parser.parse_args(argv)
+    kappa = None if args.conceptual_threshold.lower() == "none" else float(
+        args.conceptual_threshold)
+
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    from atman_kernels.models import load_smollm2
+
+    model, tokenizer = load_smollm2(dtype=torch.float32)
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if max(sizes) + args.target_tokens > len(ids):
+        raise SystemExit(f"the text has only {len(ids)} tokens")
+    stamp = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"cpu ({platform.processor() or platform.machine()}), "
+                  f"{args.threads} threads",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "conceptual_threshold": "none" if kappa is None else kappa,
+    }
+    # warm-up (lazy initialisation, allocator)
+    _explainer(model, tokenizer, "prefix_reuse").explain(ids[:16], ids[16:18])
+
+    rows = []
+    for n in sizes:
+        prompt, target = ids[:n], ids[n : n + args.target_tokens]
+        reference = None
+        same_chunk = 1
+        for method in ("full_recompute", "prefix_reuse", "full_recompute_same_chunk",
+                       "one_per_forward"):
+            if method == "one_per_forward" and n > args.naive_max:
+                rows.append({**stamp, "prompt_tokens": n, "method": method, "seconds": "",
+                             "note": f"skipped: above --naive-max {args.naive_max}"})
+                continue
+            ex = _explainer(model, tokenizer, method, same_chunk, kappa)
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                expl = ex.explain(prompt, target)
+                times.append(time.perf_counter() - start)
+            if reference is None:
+                reference = expl.per_target
+            diff = _rel_diff(expl.per_target, reference)
+            if diff > 1e-4:
+                raise SystemExit(f"{method} at {n} tokens differs from full recompute: "
+                                 f"relative max difference {diff:.2e}")
+            row = {**stamp, "prompt_tokens": n, "target_tokens": len(target), "method": method,
+                   "seconds": round(statistics.median(times), 3),
+                   "forwards": ex.last_stats["forwards"],
+                   "token_forwards": ex.last_stats["token_forwards"],
+                   "chunk_size": ex.last_stats["chunk_size"],
+                   "rel_diff_vs_full": f"{diff:.2e}", "note": ""}
+            rows.append(row)
+            if method == "prefix_reuse":
+                same_chunk = ex.last_stats["chunk_size"]
+            print(f"{n:4d} tokens  {method:16s} {row['seconds']:8.2f} s  "
+                  f"forwards {row['forwards']:4d}  token-forwards {row['token_forwards']:6d}  "
+                  f"chunk {row['chunk_size']:3d}  rel diff {diff:.1e}", flush=True)
+        full = next(r for r in rows if r["prompt_tokens"] == n and r["method"] == "full_recompute")
+        same = [r for r in rows if r["prompt_tokens"] == n
+                and r["method"] == "full_recompute_same_chunk" and r.get("seconds")]
+        for r in rows:
+            if r["prompt_tokens"] == n and r.get("seconds"):
+                r["speedup_vs_full"] = round(full["seconds"] / r["seconds"], 2)
+                if same:
+                    r["speedup_vs_same_chunk"] = round(same[0]["seconds"] / r["seconds"], 2)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["date", "device", "torch", "transformers", "load_avg_1min",
+              "conceptual_threshold", "prompt_tokens", "target_tokens", "method", "seconds",
+              "speedup_vs_full", "speedup_vs_same_chunk", "forwards", "token_forwards",
+              "chunk_size", "rel_diff_vs_full", "note"]
+    if args.append and args.out.exists():
+        with open(args.out, newline="") as fh:
+            old = list(csv.DictReader(fh))
+        for r in old:
+            r.setdefault("conceptual_threshold", "0.7")
+            if not r.get("conceptual_threshold"):
+                r["conceptual_threshold"] = "0.7"
+        rows = old + rows
+    with open(args.out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+    _plot(rows, args.out.with_suffix(".png"), stamp)
+
+
+def _plot(rows: list[dict], path: Path, stamp: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    kappas = sorted({str(r.get("conceptual_threshold") or "0.7") for r in rows})
+    for kappa in kappas:
+        for method in METHODS:
+            pts = sorted((int(r["prompt_tokens"]), float(r["seconds"])) for r in rows
+                         if r["method"] == method and r.get("seconds")
+                         and str(r.get("conceptual_threshold") or "0.7") == kappa)
+            if pts:
+                style = "-" if kappa != "none" else "--"
+                ax.plot(*zip(*pts, strict=True), style, marker="o",
+                        label=f"{method} (kappa {kappa})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("seconds per explanation")
+    ax.set_title(f"AtMan, SmolLM2-135M fp32, {stamp['device']}\n"
+                 f"torch {stamp['torch']}, {stamp['date'][:10]}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
