@@ -46,7 +46,8 @@ def model_dir(tmp_path_factory):
 
 
 def test_explain_end_to_end_writes_json_html_png(model_dir, tmp_path, capsys):
-    out_json, out_html, out_png = tmp_path / "e.json", tmp_path / "e.html", tmp_path / "e.png"
+    out = tmp_path / "not" / "yet"  # output folders are created, as `make explain` needs
+    out_json, out_html, out_png = out / "e.json", out / "e.html", out / "e.png"
     code = main(["explain", "--model", str(model_dir), "--prompt", "the capital of france is",
                  "--target", "paris city", "--json", str(out_json), "--html", str(out_html),
                  "--png", str(out_png), "--batch-size", "2", "--no-color", "--top", "3"])

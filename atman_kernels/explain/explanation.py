@@ -20,6 +20,13 @@ KINDS = ("causal_lm", "classifier", "image")
 POSTPROCESS = ("none", "abs", "square")
 
 
+def _ensure_parent(path: str | Path) -> Path:
+    """``path`` as a Path, its folder created if missing (``out/x.html`` on a fresh clone)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def combine_scores(per_target: torch.Tensor, postprocess: str, normalize: bool) -> torch.Tensor:
     """Scores [n] from the raw per-target matrix [T, n].
 
@@ -154,7 +161,7 @@ class Explanation:
         """JSON text of :meth:`to_dict`; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            _ensure_parent(path).write_text(text, encoding="utf-8")
         return text
 
     @classmethod
@@ -173,7 +180,7 @@ class Explanation:
 
         html = render_html(self)
         if path is not None:
-            Path(path).write_text(html, encoding="utf-8")
+            _ensure_parent(path).write_text(html, encoding="utf-8")
         return html
 
     def save_png(

@@ -142,6 +142,7 @@ def save_png(
         if width < 200:
             raise ValueError(f"width must be >= 200 pixels, got {width}")
         img = _text_boxes(expl, width)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(str(path), format="PNG")
     assert isinstance(img, Image.Image)
     return img.size
