@@ -199,7 +199,6 @@ def main() -> None:
         if args.gpu and not torch.cuda.is_available():
             sys.exit("--gpu needs a CUDA device")
         torch.set_num_threads(args.threads)
-        stamp = machine_stamp()
         methods = args.methods or (METHODS_GPU if args.gpu else METHODS_CPU)
         rows = []
         for n in args.lengths:
@@ -208,6 +207,7 @@ def main() -> None:
                        "head_dim": D, "dtype": "float16" if args.gpu else "float32",
                        "device": "cuda" if args.gpu else "cpu", "threads": args.threads}
                 res = run_isolated(Path(__file__), row)
+                stamp = machine_stamp()
                 res.update({k: v for k, v in stamp.items() if k != "threads"})
                 rows.append(res)
                 print(f"N={n:5d} {method:28s} {res['status']:8s} "
