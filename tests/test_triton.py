@@ -21,6 +21,8 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 from _tolerance import assert_close_to_reference, make_inputs, reference_pair  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from atman_kernels import suppressed_attention  # noqa: E402
 from atman_kernels.ops import triton_backend  # noqa: E402
@@ -220,3 +222,31 @@ def test_cpu_without_interpreter_is_refused_and_import_stays_lazy():
     )
     assert done.returncode == 0, done.stderr
     assert "needs CUDA tensors or TRITON_INTERPRET=1" in done.stdout
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    group=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    len_q=st.integers(1, 40),
+    len_k=st.integers(1, 70),
+    head_dim=st.sampled_from([16, 24, 40, 64]),
+    causal=st.booleans(),
+    mode=st.sampled_from(["paper", "log"]),
+    factor_kind=st.sampled_from(["none", "random", "zero_and_big", "single"]),
+    padding=st.booleans(),
+    shared=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_shapes_factors_modes(
+    batch, group, len_q, len_k, head_dim, causal, mode, factor_kind, padding, shared, seed
+):
+    if factor_kind == "none":
+        shared = False  # without factors the batch is q's: shared q/k/v means one variant
+    q, k, v, factors, mask = make_inputs(
+        batch, *group, len_q, len_k, head_dim, factor_kind=factor_kind, padding=padding,
+        shared_qkv=shared, seed=seed, device=DEVICE,
+    )
+    out = run_triton(q, k, v, factors, mask, causal=causal, mode=mode)
+    exact, plain = yardstick(q, k, v, factors, mask, causal=causal, mode=mode)
+    assert_close_to_reference(out, exact, plain, what="triton")
