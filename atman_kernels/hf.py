@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +52,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._materialised import materialised_suppressed_attention
 from .ops import suppressed_attention
-from .ops._checks import MODES
 from .ops.reference import visible_keys
-from .suppression import Suppression, current_backend, current_suppression
+from .suppression import Suppression, current_backend, current_suppression, make_suppression
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -192,19 +191,13 @@ def _suppression_from_kwargs(kwargs: dict) -> Suppression | None:
     factors = kwargs.get("atman_factors")
     if factors is None:
         return None
-    if not isinstance(factors, torch.Tensor) or factors.dim() != 2:
-        raise ValueError(
-            "atman_factors must be a tensor of shape [variants, sequence length], got "
-            f"{getattr(factors, 'shape', type(factors).__name__)}"
-        )
-    if not factors.is_floating_point():
-        raise TypeError(f"atman_factors must be a floating tensor, got {factors.dtype}")
-    mode = kwargs.get("atman_mode") or "paper"
-    if mode not in MODES:
-        raise ValueError(f"atman_mode must be one of {MODES}, got {mode!r}")
-    layers: Iterable[int] | None = kwargs.get("atman_layers")
-    layer_set = None if layers is None else frozenset(int(i) for i in layers)
-    return Suppression(factors, mode, layer_set)
+    return make_suppression(
+        factors,
+        kwargs.get("atman_mode") or "paper",
+        kwargs.get("atman_layers"),
+        prefix="atman_",
+        check_values=False,
+    )
 
 
 def _layer_index(module: torch.nn.Module) -> int | None:

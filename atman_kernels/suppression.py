@@ -59,6 +59,34 @@ _ACTIVE: contextvars.ContextVar[Suppression | None] = contextvars.ContextVar(
 )
 
 
+def make_suppression(
+    factors: torch.Tensor,
+    mode: str = "paper",
+    layers: Iterable[int] | None = None,
+    *,
+    prefix: str = "",
+    check_values: bool = True,
+) -> Suppression:
+    """A validated :class:`Suppression`; errors name the argument as ``prefix + name``.
+
+    ``check_values=False`` skips the data checks (finite, >= 0), for callers whose factors reach
+    :func:`atman_kernels.suppressed_attention`, which checks them anyway.
+    """
+    if not isinstance(factors, torch.Tensor) or factors.dim() != 2:
+        raise ValueError(
+            f"{prefix}factors must be a tensor of shape [variants, sequence length], got "
+            f"{getattr(factors, 'shape', type(factors).__name__)}"
+        )
+    if not factors.is_floating_point():
+        raise TypeError(f"{prefix}factors must be a floating tensor, got {factors.dtype}")
+    if check_values and (not bool(torch.isfinite(factors).all()) or bool((factors < 0).any())):
+        raise ValueError(f"{prefix}factors must be finite and >= 0 (1 = untouched)")
+    if mode not in MODES:
+        raise ValueError(f"{prefix}mode must be one of {MODES}, got {mode!r}")
+    layer_set = None if layers is None else frozenset(int(i) for i in layers)
+    return Suppression(factors, mode, layer_set)
+
+
 def current_suppression() -> Suppression | None:
     """The suppression in force in this context, or None."""
     return _ACTIVE.get()
@@ -74,19 +102,7 @@ def suppression(
     :class:`atman_kernels.nn.MultiheadAttention`) suppresses keys with these factors; the batch
     of the model's input must be B (or 1, broadcast over the variants).
     """
-    if not isinstance(factors, torch.Tensor) or factors.dim() != 2:
-        raise ValueError(
-            "factors must be a tensor of shape [variants, sequence length], got "
-            f"{getattr(factors, 'shape', type(factors).__name__)}"
-        )
-    if not factors.is_floating_point():
-        raise TypeError(f"factors must be a floating tensor, got {factors.dtype}")
-    if not bool(torch.isfinite(factors).all()) or bool((factors < 0).any()):
-        raise ValueError("factors must be finite and >= 0 (1 = untouched)")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    layer_set = None if layers is None else frozenset(int(i) for i in layers)
-    state = Suppression(factors, mode, layer_set)
+    state = make_suppression(factors, mode, layers)
     token = _ACTIVE.set(state)
     try:
         yield state
