@@ -1,8 +1,10 @@
 """Command line: ``atman explain --prompt "..." --target "..."``.
 
-Explains why a model produces ``--target`` after ``--prompt`` (causal LMs) or why it assigns
-the label ``--target`` to ``--prompt`` (sequence classifiers), prints the coloured tokens and
-the top tokens, and writes HTML / PNG / JSON on request. Without ``--model`` the bundled
+Explains why a model produces ``--target`` after ``--prompt`` (causal LMs; without
+``--target`` the model's own greedy continuation) or why it assigns the label ``--target`` to
+``--prompt`` (sequence classifiers), per token, word, sentence, paragraph, delimited piece or
+chosen character span, prints the coloured prompt and the top units, and writes HTML / PNG /
+JSON on request. Without ``--model`` the bundled
 SmolLM2-135M-Instruct is used (:func:`atman_kernels.models.load_smollm2`). Nothing is
 downloaded: models load from local folders or GGUF files only.
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+GRANULARITY_CHOICES = ("token", "word", "sentence", "paragraph")  # = explain.units.GRANULARITIES
 
 
 class UsageError(Exception):
@@ -62,6 +65,31 @@ def _factor(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _spans(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        start, sep, end = part.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out.append((int(start), int(end)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected character ranges START:END[,START:END...] like 0:40,41:90, got "
+                f"{text!r}") from None
+    return out
+
+
 def _layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -73,9 +101,23 @@ def _layers(text: str) -> list[int]:
 def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True,
                    help="the input text (causal LM: the prompt; classifier: the text to classify)")
-    p.add_argument("--target", required=True,
-                   help="causal LM: the continuation to explain (e.g. ' Paris'); classifier: a "
-                        "label name or class index")
+    p.add_argument("--target", default=None,
+                   help="causal LM: the continuation to explain (e.g. ' Paris'); left out: the "
+                        "model's own greedy continuation is generated and explained; "
+                        "classifier: a label name or class index (required)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=20,
+                   help="without --target: the most tokens to generate (default 20; stops at "
+                        "EOS)")
+    p.add_argument("--granularity", choices=GRANULARITY_CHOICES, default="token",
+                   help="explained unit of the prompt: one variant per token (default), word, "
+                        "sentence or paragraph (all its tokens suppressed together)")
+    p.add_argument("--delimiter", default=None,
+                   help="explain the prompt in pieces cut at this string (e.g. '###'; '\n' "
+                        "is a line break)")
+    p.add_argument("--spans", type=_spans, default=None,
+                   help="explain only these character ranges of the prompt, one unit each: "
+                        "START:END[,START:END...] (end exclusive); other tokens are neither "
+                        "explained nor suppressed")
     p.add_argument("--model", default=None,
                    help="a local model folder (from_pretrained) or a .gguf file; default: the "
                         "bundled SmolLM2-135M-Instruct")
@@ -89,9 +131,11 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                         "one by name; 'reference' is the plain PyTorch op, for checking")
     p.add_argument("--factor", type=_factor, default=0.1,
                    help="suppression factor c, finite and >= 0 (default 0.1)")
-    p.add_argument("--conceptual-threshold", type=_threshold, default=0.7,
-                   help="cosine threshold kappa in [0, 1] for conceptual suppression, or 'none' "
-                        "to suppress single tokens only (default 0.7)")
+    p.add_argument("--conceptual-threshold", type=_threshold, default=None,
+                   help="cosine threshold kappa in [0, 1] for conceptual suppression (also "
+                        "lower the units whose input embedding is similar), or 'none' (the "
+                        "default: on the package's quality evaluation it lowered evidence "
+                        "retrieval, see the README)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="variants per forward: 'auto' (from free memory, default) or an integer")
     p.add_argument("--max-memory-mb", type=int, default=None,
@@ -188,17 +232,30 @@ def _target_for(kind: str, text: str) -> Any:
     return text
 
 
+def _short(text: str, limit: int = 40) -> str:
+    """One line of at most ``limit`` characters (long sentences are cut in the middle)."""
+    text = " ".join(text.split())
+    half = limit // 2 - 2
+    return text if len(text) <= limit else text[:half] + " .. " + text[-half:]
+
+
 # ----------------------------------------------------------------------------------- main
 def run_explain(args: argparse.Namespace) -> int:
     import torch
 
-    from .explain import AtManExplainer
+    from .explain import AtManExplainer, save_png, to_html, to_terminal
     from .explain.explainer import model_kind
 
     if args.prompt == "":
         raise UsageError("--prompt is empty: give the text to explain")
     if args.target == "":
-        raise UsageError("--target is empty: give the continuation or label to explain")
+        raise UsageError("--target is empty: give the continuation or label to explain, or "
+                         "leave --target out to explain the generated continuation")
+    delimiter = None
+    if args.delimiter is not None:
+        if args.delimiter == "":
+            raise UsageError("--delimiter is empty: give the string to cut the prompt at")
+        delimiter = args.delimiter.replace("\\n", "\n").replace("\\t", "\t")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.dtype)
@@ -206,6 +263,9 @@ def run_explain(args: argparse.Namespace) -> int:
         kind = model_kind(model)
     except TypeError as exc:
         raise UsageError(str(exc)) from exc
+    if args.target is None and kind != "causal_lm":
+        raise UsageError(f"--target is required for a {kind.replace('_', ' ')} model: give the "
+                         "label name or class index to explain")
     max_memory = None if args.max_memory_mb is None else args.max_memory_mb * 2**20
     explainer = AtManExplainer(
         model, tokenizer, factor=args.factor, conceptual_threshold=args.conceptual_threshold,
@@ -215,24 +275,32 @@ def run_explain(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     try:
-        expl = explainer.explain(args.prompt, _target_for(kind, args.target))
+        target = None if args.target is None else _target_for(kind, args.target)
+        expl = explainer.explain(args.prompt, target, granularity=args.granularity,
+                                 delimiter=delimiter, spans=args.spans,
+                                 max_new_tokens=args.max_new_tokens)
     except (ValueError, NotImplementedError) as exc:  # bad input / model, named by the callee
         raise UsageError(str(exc)) from exc
     seconds = time.perf_counter() - start
     if args.json is not None:
         expl.to_json(args.json)
     if args.html is not None:
-        expl.to_html(args.html)
+        to_html(expl, args.html)
     if args.png is not None:
-        expl.save_png(args.png)
+        save_png(expl, args.png)
     if not args.quiet:
         color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        print(f"AtMan explanation of target {expl.target!r} ({type(model).__name__}, "
-              f"{len(expl.tokens)} positions, {seconds:.2f} s)")
-        print(expl.to_terminal(color=color))
-        print(f"top {min(args.top, len(expl.tokens))} tokens (positive = supports the target):")
-        for rank, (idx, tok, score) in enumerate(expl.top(args.top), start=1):
-            print(f"  {rank:2d}. {tok!r:<24} position {expl.positions[idx]:4d}  {score:+.5f}")
+        made = "generated target" if expl.settings.get("generated") else "target"
+        print(f"AtMan explanation of {made} {expl.target!r} ({type(model).__name__}, "
+              f"{len(expl.spans)} {expl.settings.get('granularity', 'token')} units, "
+              f"{expl.settings.get('forwards')} forwards, {seconds:.2f} s)")
+        print(to_terminal(expl, color=color))
+        print(f"top {min(args.top, len(expl.spans))} units (score = rise of the target's "
+              "cross-entropy in nats; positive = supports the target):")
+        for rank, (_, span, score) in enumerate(expl.top(args.top), start=1):
+            where = f"chars {span.start}-{span.end}" if span.start is not None else (
+                f"{span.source} position {span.positions[0]}")
+            print(f"  {rank:2d}. {_short(span.text)!r:<32} {where:<18} {score:+.5f}")
         for label, path in (("json", args.json), ("html", args.html), ("png", args.png)):
             if path is not None:
                 print(f"wrote {label}: {path}")

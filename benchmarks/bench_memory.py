@@ -238,7 +238,7 @@ def build_case(tokenizer, n: int) -> dict[str, Any]:
 @contextlib.contextmanager
 def capture_first_positions(store: dict) -> Iterator[None]:
     """Record the explainer's earliest-suppressed-position vector (for the time estimate)."""
-    import atman_kernels.explain.explainer as ex
+    import atman_kernels.explain.engine as ex
 
     original = ex.first_changed_position
 

@@ -53,7 +53,7 @@ def test_explain_end_to_end_writes_json_html_png(model_dir, tmp_path, capsys):
                  "--png", str(out_png), "--batch-size", "2", "--no-color", "--top", "3"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "target 'paris city'" in printed and "top 3 tokens" in printed
+    assert "target 'paris city'" in printed and "top 3 units" in printed
     assert "france[" in printed  # --no-color: token[score] for every token
     expl = Explanation.from_json(out_json)
     data = json.loads(out_json.read_text())

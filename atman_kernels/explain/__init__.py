@@ -1,13 +1,30 @@
-"""AtMan explanations: the explainer, its result, rendering and batching helpers."""
+"""AtMan explanations: the explainer, its result, units, rendering and batching helpers.
 
-from .conceptual import cosine_similarity_matrix, suppression_factors
+Data flows one way: units (:mod:`.units`) -> factor rows (:mod:`.conceptual`) -> the variant
+engine (:mod:`.engine`) running a task (:mod:`.tasks`) -> :class:`Explanation` -> renderers
+(:mod:`.render`). :class:`AtManExplainer` (:mod:`.explainer`) is the front end that builds the
+units, the task and the targets for each kind of model.
+"""
+
+from .conceptual import cosine_similarity_matrix, suppression_factors, unit_factors
 from .explainer import AtManExplainer, model_kind
 from .explanation import Explanation
+from .render import save_png, to_html, to_terminal
+from .units import GRANULARITIES, Span, prompt_spans, split_sentences, token_spans
 
 __all__ = [
+    "GRANULARITIES",
     "AtManExplainer",
     "Explanation",
+    "Span",
     "cosine_similarity_matrix",
     "model_kind",
+    "prompt_spans",
+    "save_png",
+    "split_sentences",
     "suppression_factors",
+    "to_html",
+    "to_terminal",
+    "token_spans",
+    "unit_factors",
 ]

@@ -58,6 +58,62 @@ def cosine_similarity_matrix(embeddings: torch.Tensor) -> torch.Tensor:
     return (e @ e.T).clamp(-1.0, 1.0)
 
 
+def unit_factors(
+    seq_len: int,
+    units: Sequence[Sequence[int]],
+    factor: float,
+    *,
+    similarity: torch.Tensor | None = None,
+    threshold: float | None = None,
+    eligible: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Factors [V, seq_len] for V variants, variant v suppressing every position of ``units[v]``.
+
+    Without ``similarity``/``threshold`` a variant has ``factor`` at its unit's positions and 1
+    elsewhere. With both (conceptual suppression), suppressing a unit is the union of
+    suppressing each of its positions: a key k outside the unit, in ``eligible`` (default:
+    every position), whose similarity to some position j of the unit is >= ``threshold`` gets
+    1 - (1 - factor) * sim_jk, and where several positions reach k the smallest factor (the
+    largest similarity) wins. A unit of one position is the paper's definition.
+
+    Args:
+        seq_len: number of key positions N.
+        units: the positions of each variant's unit (V non-empty lists, each in [0, N)).
+        factor: c, finite and >= 0.
+        similarity: [N, N] similarity of the positions (``cosine_similarity_matrix``).
+        threshold: kappa in [0, 1], or None for plain suppression.
+        eligible: positions that conceptual suppression may touch.
+    """
+    factor = check_factor(factor)
+    threshold = check_threshold(threshold)
+    members = torch.zeros(len(units), seq_len, dtype=torch.bool)
+    for v, unit in enumerate(units):
+        idx = torch.as_tensor(list(unit), dtype=torch.long)
+        if idx.numel() == 0:
+            raise ValueError(f"unit {v} has no positions: every variant suppresses at least one")
+        if int(idx.min()) < 0 or int(idx.max()) >= seq_len:
+            raise ValueError(f"unit positions must lie in [0, {seq_len}), got {idx.tolist()}")
+        members[v, idx] = True
+    dtype = similarity.dtype if similarity is not None else torch.float32
+    out = torch.ones(len(units), seq_len, dtype=dtype)
+    if threshold is not None and similarity is not None:
+        if tuple(similarity.shape) != (seq_len, seq_len):
+            raise ValueError(
+                f"similarity must have shape [{seq_len}, {seq_len}], got {tuple(similarity.shape)}"
+            )
+        sim = similarity.detach().cpu()
+        # largest similarity of each key to any position of the unit: [V, N]
+        reach = torch.stack([sim[m].amax(dim=0) for m in members]) if len(units) else out
+        related = (reach >= threshold) & ~members
+        if eligible is not None:
+            allowed = torch.zeros(seq_len, dtype=torch.bool)
+            allowed[torch.as_tensor(list(eligible), dtype=torch.long)] = True
+            related &= allowed[None, :]
+        # min with 1: an amplifying factor (> 1) amplifies the unit only, never its neighbours
+        out = torch.where(related, torch.clamp(1.0 - (1.0 - factor) * reach, max=1.0), out)
+    return torch.where(members, torch.full_like(out, factor), out)
+
+
 def suppression_factors(
     seq_len: int,
     suppressed: Sequence[int],
@@ -67,47 +123,12 @@ def suppression_factors(
     threshold: float | None = None,
     eligible: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Factors [V, seq_len] for V variants, variant v suppressing position ``suppressed[v]``.
+    """Factors [V, seq_len], variant v suppressing the single position ``suppressed[v]``.
 
-    Without ``similarity``/``threshold`` a variant has ``factor`` at its position and 1
-    elsewhere. With both, keys k != j in ``eligible`` (default: every position) whose
-    similarity to j is >= ``threshold`` also get 1 - (1 - factor) * sim_jk; the minimum with
-    any factor already there is kept (so j itself keeps ``factor`` when factor <= 1).
-
-    Args:
-        seq_len: number of key positions N.
-        suppressed: the suppressed position of each variant (V entries, in [0, N)).
-        factor: c, finite and >= 0.
-        similarity: [N, N] similarity of the positions (``cosine_similarity_matrix``).
-        threshold: kappa in [0, 1], or None for plain suppression.
-        eligible: positions that conceptual suppression may touch.
+    :func:`unit_factors` with units of one position (the paper's per-token variants).
     """
-    factor = check_factor(factor)
-    threshold = check_threshold(threshold)
-    idx = torch.as_tensor(list(suppressed), dtype=torch.long)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= seq_len):
-        raise ValueError(f"suppressed positions must lie in [0, {seq_len}), got {idx.tolist()}")
-    dtype = similarity.dtype if similarity is not None else torch.float32
-    out = torch.ones(idx.numel(), seq_len, dtype=dtype)
-    rows = torch.arange(idx.numel())
-    if threshold is not None and similarity is not None:
-        if tuple(similarity.shape) != (seq_len, seq_len):
-            raise ValueError(
-                f"similarity must have shape [{seq_len}, {seq_len}], got {tuple(similarity.shape)}"
-            )
-        sim = similarity.detach().cpu()[idx]  # [V, N]: similarity of each variant's position
-        related = sim >= threshold
-        related[rows, idx] = False
-        if eligible is not None:
-            allowed = torch.zeros(seq_len, dtype=torch.bool)
-            allowed[torch.as_tensor(list(eligible), dtype=torch.long)] = True
-            related &= allowed[None, :]
-        concept = 1.0 - (1.0 - factor) * sim
-        out = torch.where(related, torch.minimum(out, concept), out)
-    out[rows, idx] = torch.minimum(out[rows, idx], torch.full_like(out[rows, idx], factor))
-    if factor > 1:
-        out[rows, idx] = factor
-    return out
+    return unit_factors(seq_len, [[int(j)] for j in suppressed], factor, similarity=similarity,
+                        threshold=threshold, eligible=eligible)
 
 
 def first_changed_position(factors: torch.Tensor) -> torch.Tensor:

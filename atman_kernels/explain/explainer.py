@@ -25,32 +25,23 @@ cached prefix, expanded over the chunk. The scores equal a full recompute up to 
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..ops import BACKENDS
 from ..ops._checks import MODES
-from ..suppression import attention_backend, suppression
-from .batching import (
-    auto_chunk_size,
-    available_memory,
-    bytes_per_variant,
-    run_chunked,
-)
-from .conceptual import (
-    check_factor,
-    check_threshold,
-    cosine_similarity_matrix,
-    first_changed_position,
-    suppression_factors,
-)
+from ..suppression import attention_backend
+from .batching import ChunkPolicy
+from .conceptual import check_factor, check_threshold, cosine_similarity_matrix, unit_factors
+from .engine import EngineResult, run_variants
 from .explanation import POSTPROCESS, Explanation, combine_scores
+from .tasks import CausalLMTask, ClassificationTask
+from .units import GRANULARITIES, Span, prompt_spans, token_spans
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +49,6 @@ SUPPORTED_KINDS = (
     "causal LMs (*ForCausalLM, *LMHeadModel), sequence classifiers "
     "(*ForSequenceClassification), ViT-style image classifiers (*ForImageClassification)"
 )
-# A chunk's smallest suppressed position decides how much of the sequence it recomputes; with
-# prefix reuse and an automatic chunk size, the variants are spread over about this many chunks
-# (K equal chunks of single-token variants cost (K+1)/(2K) of the full-recompute work), but a
-# chunk keeps at least MIN_CHUNK_WITH_REUSE variants so that small inputs do not pay the fixed
-# cost of many tiny forwards.
-CHUNKS_WITH_REUSE = 16
-MIN_CHUNK_WITH_REUSE = 4
-# On CPU very large batches are slower per token than medium ones (measured on SmolLM2-135M,
-# 2 cores: 130 variants x 130 tokens in one forward took 1.5x longer than one variant per
-# forward), so "auto" keeps a CPU forward at about this many query tokens.
-CPU_TOKENS_PER_FORWARD = 2048
-
-
 def model_kind(model: Any) -> str:
     """"causal_lm", "classifier" or "image" for a supported transformers model, else TypeError."""
     name = type(model).__name__
@@ -89,16 +67,21 @@ class AtManExplainer:
     Args:
         model: a supported transformers model (see :func:`model_kind`); any attention
             implementation: it is switched to "atman" during :meth:`explain` and restored.
-        tokenizer: needed for string inputs/targets and for readable token strings.
+        tokenizer: needed for string inputs/targets, for units coarser than a token and for
+            readable token strings.
         factor: suppression factor c (finite, >= 0; 0.1 keeps 10% of the score above the row
             minimum in paper mode).
-        conceptual_threshold: kappa in [0, 1] for conceptual suppression, None = off.
+        conceptual_threshold: kappa in [0, 1] for conceptual suppression, None = off (the
+            default: on the project's quality evaluation conceptual suppression lowered text
+            evidence retrieval, see the README). For a unit of several tokens, conceptual
+            suppression is the union of its tokens' (:func:`.conceptual.unit_factors`).
         mode: "paper" or "log" (see :func:`atman_kernels.suppressed_attention`).
         batch_size: variants per forward, or "auto" (from ``max_memory``).
         max_memory: bytes the variants may use; default a safe share of the free memory.
         prefix_reuse: causal LMs: reuse the cached unsuppressed prefix (exact).
         progress: show a tqdm progress bar.
-        layers: layer indices to suppress (None = all layers).
+        layers: layer indices to suppress (None = all layers); each must be a layer of the
+            model (negative indices count from the end, as in Python).
         postprocess: "none", "abs" or "square", applied to each target token's row before the
             sum (``per_target`` stays raw).
         normalize: min-max scale the scores to [0, 1].
@@ -113,7 +96,7 @@ class AtManExplainer:
         tokenizer: Any = None,
         *,
         factor: float = 0.1,
-        conceptual_threshold: float | None = 0.7,
+        conceptual_threshold: float | None = None,
         mode: str = "paper",
         batch_size: int | str = "auto",
         max_memory: int | None = None,
@@ -145,9 +128,7 @@ class AtManExplainer:
         self.max_memory = max_memory
         self.prefix_reuse = bool(prefix_reuse)
         self.progress = bool(progress)
-        if layers is not None:
-            layers = [int(i) for i in layers]
-        self.layers = layers
+        self.layers = _check_layers(layers, _num_layers(model))
         if postprocess not in POSTPROCESS:
             raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {postprocess!r}")
         self.postprocess = postprocess
@@ -158,36 +139,71 @@ class AtManExplainer:
         self.last_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------ public entry
-    def explain(self, inputs: Any, target: Any) -> Explanation:
+    def explain(
+        self,
+        inputs: Any,
+        target: Any = None,
+        *,
+        granularity: str = "token",
+        delimiter: str | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
+        max_new_tokens: int = 20,
+        special_tokens: bool = False,
+    ) -> Explanation:
         """Explain why the model predicts ``target`` for ``inputs``.
 
         Causal LM: ``inputs`` the prompt (str, or token ids: list / [N] / [1, N] tensor),
-        ``target`` the continuation (str or ids). Classifier: ``inputs`` a str, ids or a
-        tokenizer output; ``target`` a class index or label name (``config.label2id``). Image:
-        ``inputs`` pixel values [1, 3, H, W] / [3, H, W] or a dict with "pixel_values";
-        ``target`` a class index or label name.
+        ``target`` the continuation (str or ids), or None to explain the model's own greedy
+        continuation (``model.generate``, no sampling, at most ``max_new_tokens`` tokens,
+        stopping at EOS; the EOS itself is not part of the target). Classifier: ``inputs`` a
+        str, ids or a tokenizer output; ``target`` a class index or label name
+        (``config.label2id``). Image: ``inputs`` pixel values [1, 3, H, W] / [3, H, W] or a
+        dict with "pixel_values"; ``target`` a class index or label name.
+
+        Units (one variant each, all their tokens suppressed together), for text prompts:
+
+        - ``granularity``: "token" (default), "word", "sentence" or "paragraph"
+          (:mod:`.units`); coarser units need a string prompt and a tokenizer with character
+          offsets (a fast tokenizer);
+        - ``delimiter``: a custom delimiter string (e.g. "###" or "\n"): one unit per piece;
+        - ``spans``: explicit (start, end) character ranges of the prompt; a unit suppresses
+          every token overlapping its range; tokens outside every span are neither explained
+          nor suppressed (e.g. explain only the document of a RAG prompt).
+
+        At token granularity a causal LM's target tokens but the last are explained too (as
+        units with ``source == "target"``); coarser units cover the prompt only. Special
+        tokens (BOS, [CLS], chat markers) are neither explained nor suppressed unless
+        ``special_tokens=True``.
         """
         from ..hf import atman_attention
 
+        _check_unit_arguments(granularity, delimiter, spans)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
+            max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if target is None and self.kind != "causal_lm":
+            raise ValueError(f"target=None (explain the generated answer) needs a causal LM; "
+                             f"give the class to explain for this {self.kind} model")
         model = self.model
         was_training = model.training
         model.eval()
         start = time.perf_counter()
+        unit_args = {"granularity": granularity, "delimiter": delimiter, "spans": spans,
+                     "special_tokens": bool(special_tokens)}
         try:
-            with atman_attention(model), attention_backend(self.backend), torch.inference_mode():
+            with torch.inference_mode():
                 if self.kind == "causal_lm":
-                    expl = self._explain_causal(inputs, target)
+                    prepared = self._prepare_causal(inputs, target, max_new_tokens, unit_args)
                 elif self.kind == "classifier":
-                    expl = self._explain_classifier(inputs, target)
+                    prepared = self._prepare_classifier(inputs, target, unit_args)
                 else:
-                    expl = self._explain_image(inputs, target)
+                    prepared = self._prepare_image(inputs, target, unit_args)
+                with atman_attention(model), attention_backend(self.backend):
+                    result = self._run(prepared)
         finally:
             model.train(was_training)
-        # tensors made under inference_mode refuse in-place updates later: hand out plain ones
-        for name in ("scores", "per_target", "baseline_loss", "image"):
-            value = getattr(expl, name)
-            if isinstance(value, torch.Tensor):
-                setattr(expl, name, value.clone())
+        expl = self._finish(result, prepared)
         seconds = time.perf_counter() - start
         expl.settings["seconds"] = seconds
         self.last_stats["seconds"] = seconds
@@ -220,17 +236,7 @@ class AtManExplainer:
     def _token_ids(self, value: Any, name: str, *, add_special_tokens: bool) -> list[int]:
         """Token ids of a string (through the tokenizer) or of ids given directly."""
         if isinstance(value, str):
-            if value == "":
-                raise ValueError(f"{name} is empty: give a non-empty string or token ids")
-            if self.tokenizer is None:
-                raise ValueError(
-                    f"{name} is a string but no tokenizer was given: pass "
-                    "AtManExplainer(model, tokenizer) or token ids"
-                )
-            ids = self.tokenizer(value, add_special_tokens=add_special_tokens)["input_ids"]
-            if len(ids) == 0:
-                raise ValueError(f"{name} {value!r} tokenises to no tokens")
-            return [int(i) for i in ids]
+            return self._encode(value, name, add_special_tokens=add_special_tokens)["input_ids"]
         if hasattr(value, "keys") and "input_ids" in value:
             value = value["input_ids"]
         if isinstance(value, int) and not isinstance(value, bool):
@@ -262,6 +268,27 @@ class AtManExplainer:
             f"{type(value).__name__}"
         )
 
+    def _encode(self, text: str, name: str, *, add_special_tokens: bool) -> dict[str, Any]:
+        """Tokenise ``text``: input_ids, special_tokens_mask and (fast tokenizers) offsets."""
+        if text == "":
+            raise ValueError(f"{name} is empty: give a non-empty string or token ids")
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{name} is a string but no tokenizer was given: pass "
+                "AtManExplainer(model, tokenizer) or token ids"
+            )
+        offsets = bool(getattr(self.tokenizer, "is_fast", False))
+        enc = self.tokenizer(text, add_special_tokens=add_special_tokens,
+                             return_special_tokens_mask=True, return_offsets_mapping=offsets)
+        ids = [int(i) for i in enc["input_ids"]]
+        if len(ids) == 0:
+            raise ValueError(f"{name} {text!r} tokenises to no tokens")
+        out = {"input_ids": ids, "special": [bool(x) for x in enc["special_tokens_mask"]],
+               "offsets": [tuple(o) for o in enc["offset_mapping"]] if offsets else None}
+        if "token_type_ids" in enc:
+            out["token_type_ids"] = list(enc["token_type_ids"])
+        return out
+
     def _vocab_size(self) -> int | None:
         emb = self.model.get_input_embeddings() if self.kind != "image" else None
         return getattr(emb, "num_embeddings", None)
@@ -271,154 +298,124 @@ class AtManExplainer:
             return [str(int(i)) for i in ids]
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
-    def _chunk_size(self, n_variants: int, len_q: int, len_k: int, n_logits: int,
-                    reuse: bool) -> int:
-        if self.batch_size != "auto":
-            return min(int(self.batch_size), max(1, n_variants))
-        budget = self.max_memory if self.max_memory is not None else available_memory(
-            self._device)
-        dtype = next(self.model.parameters()).dtype
-        per = bytes_per_variant(self.model.config, len_q=len_q, len_k=len_k,
-                                n_logits=n_logits, dtype=dtype)
-        chunk = auto_chunk_size(n_variants, per, budget)
-        if self._device.type == "cpu":
-            chunk = max(1, min(chunk, CPU_TOKENS_PER_FORWARD // max(1, len_q)))
-        if reuse:
-            spread = max(MIN_CHUNK_WITH_REUSE, math.ceil(n_variants / CHUNKS_WITH_REUSE))
-            chunk = min(chunk, spread)
-        return chunk
+    def _special_ids(self) -> set[int]:
+        if self.tokenizer is None:
+            return set()
+        return {int(i) for i in getattr(self.tokenizer, "all_special_ids", [])}
 
-    def _progress_bar(self, total: int):
-        from tqdm.auto import tqdm
+    def _prompt_units(self, prompt: Any, name: str, unit_args: dict[str, Any]
+                      ) -> tuple[list[int], list[Span], str | None, dict[str, Any]]:
+        """(token ids, units, prompt text or None, encoding extras) of a text or id prompt."""
+        granularity, delimiter, spans = (unit_args["granularity"], unit_args["delimiter"],
+                                         unit_args["spans"])
+        coarse = granularity != "token" or delimiter is not None or spans is not None
+        if isinstance(prompt, str):
+            enc = self._encode(prompt, name, add_special_tokens=True)
+            ids = enc["input_ids"]
+            eligible = [i for i, sp in enumerate(enc["special"])
+                        if unit_args["special_tokens"] or not sp]
+            if enc["offsets"] is None:
+                if coarse:
+                    raise ValueError(
+                        f"granularity {granularity!r}, delimiter and spans need character "
+                        f"offsets, which {type(self.tokenizer).__name__} (a slow tokenizer) "
+                        "does not give: load the fast tokenizer (use_fast=True)")
+                units = token_spans([self._token_strings([ids[i]])[0] for i in eligible],
+                                    eligible)
+            else:
+                units = prompt_spans(prompt, enc["offsets"], granularity=granularity,
+                                     delimiter=delimiter, spans=spans, eligible=eligible)
+            return ids, units, prompt, enc
+        if coarse:
+            raise ValueError(
+                f"granularity {granularity!r}, delimiter and spans need a text prompt (a "
+                f"string) to find words, sentences or character ranges in; {name} was given "
+                "as token ids")
+        ids = self._token_ids(prompt, name, add_special_tokens=True)
+        special = set() if unit_args["special_tokens"] else self._special_ids()
+        eligible = [i for i, t in enumerate(ids) if t not in special]
+        return ids, token_spans(self._token_strings([ids[i] for i in eligible]), eligible), \
+            None, {}
 
-        return tqdm(total=total, desc="AtMan", unit="variant", disable=not self.progress,
-                    leave=False)
+    def _check_length(self, n: int) -> None:
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = None
+        for attr in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                limit = value
+                break
+        if limit is not None and n > limit:
+            raise ValueError(f"the input has {n} tokens, more than the model's "
+                             f"{limit} positions (config max_position_embeddings)")
 
-    def _factors(self, seq_len: int, explained: list[int], embeddings: torch.Tensor | None
-                 ) -> torch.Tensor:
-        """Factors [V, seq_len] (float32, on the model's device), one variant per position."""
-        similarity = None
-        if self.conceptual_threshold is not None and embeddings is not None:
-            similarity = cosine_similarity_matrix(embeddings.float().cpu())
-        factors = suppression_factors(
-            seq_len, explained, self.factor, similarity=similarity,
-            threshold=self.conceptual_threshold, eligible=explained,
-        )
-        return factors.to(device=self._device, dtype=torch.float32)
+    def _generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """The model's greedy continuation of ``prompt_ids``, without the EOS that ends it."""
+        from transformers import GenerationConfig
 
-    def _finish(self, per_target: torch.Tensor, **fields: Any) -> Explanation:
-        per_target = per_target.detach().float().cpu()
-        scores = combine_scores(per_target, self.postprocess, self.normalize)
-        return Explanation(scores=scores, per_target=per_target, **fields)
-
-    # -------------------------------------------------------------------------- causal LM
-    def _lm_logits(self, ids: torch.Tensor, past: Any, keep: int, want_cache: bool
-                   ) -> tuple[torch.Tensor, Any]:
-        """Logits [B, keep, V] of the last ``keep`` positions, and the cache."""
         model = self.model
-        use_cache = want_cache or past is not None
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
-            out = model(input_ids=ids, past_key_values=past, use_cache=use_cache,
-                        logits_to_keep=keep)
-            return out.logits[:, -keep:], getattr(out, "past_key_values", None)
-        decoder = model.get_decoder()
-        out = decoder(input_ids=ids, past_key_values=past, use_cache=use_cache)
-        hidden = out.last_hidden_state[:, -keep:]
-        return model.get_output_embeddings()(hidden), getattr(out, "past_key_values", None)
+        base = getattr(model, "generation_config", None)
+        eos = getattr(base, "eos_token_id", None)
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int)
+                                               else {int(e) for e in eos})
+        pad = getattr(base, "pad_token_id", None)
+        if pad is None:
+            pad = next(iter(sorted(eos_ids)), 0)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  eos_token_id=sorted(eos_ids) or None, pad_token_id=pad)
+        ids = torch.tensor([prompt_ids], device=self._device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             generation_config=config)
+        new = [int(t) for t in out[0, len(prompt_ids):].tolist()]
+        for i, t in enumerate(new):
+            if t in eos_ids:
+                new = new[:i]
+                break
+        if not new:
+            raise ValueError("the model's greedy continuation starts with EOS: there is no "
+                             "generated answer to explain; give a target")
+        return new
 
-    @staticmethod
-    def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """(keys, values) [1, Hkv, N, D] of every layer of a DynamicCache-like cache."""
-        if cache is None:
-            return None
-        if hasattr(cache, "self_attention_cache"):
-            cache = cache.self_attention_cache
-        layers = getattr(cache, "layers", None)
-        if not layers:
-            return None
-        out = []
-        for layer in layers:
-            if getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None:
-                return None
-            out.append((layer.keys, layer.values))
-        return out
-
-    def _prefix_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]], p: int, batch: int):
-        """A DynamicCache holding the first ``p`` positions of ``kv``, expanded to ``batch``."""
-        from transformers import DynamicCache
-
-        data = [
-            (k[:, :, :p].expand(batch, -1, -1, -1), v[:, :, :p].expand(batch, -1, -1, -1))
-            for k, v in kv
-        ]
-        return DynamicCache(data)
-
-    def _explain_causal(self, inputs: Any, target: Any) -> Explanation:
-        prompt_ids = self._token_ids(inputs, "prompt", add_special_tokens=True)
-        target_ids = self._token_ids(target, "target", add_special_tokens=False)
-        device = self._device
-        n_prompt, n_target = len(prompt_ids), len(target_ids)
+    # -------------------------------------------------------------------------- front ends
+    def _prepare_causal(self, inputs: Any, target: Any, max_new_tokens: int,
+                        unit_args: dict[str, Any]) -> _Prepared:
+        prompt_ids, units, prompt_text, _ = self._prompt_units(inputs, "prompt", unit_args)
+        self._check_length(len(prompt_ids) + (1 if target is None else 0))
+        generated = target is None
+        if generated:
+            target_ids = self._generate(prompt_ids, max_new_tokens)
+        else:
+            target_ids = self._token_ids(target, "target", add_special_tokens=False)
         seq = prompt_ids + target_ids[:-1]
-        n = len(seq)
-        ids = torch.tensor(seq, dtype=torch.long, device=device)[None]
-        tgt = torch.tensor(target_ids, dtype=torch.long, device=device)
-        explained = list(range(n))
-        embeddings = None
-        if self.conceptual_threshold is not None:
-            embeddings = self.model.get_input_embeddings()(ids)[0]
-        factors = self._factors(n, explained, embeddings)
-        first = first_changed_position(factors.cpu()).clamp(max=n - 1)
-
-        with suppression(torch.ones(1, n, device=device), self.mode, self.layers):
-            base_logits, cache = self._lm_logits(ids, None, n_target, self.prefix_reuse)
-        base_ce = _cross_entropy(base_logits[0], tgt)  # [T]
-        kv = self._cache_tensors(cache) if self.prefix_reuse else None
-        reuse = kv is not None
-        if self.prefix_reuse and not reuse:
-            log.warning("prefix reuse is off: the model's cache is not a plain DynamicCache")
-        if not reuse:
-            first = torch.zeros_like(first)
-        del cache
-
-        order = torch.argsort(first, stable=True).tolist()
-        chunk = self._chunk_size(len(order), n, n, n_target, reuse)
-        stats = {"forwards": 1, "token_forwards": n}
-
-        def run(chunk_idx: Sequence[int]) -> torch.Tensor:
-            idx = torch.as_tensor(list(chunk_idx), dtype=torch.long)
-            batch = idx.numel()
-            p = int(first[idx].min())
-            keep = n - max(n_prompt - 1, p)  # target positions this chunk recomputes
-            past = self._prefix_cache(kv, p, batch) if (reuse and p > 0) else None
-            with suppression(factors[idx.to(device)], self.mode, self.layers):
-                logits, _ = self._lm_logits(ids[:, p:].expand(batch, -1), past, keep, False)
-            ce = base_ce.expand(batch, n_target).clone()
-            ce[:, n_target - keep:] = _cross_entropy(logits, tgt[n_target - keep:])
-            stats["forwards"] += 1
-            stats["token_forwards"] += batch * (n - p)
-            return ce - base_ce
-
-        with self._progress_bar(len(order)) as bar:
-            rise = run_chunked(order, chunk, run, on_done=bar.update)
-        per_variant = torch.empty_like(rise)
-        per_variant[torch.as_tensor(order)] = rise
-        self.last_stats = dict(stats, chunk_size=chunk, prefix_reuse=reuse, variants=n)
-        return self._finish(
-            per_variant.T.contiguous(),
-            tokens=self._token_strings(seq),
-            target_tokens=self._token_strings(target_ids),
-            kind="causal_lm",
-            positions=explained,
-            token_ids=seq,
-            baseline_loss=base_ce.float().cpu(),
-            settings=self._settings(
-                prefix_reuse=reuse, batch_size=chunk, forwards=stats["forwards"],
-                prompt_tokens=n_prompt, target=self.tokenizer.decode(target_ids)
-                if self.tokenizer is not None else target_ids,
-            ),
+        n_prompt, n = len(prompt_ids), len(seq)
+        self._check_length(n)
+        coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
+                  or unit_args["spans"] is not None)
+        if not coarse:
+            units = units + token_spans(self._token_strings(target_ids[:-1]),
+                                        list(range(n_prompt, n)), source="target")
+        if not units:
+            raise ValueError("the prompt holds only special tokens: nothing to explain "
+                             "(special_tokens=True explains them)")
+        device = self._device
+        ids = torch.tensor(seq, dtype=torch.long, device=device)
+        task = CausalLMTask(self.model, ids, n_prompt,
+                            torch.tensor(target_ids, dtype=torch.long, device=device),
+                            reuse=self.prefix_reuse)
+        target_text = (self.tokenizer.decode(target_ids) if self.tokenizer is not None
+                       else target_ids)
+        return _Prepared(
+            task=task, units=units, input_ids=ids, embed=True,
+            fields={"target_tokens": self._token_strings(target_ids), "kind": "causal_lm",
+                    "token_ids": seq, "prompt": prompt_text},
+            settings={"prompt_tokens": n_prompt, "target": target_text, **_unit_settings(unit_args),
+                      "target_ids": target_ids, "generated": generated,
+                      **({"max_new_tokens": max_new_tokens} if generated else {})},
         )
 
-    # ------------------------------------------------------------------------- classifier
     def _class_index(self, target: Any) -> int:
         config = self.model.config
         n_labels = int(getattr(config, "num_labels", 0) or 0)
@@ -441,72 +438,36 @@ class AtManExplainer:
         id2label = getattr(self.model.config, "id2label", None) or {}
         return str(id2label.get(index, index))
 
-    def _run_classifier(self, model_inputs: dict[str, torch.Tensor], seq_len: int,
-                        explained: list[int], embeddings: torch.Tensor | None, cls: int,
-                        extra_fields: dict[str, Any]) -> Explanation:
-        device = self._device
-        factors = self._factors(seq_len, explained, embeddings)
-        with suppression(torch.ones(1, seq_len, device=device), self.mode, self.layers):
-            base_logits = self.model(**model_inputs).logits  # [1, C]
-        target = torch.tensor([cls], device=device)
-        base_ce = _cross_entropy(base_logits, target)  # [1]
-        chunk = self._chunk_size(len(explained), seq_len, seq_len, 1, False)
-
-        def run(chunk_idx: Sequence[int]) -> torch.Tensor:
-            idx = torch.as_tensor(list(chunk_idx), dtype=torch.long, device=device)
-            batch = idx.numel()
-            batched = {k: v.expand(batch, *v.shape[1:]) for k, v in model_inputs.items()}
-            with suppression(factors[idx], self.mode, self.layers):
-                logits = self.model(**batched).logits  # [B, C]
-            return (_cross_entropy(logits, target.expand(batch)) - base_ce)[:, None]
-
-        with self._progress_bar(len(explained)) as bar:
-            rise = run_chunked(list(range(len(explained))), chunk, run, on_done=bar.update)
-        self.last_stats = {"forwards": 1 + math.ceil(len(explained) / chunk),
-                           "chunk_size": chunk, "variants": len(explained)}
-        extra_fields["settings"].update(batch_size=chunk, target=self._label(cls),
-                                        target_index=cls)
-        return self._finish(rise.T.contiguous(), target_tokens=[self._label(cls)],
-                            baseline_loss=base_ce.float().cpu(), positions=explained,
-                            **extra_fields)
-
-    def _explain_classifier(self, inputs: Any, target: Any) -> Explanation:
+    def _prepare_classifier(self, inputs: Any, target: Any, unit_args: dict[str, Any]
+                            ) -> _Prepared:
         cls = self._class_index(target)
-        extras: dict[str, torch.Tensor] = {}
-        if hasattr(inputs, "keys") and "input_ids" in inputs:
-            for key in ("token_type_ids",):
-                if key in inputs and inputs[key] is not None:
-                    extras[key] = torch.as_tensor(inputs[key]).reshape(1, -1)
-        ids_list = self._token_ids(inputs, "inputs", add_special_tokens=True)
-        if isinstance(inputs, str) and self.tokenizer is not None:
-            enc = self.tokenizer(inputs, add_special_tokens=True)
-            if "token_type_ids" in enc:
-                extras["token_type_ids"] = torch.tensor(enc["token_type_ids"])[None]
-        device = self._device
-        ids = torch.tensor(ids_list, dtype=torch.long, device=device)[None]
-        special = set()
-        if self.tokenizer is not None:
-            special = {int(i) for i in getattr(self.tokenizer, "all_special_ids", [])}
-        explained = [i for i, t in enumerate(ids_list) if t not in special]
-        if not explained:
+        ids_list, units, prompt_text, enc = self._prompt_units(inputs, "inputs", unit_args)
+        if not units:
             raise ValueError("inputs hold only special tokens: nothing to explain")
-        embeddings = None
-        if self.conceptual_threshold is not None:
-            embeddings = self.model.get_input_embeddings()(ids)[0]
-        model_inputs = {"input_ids": ids, **{k: v.to(device) for k, v in extras.items()}}
-        tokens = self._token_strings(ids_list)
-        fields = {
-            "tokens": [tokens[i] for i in explained],
-            "kind": "classifier",
-            "token_ids": [ids_list[i] for i in explained],
-            "settings": self._settings(),
-        }
-        return self._run_classifier(model_inputs, len(ids_list), explained, embeddings, cls,
-                                    fields)
+        self._check_length(len(ids_list))
+        device = self._device
+        ids = torch.tensor(ids_list, dtype=torch.long, device=device)
+        model_inputs = {"input_ids": ids[None]}
+        types = enc.get("token_type_ids")
+        if types is None and hasattr(inputs, "keys") and inputs.get("token_type_ids") is not None:
+            types = torch.as_tensor(inputs["token_type_ids"]).reshape(-1).tolist()
+        if types is not None:
+            model_inputs["token_type_ids"] = torch.tensor(types, device=device)[None]
+        task = ClassificationTask(self.model, model_inputs, len(ids_list), cls)
+        return _Prepared(
+            task=task, units=units, input_ids=ids, embed=True,
+            fields={"kind": "classifier", "token_ids": ids_list, "prompt": prompt_text,
+                    "target_tokens": [self._label(cls)]},
+            settings={"target": self._label(cls), "target_index": cls,
+                      **_unit_settings(unit_args)},
+        )
 
-    # ------------------------------------------------------------------------------ image
-    def _explain_image(self, inputs: Any, target: Any) -> Explanation:
+    def _prepare_image(self, inputs: Any, target: Any, unit_args: dict[str, Any]) -> _Prepared:
         cls = self._class_index(target)
+        if (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
+                or unit_args["spans"] is not None):
+            raise ValueError("image classifiers explain patches: granularity, delimiter and "
+                             "spans apply to text prompts only")
         pixels = inputs["pixel_values"] if hasattr(inputs, "keys") else inputs
         if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
             raise TypeError("image inputs must be a float tensor of pixel values [1, 3, H, W] "
@@ -536,26 +497,144 @@ class AtManExplainer:
             grid = (1, n_patches)
         if grid[0] * grid[1] != n_patches or n_prefix < 0:
             grid = (1, n_patches)
-        explained = list(range(n_prefix, seq_len))
         embeddings = None
         if self.conceptual_threshold is not None:
             embeddings = torch.zeros(seq_len, patches.shape[-1], device=patches.device,
                                      dtype=patches.dtype)
             embeddings[n_prefix:] = patches[0]
-        fields = {
-            "tokens": [f"patch({i // grid[1]},{i % grid[1]})" for i in range(n_patches)],
-            "kind": "image",
-            "token_ids": None,
-            "patch_grid": grid,
-            "image": pixels[0].detach().float().cpu(),
-            "settings": self._settings(),
-        }
-        return self._run_classifier({"pixel_values": pixels}, seq_len, explained, embeddings,
-                                    cls, fields)
+        units = token_spans([f"patch({i // grid[1]},{i % grid[1]})" for i in range(n_patches)],
+                            list(range(n_prefix, seq_len)), source="image")
+        task = ClassificationTask(self.model, {"pixel_values": pixels}, seq_len, cls)
+        return _Prepared(
+            task=task, units=units, embeddings=embeddings,
+            settings={"target": self._label(cls), "target_index": cls, "granularity": "patch"},
+            fields={"kind": "image", "token_ids": None, "patch_grid": grid,
+                    "image": pixels[0].detach().float().cpu(),
+                    "target_tokens": [self._label(cls)]},
+        )
+
+    # ------------------------------------------------------------------------------ engine
+    def _run(self, prepared: _Prepared) -> EngineResult:
+        task, units = prepared.task, prepared.units
+        n = task.seq_len
+        unit_positions = [list(u.positions) for u in units]
+        similarity = None
+        if self.conceptual_threshold is not None:
+            embeddings = prepared.embeddings
+            if embeddings is None and prepared.embed and prepared.input_ids is not None:
+                embeddings = self.model.get_input_embeddings()(prepared.input_ids)
+            if embeddings is not None:
+                similarity = cosine_similarity_matrix(embeddings.float().cpu())
+        eligible = sorted({p for u in unit_positions for p in u})
+        factors = unit_factors(n, unit_positions, self.factor, similarity=similarity,
+                               threshold=self.conceptual_threshold, eligible=eligible)
+        factors = factors.to(device=self._device, dtype=torch.float32)
+        policy = ChunkPolicy(self.batch_size, self.max_memory, self._device,
+                             next(self.model.parameters()).dtype, self.model.config)
+
+        def chunk_size(reuse: bool) -> int:
+            return policy.size(len(units), len_q=n, len_k=n, n_logits=task.n_targets,
+                               reuse=reuse)
+
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(units), desc="AtMan", unit="variant", disable=not self.progress,
+                  leave=False) as bar:
+            result = run_variants(
+                task, factors, mode=self.mode, layers=self.layers, chunk_size=chunk_size,
+                on_done=bar.update,
+            )
+        self.last_stats = _stats(result, len(units))
+        return result
+
+    def _finish(self, result: EngineResult, prepared: _Prepared) -> Explanation:
+        per_target = result.rise.T.contiguous().detach().cpu()
+        scores = combine_scores(per_target, self.postprocess, self.normalize)
+        settings = self._settings(
+            **prepared.settings, prefix_reuse=result.prefix_reuse, batch_size=result.chunk_size,
+            forwards=result.forwards, token_forwards=result.token_forwards,
+            units=len(prepared.units),
+        )
+        # tensors made under inference_mode refuse in-place updates later: hand out plain ones
+        # (cloned here, outside inference_mode)
+        fields = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                  for k, v in prepared.fields.items()}
+        return Explanation(tokens=[], scores=scores.clone(), per_target=per_target.clone(),
+                           baseline_loss=result.baseline.detach().cpu().clone(),
+                           spans=prepared.units, settings=settings, **fields)
 
 
-def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-log softmax(logits)[target] in fp32: logits [..., V], target [...] -> [...]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    target = target.expand(logp.shape[:-1])
-    return -logp.gather(-1, target[..., None])[..., 0]
+@dataclass
+class _Prepared:
+    """What a front end hands the engine: the task, the units, the Explanation's fields and
+    settings, and what conceptual suppression compares (the layer-0 input embeddings, or the
+    input ids to embed)."""
+
+    task: Any
+    units: list[Span]
+    fields: dict[str, Any]
+    settings: dict[str, Any]
+    input_ids: torch.Tensor | None = None
+    embed: bool = False
+    embeddings: torch.Tensor | None = None
+
+
+def _unit_settings(unit_args: dict[str, Any]) -> dict[str, Any]:
+    """How the prompt was cut into units, for ``Explanation.settings``."""
+    if unit_args["spans"] is not None:
+        return {"granularity": "spans"}
+    if unit_args["delimiter"] is not None:
+        return {"granularity": "delimiter", "delimiter": unit_args["delimiter"]}
+    return {"granularity": unit_args["granularity"]}
+
+
+def _stats(result: EngineResult, n_units: int) -> dict[str, Any]:
+    return {"forwards": result.forwards, "token_forwards": result.token_forwards,
+            "chunk_size": result.chunk_size, "prefix_reuse": result.prefix_reuse,
+            "variants": n_units}
+
+
+def _num_layers(model: Any) -> int | None:
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_layers(layers: Sequence[int] | None, n_layers: int | None) -> list[int] | None:
+    """Layer indices as non-negative ints, each a layer of the model (negative from the end)."""
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a list of layer indices or None, got "
+                        f"{type(layers).__name__}")
+    out = []
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"layers must hold ints, got {i!r}")
+        if n_layers is not None:
+            if not -n_layers <= i < n_layers:
+                raise ValueError(f"layers: {i} is not a layer of this model, which has "
+                                 f"{n_layers} layers (valid: 0..{n_layers - 1} or negative)")
+            i %= n_layers
+        out.append(i)
+    if not out:
+        raise ValueError("layers is empty: give at least one layer index, or None for all")
+    return sorted(set(out))
+
+
+def _check_unit_arguments(granularity: Any, delimiter: Any, spans: Any) -> None:
+    """Cheap checks of the unit arguments, before any work (prompt_spans checks the rest)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r} "
+                         "(for a custom delimiter pass delimiter=..., e.g. delimiter='###')")
+    if delimiter is not None and (not isinstance(delimiter, str) or delimiter == ""):
+        raise ValueError(f"delimiter must be a non-empty string or None, got {delimiter!r}")
+    given = [name for name, on in (("granularity", granularity != "token"),
+                                   ("delimiter", delimiter is not None),
+                                   ("spans", spans is not None)) if on]
+    if len(given) > 1:
+        raise ValueError(f"give one way to cut the prompt into units, got {' and '.join(given)}")

@@ -1,9 +1,13 @@
 """The result of an AtMan explanation and its (de)serialisation.
 
-An :class:`Explanation` holds one score per *explained position* (a prompt token, a target token
-but the last, or an image patch), the raw per-target-token matrix the score is summed from, and
-the settings that produced it. ``to_dict``/``from_dict`` and ``to_json``/``from_json`` round-trip
-everything but the optional picture (``image``), which is kept only for rendering.
+An :class:`Explanation` holds one score per *explained unit* (a :class:`~.units.Span`: a token,
+word, sentence, paragraph or chosen character range of the prompt, a target token but the last,
+or an image patch), the raw per-target-token matrix the score is summed from, and the settings
+that produced it. ``to_dict``/``from_dict`` and ``to_json``/``from_json`` round-trip everything
+but the optional picture (``image``), which is kept only for rendering.
+
+Rendering (HTML, PNG, terminal) lives in :mod:`.render`, which reads an Explanation; this module
+does not import it.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from typing import Any
 
 import torch
 
+from .units import Span, token_spans
+
 KINDS = ("causal_lm", "classifier", "image")
 POSTPROCESS = ("none", "abs", "square")
 
 
-def _ensure_parent(path: str | Path) -> Path:
+def ensure_parent(path: str | Path) -> Path:
     """``path`` as a Path, its folder created if missing (``out/x.html`` on a fresh clone)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,22 +57,30 @@ def combine_scores(per_target: torch.Tensor, postprocess: str, normalize: bool) 
 
 @dataclass
 class Explanation:
-    """Scores of the explained positions for one prediction.
+    """Scores of the explained units for one prediction.
 
     Attributes:
-        tokens: display string of each explained position (``n`` entries).
+        tokens: display text of each explained unit (``n`` entries; the span texts).
         scores: [n] combined score (after ``postprocess``/``normalize`` from ``settings``);
-            positive = the position supports the target.
-        per_target: [T, n] raw rise of each target token's cross-entropy when the position is
+            positive = suppressing the unit raises the target's cross-entropy, i.e. the unit
+            supports the target. Unit: nats (a sum over target tokens of CE rises).
+        per_target: [T, n] raw rise of each target token's cross-entropy when the unit is
             suppressed (T = number of target tokens; 1 for classifiers and images).
         target_tokens: display string of each target token (T entries).
         kind: "causal_lm", "classifier" or "image".
-        positions: index of each explained position in the model's input sequence.
-        token_ids: token id of each explained position (None for images).
+        spans: one :class:`~.units.Span` per unit (text, character range in ``prompt``, token
+            positions in the model input, source), aligned with ``scores``; built from
+            ``tokens`` and ``positions`` (one position per unit) when not given.
+        positions: the first token position of each unit in the model input (derived from
+            ``spans`` when they are given).
+        token_ids: the model input's token ids (``spans[i].positions`` index into them; None
+            for images).
+        prompt: the prompt text the spans' character ranges refer to (None for token-id
+            prompts and images).
         baseline_loss: [T] cross-entropy of each target token without suppression.
         patch_grid: (rows, cols) of the patch grid for images, row-major over ``scores``.
-        settings: how the explanation was made (factor, threshold, mode, ...).
-        image: optional [3, H, W] picture for :meth:`save_png`; not serialised.
+        settings: how the explanation was made (factor, threshold, mode, granularity, ...).
+        image: optional [3, H, W] picture for rendering; not serialised.
     """
 
     tokens: list[str]
@@ -79,14 +93,22 @@ class Explanation:
     baseline_loss: torch.Tensor | None = None
     patch_grid: tuple[int, int] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    spans: list[Span] = field(default_factory=list)
+    prompt: str | None = None
     image: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.spans:
+            self.spans = list(self.spans)
+            if not self.tokens:
+                self.tokens = [s.text for s in self.spans]
+            if not self.positions:
+                self.positions = [s.positions[0] for s in self.spans]
         n = len(self.tokens)
         if self.scores.dim() != 1 or self.scores.shape[0] != n:
-            raise ValueError(f"scores must have shape [{n}] (one per token), got "
+            raise ValueError(f"scores must have shape [{n}] (one per unit), got "
                              f"{tuple(self.scores.shape)}")
         if self.per_target.dim() != 2 or self.per_target.shape[1] != n:
             raise ValueError(f"per_target must have shape [T, {n}], got "
@@ -95,6 +117,15 @@ class Explanation:
             raise ValueError("per_target must have one row per target token")
         if not self.positions:
             self.positions = list(range(n))
+        if not self.spans:
+            self.spans = token_spans(self.tokens, self.positions)
+        if len(self.spans) != n or len(self.positions) != n:
+            raise ValueError(f"spans and positions must have one entry per unit ({n}), got "
+                             f"{len(self.spans)} and {len(self.positions)}")
+        if [s.text for s in self.spans] != list(self.tokens) or [
+            s.positions[0] for s in self.spans
+        ] != list(self.positions):
+            raise ValueError("tokens and positions must be the spans' texts and first positions")
         if self.patch_grid is not None:
             self.patch_grid = (int(self.patch_grid[0]), int(self.patch_grid[1]))
             if self.patch_grid[0] * self.patch_grid[1] != n:
@@ -107,10 +138,12 @@ class Explanation:
         text = self.settings.get("target")
         return text if isinstance(text, str) else "".join(self.target_tokens)
 
-    def top(self, k: int = 5) -> list[tuple[int, str, float]]:
-        """The ``k`` highest-scoring positions as (index into ``tokens``, token, score)."""
+    def top(self, k: int = 5) -> list[tuple[int, Span, float]]:
+        """The ``k`` highest-scoring units as (index into ``spans``, span, score)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an int >= 0, got {k!r}")
         order = torch.argsort(self.scores, descending=True, stable=True)[:k]
-        return [(int(i), self.tokens[int(i)], float(self.scores[int(i)])) for i in order]
+        return [(int(i), self.spans[int(i)], float(self.scores[int(i)])) for i in order]
 
     def score_map(self) -> torch.Tensor:
         """Scores as the [rows, cols] patch grid (images only)."""
@@ -126,6 +159,8 @@ class Explanation:
             "tokens": list(self.tokens),
             "token_ids": None if self.token_ids is None else [int(i) for i in self.token_ids],
             "positions": [int(p) for p in self.positions],
+            "spans": [s.to_dict() for s in self.spans],
+            "prompt": self.prompt,
             "scores": _floats(self.scores),
             "per_target": [_floats(row) for row in self.per_target],
             "target_tokens": list(self.target_tokens),
@@ -136,7 +171,11 @@ class Explanation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Explanation:
-        """Inverse of :meth:`to_dict` (float64 tensors, so the numbers round-trip exactly)."""
+        """Inverse of :meth:`to_dict` (float64 tensors, so the numbers round-trip exactly).
+
+        Dicts written before spans existed (no ``spans`` key) load with one token span per
+        position.
+        """
         missing = {"kind", "tokens", "scores", "per_target", "target_tokens"} - set(data)
         if missing:
             raise ValueError(f"explanation dict lacks the keys {sorted(missing)}")
@@ -155,13 +194,15 @@ class Explanation:
             baseline_loss=None if baseline is None else torch.tensor(baseline, dtype=torch.float64),
             patch_grid=None if grid is None else (int(grid[0]), int(grid[1])),
             settings=dict(data.get("settings") or {}),
+            spans=[Span.from_dict(d) for d in data.get("spans") or []],
+            prompt=data.get("prompt"),
         )
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
         """JSON text of :meth:`to_dict`; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
         if path is not None:
-            _ensure_parent(path).write_text(text, encoding="utf-8")
+            ensure_parent(path).write_text(text, encoding="utf-8")
         return text
 
     @classmethod
@@ -172,35 +213,6 @@ class Explanation:
         else:
             text = str(text_or_path)
         return cls.from_dict(json.loads(text))
-
-    # ----------------------------------------------------------------------------------------
-    def to_html(self, path: str | Path | None = None) -> str:
-        """A self-contained HTML page (inline CSS, no external assets); written to ``path``."""
-        from .render import render_html
-
-        html = render_html(self)
-        if path is not None:
-            _ensure_parent(path).write_text(html, encoding="utf-8")
-        return html
-
-    def save_png(
-        self, path: str | Path, *, image: torch.Tensor | None = None, width: int = 800
-    ) -> tuple[int, int]:
-        """Write a PNG; returns its (width, height) in pixels.
-
-        Text: coloured token boxes laid out in lines, ``width`` pixels wide. Images: the score
-        heatmap over the picture (``image`` [3, H, W] or the one kept from ``explain``), or
-        the bare heatmap when there is no picture.
-        """
-        from .render import save_png
-
-        return save_png(self, path, image=image if image is not None else self.image, width=width)
-
-    def to_terminal(self, *, color: bool = True) -> str:
-        """The tokens with ANSI background colours (red supports, blue opposes)."""
-        from .render import render_terminal
-
-        return render_terminal(self, color=color)
 
 
 def _floats(t: torch.Tensor) -> list[float]:

@@ -1,5 +1,11 @@
 """Render an :class:`~atman_kernels.explain.explanation.Explanation`: HTML, PNG, terminal.
 
+Rendering reads an Explanation (the Explanation does not import this module):
+:func:`to_html`, :func:`save_png` and :func:`to_terminal`. Text explanations show the prompt's
+own text, its spacing and line breaks, with each explained unit (token, word, sentence, span)
+highlighted; prompt text outside every unit is shown plain; a causal LM's explained target
+tokens follow the prompt, outlined.
+
 Colours: each score is divided by the largest absolute score; positive values shade towards red
 (the position supports the target), negative towards blue, zero is white. Every output is
 self-contained: the HTML page has inline CSS and no external link, the PNG is drawn with Pillow.
@@ -8,10 +14,13 @@ self-contained: the HTML page has inline CSS and no external link, the PNG is dr
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from .explanation import ensure_parent as _ensure_parent
 
 if TYPE_CHECKING:
     from .explanation import Explanation
@@ -32,8 +41,33 @@ def score_rgb(unit: float) -> tuple[int, int, int]:
     return (255, fade, fade) if unit >= 0 else (fade, fade, 255)
 
 
-def _display(token: str) -> str:
-    return token.replace("\n", "\u21b5").replace("\t", "\u21e5")
+def segments(expl: Explanation) -> list[tuple[str, int | None]]:
+    """The text to draw, as (text, unit index or None) pieces in reading order.
+
+    With the prompt text and character ranges: the prompt cut at the units' ranges (text
+    between units has index None), then the target units. Without (token-id prompts): the
+    units' texts one after another.
+    """
+    spans = expl.spans
+    located = [i for i, s in enumerate(spans) if s.source == "prompt" and s.start is not None]
+    pieces: list[tuple[str, int | None]] = []
+    if expl.prompt is not None and located:
+        text, cursor = expl.prompt, 0
+        for i in sorted(located, key=lambda i: (spans[i].start, spans[i].end)):
+            start, end = max(spans[i].start, cursor), spans[i].end
+            if end <= start:  # wholly inside an earlier unit (tokens sharing a character)
+                continue
+            if start > cursor:
+                pieces.append((text[cursor:start], None))
+            pieces.append((text[start:end], i))
+            cursor = end
+        if cursor < len(text):
+            pieces.append((text[cursor:], None))
+        rest = [i for i in range(len(spans)) if i not in set(located)]
+    else:
+        rest = list(range(len(spans)))
+    pieces.extend((spans[i].text, i) for i in rest)
+    return pieces
 
 
 def _settings_text(expl: Explanation) -> str:
@@ -58,6 +92,14 @@ table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;paddi
 """
 
 
+def to_html(expl: Explanation, path: str | Path | None = None) -> str:
+    """A self-contained HTML page (inline CSS, no external assets); written to ``path``."""
+    page = render_html(expl)
+    if path is not None:
+        _ensure_parent(path).write_text(page, encoding="utf-8")
+    return page
+
+
 def render_html(expl: Explanation) -> str:
     """A complete HTML page for the explanation (inline CSS, no network assets)."""
     units = _unit_scores(expl.scores)
@@ -72,11 +114,16 @@ def render_html(expl: Explanation) -> str:
     body = []
     if expl.patch_grid is None:
         body.append("<div class=\"text\">")
-        for tok, unit, score in zip(expl.tokens, units, expl.scores.tolist(), strict=True):
-            r, g, b = score_rgb(unit)
+        scores = expl.scores.tolist()
+        for text, i in segments(expl):
+            if i is None:
+                body.append(esc(text))
+                continue
+            r, g, b = score_rgb(units[i])
+            cls = "tok target" if expl.spans[i].source == "target" else "tok"
             body.append(
-                f"<span class=\"tok\" style=\"background:rgb({r},{g},{b})\" "
-                f"title=\"{score:.6g}\">{esc(_display(tok))}</span>"
+                f"<span class=\"{cls}\" style=\"background:rgb({r},{g},{b})\" "
+                f"title=\"{scores[i]:.6g}\">{esc(text)}</span>"
             )
         body.append("</div>")
     else:
@@ -98,9 +145,10 @@ def render_html(expl: Explanation) -> str:
         "<div class=\"legend\"><span>opposes target</span><span class=\"bar\"></span>"
         f"<span>supports target</span><span>(colour scale \u00b1{peak:.4g})</span></div>"
     )
-    body.append("<table><tr><th>rank</th><th>token</th><th>score</th></tr>")
-    for rank, (_, tok, score) in enumerate(expl.top(10), start=1):
-        body.append(f"<tr><td>{rank}</td><td>{esc(repr(tok))}</td><td>{score:.6g}</td></tr>")
+    body.append("<table><tr><th>rank</th><th>unit</th><th>score</th></tr>")
+    for rank, (_, span, score) in enumerate(expl.top(10), start=1):
+        body.append(f"<tr><td>{rank}</td><td>{esc(repr(span.text))}</td><td>{score:.6g}</td>"
+                    "</tr>")
     body.append("</table></body></html>")
     return head + "".join(body)
 
@@ -137,13 +185,12 @@ def save_png(
     from PIL import Image
 
     if expl.patch_grid is not None:
-        img = _image_heatmap(expl, image)
+        img = _image_heatmap(expl, image if image is not None else expl.image)
     else:
         if width < 200:
             raise ValueError(f"width must be >= 200 pixels, got {width}")
         img = _text_boxes(expl, width)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(str(path), format="PNG")
+    img.save(str(_ensure_parent(path)), format="PNG")
     assert isinstance(img, Image.Image)
     return img.size
 
@@ -152,28 +199,40 @@ def _text_boxes(expl: Explanation, width: int):
     from PIL import Image, ImageDraw
 
     font, small = _font(16), _font(12)
-    margin, pad, gap, line_h = 12, 4, 3, 30
+    margin, pad, line_h = 12, 2, 30
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     title = f"AtMan: target {expl.target!r}"
-    boxes = []  # (x, y, w, text, rgb)
+    units = _unit_scores(expl.scores)
+    boxes = []  # (x, y, w, text, rgb or None, outlined)
     x, y = margin, margin + 2 * 22
-    for tok, unit in zip(expl.tokens, _unit_scores(expl.scores), strict=True):
-        text = _display(tok)
-        w = _text_width(probe, text, font) + 2 * pad
-        w = min(w, width - 2 * margin)
-        if x + w > width - margin and x > margin:
-            x, y = margin, y + line_h
-        boxes.append((x, y, w, text, score_rgb(unit)))
-        x += w + gap
+    right = width - margin
+    for text, i in segments(expl):
+        rgb = None if i is None else score_rgb(units[i])
+        outlined = i is not None and expl.spans[i].source == "target"
+        # wrap at whitespace; a line break in the text is a line break in the picture
+        for line_no, line in enumerate(text.split("\n")):
+            if line_no:
+                x, y = margin, y + line_h
+            for word in re.findall(r"\s+|\S+", line):
+                w = _text_width(probe, word, font) + (2 * pad if rgb else 0)
+                w = min(w, right - margin)
+                if x + w > right and x > margin:
+                    x, y = margin, y + line_h
+                    if word.isspace():
+                        continue
+                boxes.append((x, y, w, word, rgb, outlined))
+                x += w
     legend_y = y + line_h + 10
     height = legend_y + 30
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     draw.text((margin, margin), title, fill=(20, 20, 20), font=font)
     draw.text((margin, margin + 22), _settings_text(expl), fill=(100, 100, 100), font=small)
-    for bx, by, w, text, rgb in boxes:
-        draw.rectangle([bx, by, bx + w, by + line_h - 6], fill=rgb, outline=(200, 200, 200))
-        draw.text((bx + pad, by + 3), text, fill=(0, 0, 0), font=font)
+    for bx, by, w, text, rgb, outlined in boxes:
+        if rgb is not None:
+            draw.rectangle([bx, by, bx + w, by + line_h - 6], fill=rgb,
+                           outline=(90, 90, 90) if outlined else None)
+        draw.text((bx + (pad if rgb else 0), by + 3), text, fill=(0, 0, 0), font=font)
     bar_w = 200
     for i in range(bar_w):
         draw.line(
@@ -218,8 +277,9 @@ def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
 
 
 # --------------------------------------------------------------------------------- terminal
-def render_terminal(expl: Explanation, *, color: bool = True) -> str:
-    """Tokens with ANSI 24-bit background colours (or ``token[score]`` without colour)."""
+def to_terminal(expl: Explanation, *, color: bool = True) -> str:
+    """The prompt with ANSI 24-bit background colours per unit (or ``unit[score]`` without
+    colour); image explanations as a grid of scores."""
     units = _unit_scores(expl.scores)
     if expl.patch_grid is not None:
         rows, cols = expl.patch_grid
@@ -235,12 +295,14 @@ def render_terminal(expl: Explanation, *, color: bool = True) -> str:
                 cells.append(text)
             lines.append(" ".join(cells))
         return "\n".join(lines)
+    scores = expl.scores.tolist()
     parts = []
-    for tok, unit, score in zip(expl.tokens, units, expl.scores.tolist(), strict=True):
-        text = _display(tok)
-        if color:
-            r, g, b = score_rgb(unit)
+    for text, i in segments(expl):
+        if i is None:
+            parts.append(text)
+        elif color:
+            r, g, b = score_rgb(units[i])
             parts.append(f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{text}\x1b[0m")
         else:
-            parts.append(f"{text}[{score:.3g}]")
-    return ("" if color else " ").join(parts)
+            parts.append(f"{text}[{scores[i]:.3g}]")
+    return "".join(parts)

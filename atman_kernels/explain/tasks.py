@@ -1,0 +1,167 @@
+"""Tasks for the variant engine (:mod:`.engine`): how one kind of model runs its forwards.
+
+- :class:`CausalLMTask`: teacher forcing on prompt + target[:-1], cross-entropy of each target
+  token from the logits one position earlier, logits computed at the target positions only,
+  exact prefix reuse through the model's KV cache;
+- :class:`ClassificationTask`: one forward over fixed model inputs (token ids or pixel values),
+  the cross-entropy of one class.
+
+A task only runs forwards: the front ends in :mod:`.explainer` build its inputs and targets.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+
+from .engine import cross_entropy
+
+log = logging.getLogger(__name__)
+
+
+def _cache_argument(model: Any) -> str:
+    """The name a model's forward takes its KV cache under.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes in
+    5.40); older 5.x releases only know ``past_key_values``.
+    """
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    """The cache of a model output, read under its current name (no deprecation warning)."""
+    for name in ("cache", "past_key_values"):
+        if name in out.keys():
+            return out[name]
+    return None
+
+
+def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """(keys, values) [1, Hkv, N, D] of every layer of a plain full-attention cache, else None.
+
+    None (prefix reuse impossible) for sliding-window layers, layers that keep no keys
+    (recurrent state) or caches of another structure.
+    """
+    if cache is None:
+        return None
+    if hasattr(cache, "self_attention_cache"):
+        cache = cache.self_attention_cache
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    out = []
+    for layer in layers:
+        if getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None:
+            return None
+        out.append((layer.keys, layer.values))
+    return out
+
+
+def prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], p: int, batch: int) -> Any:
+    """A DynamicCache holding the first ``p`` positions of ``kv``, expanded (not copied) to
+    ``batch`` variants."""
+    from transformers import DynamicCache
+
+    data = [
+        (k[:, :, :p].expand(batch, -1, -1, -1), v[:, :, :p].expand(batch, -1, -1, -1))
+        for k, v in kv
+    ]
+    return DynamicCache(data)
+
+
+class CausalLMTask:
+    """Teacher-forced causal LM: input = prompt + target[:-1], T = len(target) target rows.
+
+    Args:
+        model: a causal LM (``*ForCausalLM`` / ``*LMHeadModel``).
+        input_ids: [N] the model input (prompt then target[:-1]).
+        n_prompt: number of prompt tokens (the first target token is read at n_prompt - 1).
+        target_ids: [T] the target tokens.
+        reuse: try exact prefix reuse (turned off, with a log line, when the model's cache is
+            not a plain full-attention cache).
+    """
+
+    def __init__(self, model: Any, input_ids: torch.Tensor, n_prompt: int,
+                 target_ids: torch.Tensor, *, reuse: bool) -> None:
+        self.model = model
+        self.ids = input_ids[None]
+        self.n_prompt = int(n_prompt)
+        self.target = target_ids
+        self.seq_len = int(input_ids.numel())
+        self.n_targets = int(target_ids.numel())
+        self.reuse = bool(reuse)
+        self._cache_arg = _cache_argument(model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._base: torch.Tensor | None = None
+
+    def _logits(self, ids: torch.Tensor, past: Any, keep: int, want_cache: bool
+                ) -> tuple[torch.Tensor, Any]:
+        """Logits [B, keep, V] of the last ``keep`` positions, and the cache."""
+        kwargs = {self._cache_arg: past, "use_cache": want_cache or past is not None}
+        if self._keeps_logits:
+            out = self.model(input_ids=ids, logits_to_keep=keep, **kwargs)
+            return out.logits[:, -keep:], _output_cache(out)
+        out = self.model.get_decoder()(input_ids=ids, **kwargs)
+        hidden = out.last_hidden_state[:, -keep:]
+        return self.model.get_output_embeddings()(hidden), _output_cache(out)
+
+    def baseline(self) -> torch.Tensor:
+        logits, cache = self._logits(self.ids, None, self.n_targets, self.reuse)
+        if self.reuse:
+            self._kv = cache_tensors(cache)
+            if self._kv is None:
+                self.reuse = False
+                log.info("prefix reuse is off: %s's cache is not a plain full-attention cache",
+                         type(self.model).__name__)
+        self._base = cross_entropy(logits[0], self.target)
+        return self._base
+
+    def run(self, batch: int, start: int) -> torch.Tensor:
+        assert self._base is not None, "baseline() runs first"
+        n, t = self.seq_len, self.n_targets
+        start = start if self.reuse else 0
+        keep = n - max(self.n_prompt - 1, start)  # target positions this chunk recomputes
+        past = prefix_cache(self._kv, start, batch) if start > 0 else None
+        logits, _ = self._logits(self.ids[:, start:].expand(batch, -1), past, keep, False)
+        ce = self._base.expand(batch, t).clone()
+        ce[:, t - keep:] = cross_entropy(logits, self.target[t - keep:])
+        return ce
+
+
+class ClassificationTask:
+    """One forward over fixed inputs; T = 1 row, the cross-entropy of class ``label``.
+
+    Args:
+        model: a classifier whose output has ``logits`` [B, C].
+        inputs: model inputs with batch 1 (``input_ids`` / ``pixel_values`` and friends); each
+            chunk expands them over its variants.
+        seq_len: number of positions the attention sees (the factor rows' length).
+        label: the class index.
+    """
+
+    reuse = False
+    n_targets = 1
+
+    def __init__(self, model: Any, inputs: dict[str, torch.Tensor], seq_len: int,
+                 label: int) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.seq_len = int(seq_len)
+        device = next(iter(inputs.values())).device
+        self.label = torch.tensor([label], device=device)
+
+    def _ce(self, inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        logits = self.model(**inputs).logits  # [B, C]
+        return cross_entropy(logits, self.label.expand(batch))[:, None]
+
+    def baseline(self) -> torch.Tensor:
+        return self._ce(self.inputs, 1)[0]
+
+    def run(self, batch: int, start: int) -> torch.Tensor:
+        batched = {k: v.expand(batch, *v.shape[1:]) for k, v in self.inputs.items()}
+        return self._ce(batched, batch)

@@ -1,0 +1,221 @@
+"""An independent brute force for explainer tests, and tiny random models.
+
+The brute force shares no code with the explainer: a plain eager attention with the
+suppression formulas written out (registered with transformers under its own name), one full
+forward per variant, logits at every position, and the factors (plain and conceptual)
+computed with Python loops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import (
+    AttentionInterface,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from atman_kernels.suppression import current_suppression, suppression
+
+BRUTE = "brute_eager_test"
+
+
+# ------------------------------------------------------------------ independent brute force
+def _brute_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     **kwargs):
+    """Eager attention applying the AtMan formulas to the active suppression, written plainly."""
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1).double()
+    v = value.repeat_interleave(group, dim=1).double()
+    q = query.double()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    s = q @ k.transpose(-1, -2) * scale  # [B, H, Nq, Nk]
+    if attention_mask is None:
+        visible = torch.ones_like(s, dtype=torch.bool)
+        if getattr(module, "is_causal", False) and s.shape[-2] > 1:
+            visible = torch.ones(s.shape[-2:], dtype=torch.bool).tril()[None, None]
+    else:
+        visible = attention_mask.bool()
+    visible = visible.expand_as(s)
+    state = current_suppression()
+    if state is not None and state.applies_to(getattr(module, "layer_idx", None)):
+        f = state.factors.double()[:, None, None, :]
+        row_min = s.masked_fill(~visible, math.inf).amin(dim=-1, keepdim=True)
+        if state.mode == "paper":
+            s = row_min + f * (s - row_min)
+        else:
+            s = s + torch.log(f)
+    s = s.masked_fill(~visible, -math.inf)
+    out = torch.softmax(s, dim=-1) @ v
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(BRUTE, _brute_attention)
+AttentionMaskInterface.register(
+    BRUTE, lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False})
+)
+
+
+def _plain_factors(n, explained, c, emb=None, kappa=None):
+    """[V, n] factors, written as loops over the definition (ATMAN.md section 4)."""
+    rows = []
+    for j in explained:
+        row = [1.0] * n
+        if kappa is not None:
+            for k in explained:
+                if k == j:
+                    continue
+                a, b = emb[j].double(), emb[k].double()
+                sim = float(a @ b / (max(a.norm(), 1e-8) * max(b.norm(), 1e-8)))
+                sim = max(-1.0, min(1.0, sim))
+                if sim >= kappa:
+                    row[k] = min(row[k], 1 - (1 - c) * sim)
+        row[j] = min(row[j], c)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _with_impl(model, impl, fn):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(impl)
+    try:
+        with torch.no_grad():
+            return fn()
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def brute_causal(model, prompt, target, c=0.1, kappa=None, mode="paper", layers=None):
+    """[T, N] rise of CE per target token, one full forward per suppressed position."""
+    seq = prompt + target[:-1]
+    n, n_p = len(seq), len(prompt)
+    ids = torch.tensor([seq])
+    tgt = torch.tensor(target)
+    emb = model.get_input_embeddings().weight[torch.tensor(seq)].detach()
+    factors = _plain_factors(n, range(n), c, emb, kappa)
+
+    def ce(factor_row):
+        with suppression(factor_row[None], mode, layers):
+            logits = model(input_ids=ids).logits[0]  # every position: plain and slow
+        logp = torch.log_softmax(logits.double(), -1)
+        return -logp[torch.arange(n_p - 1, n), tgt]
+
+    def loop():
+        base = ce(torch.ones(n))
+        return torch.stack([ce(factors[j]) - base for j in range(n)], dim=1)
+
+    return _with_impl(model, BRUTE, loop)
+
+
+def brute_classifier(model, model_inputs, explained, seq_len, cls, c=0.1, kappa=None,
+                     emb=None, mode="paper"):
+    factors = _plain_factors(seq_len, explained, c, emb, kappa)
+
+    def ce(factor_row):
+        with suppression(factor_row[None], mode):
+            logits = model(**model_inputs).logits[0]
+        return -torch.log_softmax(logits.double(), -1)[cls]
+
+    def loop():
+        base = ce(torch.ones(seq_len))
+        return torch.stack([ce(row) - base for row in factors])[None]
+
+    return _with_impl(model, BRUTE, loop)
+
+
+def _unit_rows(n, units, c):
+    """[V, n] factors: c at every position of the unit, 1 elsewhere (no conceptual part)."""
+    rows = []
+    for unit in units:
+        row = [1.0] * n
+        for p in unit:
+            row[p] = c
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def brute_causal_units(model, seq, n_prompt, target, units, c=0.1, mode="paper"):
+    """[T, V] rise of CE per target token, one full forward per unit (all its tokens at c)."""
+    n = len(seq)
+    ids = torch.tensor([seq])
+    tgt = torch.tensor(target)
+    rows = _unit_rows(n, units, c)
+
+    def ce(factor_row):
+        with suppression(factor_row[None].to(model.dtype), mode):
+            logits = model(input_ids=ids).logits[0]
+        logp = torch.log_softmax(logits.double(), -1)
+        return -logp[torch.arange(n_prompt - 1, n), tgt]
+
+    def loop():
+        base = ce(torch.ones(n))
+        return torch.stack([ce(row) - base for row in rows], dim=1)
+
+    return _with_impl(model, BRUTE, loop)
+
+
+def brute_classifier_units(model, model_inputs, seq_len, units, cls, c=0.1, mode="paper"):
+    """[1, V] rise of the class's CE, one full forward per unit."""
+    rows = _unit_rows(seq_len, units, c)
+
+    def ce(factor_row):
+        with suppression(factor_row[None], mode):
+            logits = model(**model_inputs).logits[0]
+        return -torch.log_softmax(logits.double(), -1)[cls]
+
+    def loop():
+        base = ce(torch.ones(seq_len))
+        return torch.stack([ce(row) - base for row in rows])[None]
+
+    return _with_impl(model, BRUTE, loop)
+
+
+# --------------------------------------------------------------------------------- models
+def tiny_llama(seed=0, vocab=61):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=0, vocab=61):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                     initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed=0, vocab=61):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, num_labels=3,
+                     initializer_range=0.2, id2label={0: "neg", 1: "neu", 2: "pos"},
+                     label2id={"neg": 0, "neu": 1, "pos": 2})
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_labels=3, initializer_range=0.2)
+    return ViTForImageClassification(cfg).eval()
+
+
+def _close(actual, expected, rel=1e-4):
+    """Max error relative to the largest magnitude (scores near 0 have no relative error)."""
+    actual, expected = actual.double(), expected.double()
+    peak = float(expected.abs().max())
+    err = float((actual - expected).abs().max())
+    assert peak > 1e-3, f"degenerate test: scores too small ({peak})"
+    assert err <= rel * peak, f"max error {err:.3g} > {rel} x peak {peak:.3g}"
