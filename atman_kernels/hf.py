@@ -36,6 +36,31 @@ among the model's interface-routed attention modules in ``model.modules()`` orde
 Keys are matched to factors by absolute position: with a KV cache the key tensor covers
 positions 0 .. Nk-1 and the queries are the last Nq positions, so factors given for the whole
 sequence keep working when only a suffix is fed (ATMAN.md section 5).
+
+Exact or refused. Every call is checked before any work, and a refusal names the model (once
+:func:`atman_attention` ran; else the module class and ``model_type``) and the argument:
+
+- a keyword argument that is not None must be implemented here (``position_bias``,
+  ``sliding_window`` when the mask encodes it, the ``atman_*`` ones) or listed in
+  :data:`HARMLESS_ATTENTION_KWARGS` with the reason; :data:`REFUSED_ATTENTION_KWARGS` says why
+  the known others (soft-capping, sinks, sparse ``indices``, flash varlen) are refused, and any
+  unknown one is refused as well;
+- a decoder's self-attention that declares ``is_causal=False`` while the mask function skipped
+  the causal mask (bigbird_pegasus: future tokens would leak);
+- a model class without ``_supports_attention_backend = True``: :func:`atman_attention`
+  refuses it at once; a sub-model without it (an audio tower) at its first call.
+  transformers 5.24 itself never reads the flag for a registered implementation
+  (``get_correct_attn_implementation`` only checks that the name is registered;
+  ``PreTrainedModel.is_backend_compatible()`` is called nowhere), and the attention function
+  receives the module, not the model. So ``from_pretrained(..., attn_implementation="atman")``
+  and ``set_attn_implementation("atman")`` cannot refuse such a model without patching
+  transformers; instead the first call of its attention refuses it when no model class in
+  the module's source file declares the flag.
+
+A model whose decoder attention never calls the interface (git's text layers, bloom) never
+reaches any of these checks: :func:`count_attention_calls` and :func:`check_layers_routed`
+catch it after a forward (the explainer runs them after its first forward), with
+:func:`decoder_attention_modules` listing what must be reached.
 """
 
 from __future__ import annotations
@@ -410,7 +435,7 @@ def _check_causal(module, attention_mask, len_q: int, is_causal_arg) -> None:
         )
 
 
-_FILE_REFUSALS: dict[str, str | None] = {}
+_FILE_MODEL_CLASSES: dict[str, tuple[type, ...]] = {}
 
 
 def _backend_refusal(module: torch.nn.Module) -> str | None:
@@ -425,20 +450,20 @@ def _backend_refusal(module: torch.nn.Module) -> str | None:
     if hasattr(module, _REFUSAL_ATTR):
         return getattr(module, _REFUSAL_ATTR)
     file = type(module).__module__
-    if file not in _FILE_REFUSALS:
-        classes = [
+    classes = _FILE_MODEL_CLASSES.get(file)
+    if classes is None:
+        classes = tuple(
             c
             for c in vars(sys.modules.get(file, object())).values()
             if isinstance(c, type) and issubclass(c, PreTrainedModel) and c.__module__ == file
-        ]
-        reason = None
-        if classes and not any(c._supports_attention_backend for c in classes):
-            names = ", ".join(sorted(c.__name__ for c in classes)[:3])
-            reason = _unsupported_backend_message(
-                f"none of the model classes of {file} ({names}, ...) sets"
-            )
-        _FILE_REFUSALS[file] = reason
-    return _FILE_REFUSALS[file]
+        )
+        _FILE_MODEL_CLASSES[file] = classes
+    if not classes or any(c._supports_attention_backend for c in classes):
+        return None
+    names = ", ".join(sorted(c.__name__ for c in classes)[:3])
+    return _unsupported_backend_message(
+        f"none of the model classes of {file} ({names}, ...) sets"
+    )
 
 
 def _unsupported_backend_message(subject: str) -> str:
@@ -962,7 +987,8 @@ def atman_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
 
     Raises:
         TypeError: ``model`` is not a transformers ``PreTrainedModel``.
-        NotImplementedError: the model's attention does not route through the interface.
+        NotImplementedError: the model's attention does not route through the interface, or
+            its class does not set ``_supports_attention_backend = True``.
     """
     _check_supported(model)
     assign_layer_indices(model)
