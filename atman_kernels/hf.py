@@ -36,19 +36,48 @@ among the model's interface-routed attention modules in ``model.modules()`` orde
 Keys are matched to factors by absolute position: with a KV cache the key tensor covers
 positions 0 .. Nk-1 and the queries are the last Nq positions, so factors given for the whole
 sequence keep working when only a suffix is fed (ATMAN.md section 5).
+
+Exact or refused. Every call is checked before any work, and a refusal names the model (once
+:func:`atman_attention` ran; else the module class and ``model_type``) and the argument:
+
+- a keyword argument that is not None must be implemented here (``position_bias``,
+  ``sliding_window`` when the mask encodes it, the ``atman_*`` ones) or listed in
+  :data:`HARMLESS_ATTENTION_KWARGS` with the reason; :data:`REFUSED_ATTENTION_KWARGS` says why
+  the known others (soft-capping, sinks, sparse ``indices``, flash varlen) are refused, and any
+  unknown one is refused as well;
+- a decoder's self-attention that declares ``is_causal=False`` while the mask function skipped
+  the causal mask (bigbird_pegasus: future tokens would leak);
+- a model class without ``_supports_attention_backend = True``: :func:`atman_attention`
+  refuses it at once; a sub-model without it (an audio tower) at its first call.
+  transformers 5.24 itself never reads the flag for a registered implementation
+  (``get_correct_attn_implementation`` only checks that the name is registered;
+  ``PreTrainedModel.is_backend_compatible()`` is called nowhere), and the attention function
+  receives the module, not the model. So ``from_pretrained(..., attn_implementation="atman")``
+  and ``set_attn_implementation("atman")`` cannot refuse such a model without patching
+  transformers; instead the first call of its attention refuses it when no model class in
+  the module's source file declares the flag.
+
+A model whose decoder attention never calls the interface (git's text layers, bloom) never
+reaches any of these checks: :func:`count_attention_calls` and :func:`check_layers_routed`
+catch it after a forward (the explainer runs them after its first forward), with
+:func:`decoder_attention_modules` listing what must be reached.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
+import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ._materialised import materialised_suppressed_attention
 from .ops import suppressed_attention
@@ -57,16 +86,29 @@ from .suppression import Suppression, current_backend, current_suppression, make
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "HARMLESS_ATTENTION_KWARGS",
+    "REFUSED_ATTENTION_KWARGS",
+    "AttentionCallCounts",
     "assign_layer_indices",
     "atman_attention",
     "atman_attention_forward",
     "atman_mask",
+    "check_layers_routed",
+    "count_attention_calls",
+    "decoder_attention_modules",
     "interface_attention_modules",
 ]
 
 ATTN_IMPLEMENTATION = "atman"
 _KV_OFFSET_ATTR = "_atman_kv_offset"
 _LAYER_ATTR = "_atman_layer_idx"
+# set on interface-routed modules by atman_attention(): where the module sits (for errors),
+# why its model may not use "atman" (None = it may), whether it is cross-attention, and whether
+# it belongs to a decoder whose self-attention must be causal.
+_WHERE_ATTR = "_atman_where"
+_REFUSAL_ATTR = "_atman_refusal"
+_CROSS_ATTR = "_atman_cross_attention"
+_DECODER_ATTR = "_atman_in_decoder"
 
 
 # --------------------------------------------------------------------------- mask function
@@ -229,6 +271,282 @@ def _factors_for_call(
     )
 
 
+# --------------------------------------------------------------------------- call guards
+# What an attention call may carry besides q, k, v, the mask, dropout, scaling and is_causal.
+# transformers' model code passes extra keywords to the attention function (literally or
+# through **kwargs from the model's forward); "eager" and "sdpa" ignore most of them. The
+# "atman" attention must never ignore one that changes the result, so every keyword whose
+# value is not None must be implemented here, or listed below as harmless with the reason,
+# or the call is an error naming the model, the module and the keyword.
+
+# Implemented by atman_attention_forward itself.
+_IMPLEMENTED_KWARGS = frozenset(
+    {
+        "atman_factors",  # the suppression (module docstring)
+        "atman_mode",
+        "atman_layers",
+        "position_bias",  # additive score bias (T5-style): joins the scores exactly
+        "sliding_window",  # checked per call: the mask must encode the window (_check_window)
+        "output_attentions",  # False is harmless; True is refused (no weights are returned)
+    }
+)
+
+HARMLESS_ATTENTION_KWARGS: Mapping[str, str] = MappingProxyType(
+    {
+        "position_ids": "positions are applied before attention (rotary or absolute "
+        "embeddings), and the mask function builds any packed-sequence mask from them",
+        "cache_position": "query positions in the cache; already applied to keys/values and "
+        "to the mask",
+        "use_cache": "the module has already read and written its KV cache: the keys and "
+        "values passed in are complete",
+        "past_key_values": "the cache object; the module already merged cached keys/values",
+        "past_key_value": "the cache object (older name); already merged by the module",
+        "encoder_hidden_states": "already projected to keys/values by the module",
+        "encoder_attention_mask": "a cross-attention module passes it as attention_mask",
+        "output_hidden_states": "a model-level output flag",
+        "output_router_logits": "a mixture-of-experts output flag",
+        "return_dict": "a model-level output flag",
+        "logits_to_keep": "slices the LM head's input, after every attention layer",
+        "num_items_in_batch": "loss normalisation",
+        "seq_idx": "packed-sequence index read by the state-space layers of hybrid models; "
+        "attention gets the packing through the mask",
+        "deterministic": "flash-attention's switch for a deterministic backward (ModernBERT); "
+        "no effect on a forward",
+    }
+)
+
+REFUSED_ATTENTION_KWARGS: Mapping[str, str] = MappingProxyType(
+    {
+        "softcap": "attention logit soft-capping (s -> c * tanh(s / c), Gemma 2)",
+        "attn_logit_softcapping": "attention logit soft-capping (s -> c * tanh(s / c))",
+        "s_aux": "attention sinks (per-head logits joining the softmax denominator, GPT-OSS)",
+        "sinks": "attention sinks (per-head logits joining the softmax denominator)",
+        "indices": "sparse attention (each query attends only to the indexed keys, "
+        "DeepSeek-V3.2 style); 'atman' computes dense attention",
+        "block_indices": "block-sparse attention (each query block attends only to the "
+        "indexed key blocks); 'atman' computes dense attention",
+        "cu_seq_lens_q": "flash-attention packed sequences (varlen); 'atman' reads the "
+        "attention mask instead: pass position_ids so the mask separates the sequences",
+        "cu_seq_lens_k": "flash-attention packed sequences (varlen); 'atman' reads the "
+        "attention mask instead: pass position_ids so the mask separates the sequences",
+        "max_length_q": "flash-attention packed sequences (varlen)",
+        "max_length_k": "flash-attention packed sequences (varlen)",
+    }
+)
+
+
+def _where(module: torch.nn.Module) -> str:
+    """'Model (path: Class)' for errors; the model is known once atman_attention() ran."""
+    where = getattr(module, _WHERE_ATTR, None)
+    if where is not None:
+        return where
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    suffix = f" (model_type {model_type!r})" if model_type else ""
+    return f"{type(module).__name__}{suffix}"
+
+
+def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
+    for name, value in kwargs.items():
+        if value is None or name in _IMPLEMENTED_KWARGS or name in HARMLESS_ATTENTION_KWARGS:
+            continue
+        if name in REFUSED_ATTENTION_KWARGS:
+            raise NotImplementedError(
+                f"{_where(module)} passes {name}= to its attention: "
+                f"{REFUSED_ATTENTION_KWARGS[name]}, which the 'atman' attention does not "
+                "implement, so its result would be wrong; this model cannot be explained "
+                "exactly (use attn_implementation='eager' to run it without AtMan)"
+            )
+        raise NotImplementedError(
+            f"{_where(module)} passes {name}={_short(value)} to its attention, an argument "
+            "the 'atman' attention does not know, so it cannot tell whether ignoring it "
+            "keeps the result exact; refusing rather than returning possibly wrong numbers "
+            "(known harmless arguments: atman_kernels.hf.HARMLESS_ATTENTION_KWARGS)"
+        )
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError(
+            f"{_where(module)}: output_attentions=True asks for attention weights, which the "
+            "'atman' attention does not return; call the model without output_attentions"
+        )
+
+
+def _short(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)} {value.dtype}>"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_window(module, sliding_window, attention_mask, len_k: int) -> None:
+    """A sliding window is exact only through the mask: transformers' mask function skips the
+    mask only when every key fits in the window, so a None mask with more keys is wrong."""
+    if sliding_window is None or attention_mask is not None:
+        return
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+        raise NotImplementedError(
+            f"{_where(module)} passes sliding_window={_short(sliding_window)}; the 'atman' "
+            "attention understands an int window encoded in the attention mask only"
+        )
+    if len_k > sliding_window:
+        raise NotImplementedError(
+            f"{_where(module)} uses a sliding window of {sliding_window} keys but received no "
+            f"attention mask for {len_k} keys, so the window would be ignored; build the model "
+            "so that its mask function makes the sliding-window mask (transformers' "
+            "create_sliding_window_causal_mask)"
+        )
+
+
+def _declares_decoder(module: torch.nn.Module) -> str | None:
+    """Why ``module`` must attend causally, or None when nothing says so."""
+    if getattr(module, "is_decoder", False) is True:
+        return "the module sets is_decoder=True"
+    if getattr(getattr(module, "config", None), "is_decoder", False) is True:
+        return "its config sets is_decoder=True"
+    causal_lm = getattr(module, _DECODER_ATTR, None)
+    if causal_lm:
+        return f"it is a decoder layer's self-attention of {causal_lm}, a causal LM"
+    return None
+
+
+def _is_cross_attention(module: torch.nn.Module) -> bool:
+    return bool(
+        getattr(module, _CROSS_ATTR, False)
+        or getattr(module, "is_cross_attention", False)
+        or "Cross" in type(module).__name__
+    )
+
+
+def _check_causal(module, attention_mask, len_q: int, is_causal_arg) -> None:
+    """A decoder's self-attention that calls itself non-causal, with no mask, leaks the future.
+
+    transformers skips a plain causal mask (None) and lets the attention's ``is_causal`` say
+    it; a module that says False (bigbird_pegasus's decoder) then sees future keys.
+    """
+    if attention_mask is not None or len_q < 2 or is_causal_arg is not None:
+        return
+    if getattr(module, "is_causal", True) or _is_cross_attention(module):
+        return
+    why = _declares_decoder(module)
+    if why is not None:
+        raise NotImplementedError(
+            f"{_where(module)} says is_causal=False although it is a decoder's self-attention "
+            f"({why}), and the mask function returned no mask (transformers skips a plain "
+            "causal mask), so every query would see future keys; this model cannot be "
+            "explained exactly with 'atman' (its 'eager' attention materialises the mask)"
+        )
+
+
+_FILE_MODEL_CLASSES: dict[str, tuple[type, ...]] = {}
+
+
+def _backend_refusal(module: torch.nn.Module) -> str | None:
+    """Why the model owning ``module`` may not use "atman", or None.
+
+    atman_attention() records it per module (from the owning model class). For a model set
+    to "atman" some other way (``from_pretrained(attn_implementation="atman")``,
+    ``set_attn_implementation``) the model class is not known at the call: the model classes
+    defined in the module's own source file decide, refusing when none of them declares
+    ``_supports_attention_backend``.
+    """
+    if hasattr(module, _REFUSAL_ATTR):
+        return getattr(module, _REFUSAL_ATTR)
+    file = type(module).__module__
+    classes = _FILE_MODEL_CLASSES.get(file)
+    if classes is None:
+        classes = tuple(
+            c
+            for c in vars(sys.modules.get(file, object())).values()
+            if isinstance(c, type) and issubclass(c, PreTrainedModel) and c.__module__ == file
+        )
+        _FILE_MODEL_CLASSES[file] = classes
+    if not classes or any(c._supports_attention_backend for c in classes):
+        return None
+    names = ", ".join(sorted(c.__name__ for c in classes)[:3])
+    return _unsupported_backend_message(
+        f"none of the model classes of {file} ({names}, ...) sets"
+    )
+
+
+def _unsupported_backend_message(subject: str) -> str:
+    """``subject`` ends with its verb: "GitForCausalLM does not set"."""
+    return (
+        f"{subject} _supports_attention_backend = True, i.e. transformers does not "
+        "promise that its attention goes through the attention interface with the standard "
+        "arguments (models like git and bigbird_pegasus route only part of it, or call it "
+        "non-causally), so 'atman' could return silently wrong explanations; a model class "
+        "of your own that routes every attention through the interface can declare "
+        "_supports_attention_backend = True"
+    )
+
+
+# --------------------------------------------------------------------------- call counting
+class AttentionCallCounts:
+    """Calls the "atman" attention received inside :func:`count_attention_calls`, per module.
+
+    ``calls(module)``: every call; ``suppressed_calls(module)``: calls in which suppression
+    factors were applied (a suppression active and covering the module's layer).
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[torch.nn.Module, int] = {}
+        self._suppressed: dict[torch.nn.Module, int] = {}
+
+    def _record(self, module: torch.nn.Module, suppressed: bool) -> None:
+        self._calls[module] = self._calls.get(module, 0) + 1
+        if suppressed:
+            self._suppressed[module] = self._suppressed.get(module, 0) + 1
+
+    def calls(self, module: torch.nn.Module) -> int:
+        """Calls of ``module`` through "atman"."""
+        return self._calls.get(module, 0)
+
+    def suppressed_calls(self, module: torch.nn.Module) -> int:
+        """Calls of ``module`` through "atman" with factors applied."""
+        return self._suppressed.get(module, 0)
+
+    @property
+    def total(self) -> int:
+        """All calls recorded."""
+        return sum(self._calls.values())
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The modules that made at least one call, in first-call order."""
+        return list(self._calls)
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionCallCounts(modules={len(self._calls)}, calls={self.total}, "
+            f"suppressed={sum(self._suppressed.values())})"
+        )
+
+
+_COUNTERS: contextvars.ContextVar[tuple[AttentionCallCounts, ...]] = contextvars.ContextVar(
+    "atman_attention_counters", default=()
+)
+
+
+@contextlib.contextmanager
+def count_attention_calls() -> Iterator[AttentionCallCounts]:
+    """Count, per attention module, the calls that reach the "atman" attention in the block.
+
+    Nests (each active counter sees every call). Use with :func:`check_layers_routed`::
+
+        with count_attention_calls() as counts:
+            model(**inputs)
+        check_layers_routed(model, counts)
+    """
+    counts = AttentionCallCounts()
+    token = _COUNTERS.set(_COUNTERS.get() + (counts,))
+    try:
+        yield counts
+    finally:
+        _COUNTERS.reset(token)
+
+
+def _record_call(module: torch.nn.Module, suppressed: bool) -> None:
+    for counts in _COUNTERS.get():
+        counts._record(module, suppressed)
+
+
 # --------------------------------------------------------------------------- attention
 def atman_attention_forward(
     module: torch.nn.Module,
@@ -252,20 +570,25 @@ def atman_attention_forward(
         scaling: score multiplier (default D ** -0.5).
         is_causal: overrides ``module.is_causal`` when the mask is None.
         kwargs: ``atman_factors`` / ``atman_mode`` / ``atman_layers`` (see module docstring),
-            ``position_bias`` (additive); ``softcap`` and ``s_aux`` are not supported.
+            ``position_bias`` (additive), ``sliding_window`` (only as encoded by the mask),
+            the arguments in :data:`HARMLESS_ATTENTION_KWARGS`; any other argument that is not
+            None is refused (:data:`REFUSED_ATTENTION_KWARGS` says why for the known ones).
 
     Returns:
         (attn_output [B, Nq, Hq, D] contiguous, None).
+
+    Raises:
+        NotImplementedError: at the first call of a module the attention cannot compute
+            exactly: an unimplemented argument (soft-capping, sinks, sparse ``indices``, ...),
+            a model class without ``_supports_attention_backend``, a decoder self-attention
+            that declares ``is_causal=False`` while the mask function skipped the causal
+            mask, or a sliding window the mask does not encode. The message names the model
+            (once :func:`atman_attention` ran; else the module class) and the argument.
     """
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(
-            f"atman attention does not support attention logit soft-capping "
-            f"({type(module).__name__}); load this model with attn_implementation='eager'"
-        )
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(
-            f"atman attention does not support attention sinks (s_aux) ({type(module).__name__})"
-        )
+    refusal = _backend_refusal(module)
+    if refusal is not None:
+        raise NotImplementedError(f"{_where(module)}: {refusal}")
+    _check_kwargs(module, kwargs)
     if dropout:
         raise NotImplementedError(
             f"atman attention runs inference only, got attention dropout {dropout} in "
@@ -277,6 +600,8 @@ def atman_attention_forward(
             f"in {type(module).__name__}"
         )
     len_q, len_k = query.shape[2], key.shape[2]
+    _check_window(module, kwargs.get("sliding_window"), attention_mask, len_k)
+    _check_causal(module, attention_mask, len_q, is_causal)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if is_causal is None:
@@ -300,9 +625,7 @@ def atman_attention_forward(
         plan = _MaskPlan(fused=False, visible=visible, bias=bias)
 
     state = _suppression_from_kwargs(kwargs) or current_suppression()
-    if state is not None and (
-        getattr(module, "is_cross_attention", False) or "Cross" in type(module).__name__
-    ):
+    if state is not None and _is_cross_attention(module):
         raise NotImplementedError(
             f"suppression in cross-attention ({type(module).__name__}) is not supported: its "
             "keys are another sequence's positions, which the factors do not index"
@@ -314,6 +637,7 @@ def atman_attention_forward(
         if state is not None:
             factors = _factors_for_call(state, module, n, key_offset, batch, query.device)
             mode = state.mode
+        _record_call(module, factors is not None)
         k, v = (key, value) if n == len_k else (key[:, :, :n], value[:, :, :n])
         out = suppressed_attention(
             query,
@@ -331,6 +655,7 @@ def atman_attention_forward(
         if state is not None:
             factors = _factors_for_call(state, module, len_k, key_offset, batch, query.device)
             mode = state.mode
+        _record_call(module, factors is not None)
         out, _ = materialised_suppressed_attention(
             query,
             key,
@@ -384,6 +709,205 @@ def assign_layer_indices(model: torch.nn.Module) -> int:
     return len(modules)
 
 
+# --------------------------------------------------------------------------- decoder layers
+def _walk(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, torch.nn.Module]]:
+    """(qualified name, module, nearest PreTrainedModel at or above it), depth first."""
+    stack: list[tuple[str, torch.nn.Module, torch.nn.Module]] = [("", model, model)]
+    while stack:
+        name, module, owner = stack.pop()
+        if isinstance(module, PreTrainedModel):
+            owner = module
+        yield name, module, owner
+        children = list(module.named_children())
+        for child_name, child in reversed(children):
+            stack.append((f"{name}.{child_name}" if name else child_name, child, owner))
+
+
+def _cross_by_name(name: str) -> bool:
+    low = name.lower()
+    return "cross" in low or "encoder_attn" in low or "encdecattention" in low
+
+
+def _looks_like_attention(module: torch.nn.Module) -> bool:
+    name = type(module).__name__
+    return "Attention" in name or "Attn" in name
+
+
+def _layer_attention(layer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules of one decoder layer that suppression must reach.
+
+    Interface-routed modules, plus the innermost modules named like an attention
+    (``*Attention*`` / ``*Attn*``) that neither contain nor sit inside a routed one (an attention
+    computed by hand: AtMan cannot reach it). Cross-attention is left out (its keys are
+    another sequence).
+    """
+    found = [
+        (name, m)
+        for name, m in layer.named_modules()
+        if name
+        and not isinstance(m, PreTrainedModel)
+        and not _cross_by_name(name)
+        and not _is_cross_attention(m)
+    ]
+    routed = [(name, m) for name, m in found if _routes_through_interface(type(m))]
+
+    def related_to_routed(name: str) -> bool:  # inside a routed module, or around one
+        return any(
+            name == r or name.startswith(r + ".") or r.startswith(name + ".") for r, _ in routed
+        )
+
+    named = [
+        (name, m) for name, m in found if _looks_like_attention(m) and not related_to_routed(name)
+    ]
+    innermost = [
+        m for name, m in named if not any(other.startswith(name + ".") for other, _ in named)
+    ]
+    return [m for _, m in routed] + innermost
+
+
+def _decoder_root(model: torch.nn.Module) -> torch.nn.Module:
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            root = get_decoder()
+        except Exception:  # noqa: BLE001  (a few models raise: then the model is the root)
+            root = None
+        if isinstance(root, torch.nn.Module):
+            return root
+    return model
+
+
+def decoder_attention_modules(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    """Per decoder layer of ``model``, the self-attention modules AtMan suppresses.
+
+    The decoder is ``model.get_decoder()`` (the language model of a multimodal model, the
+    decoder stack of an encoder-decoder, the model itself for Llama or BERT). Its layers are
+    its ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks that hold attention (nested
+    pretrained sub-models, e.g. a vision tower, are not searched); without one of that length,
+    the longest such list. Per layer see :func:`_layer_attention`: interface-routed modules
+    and attention modules computed by hand (which :func:`check_layers_routed` then reports).
+    A layer without attention (a state-space layer of a hybrid model) gives an empty list.
+
+    Returns:
+        ``result[i]`` = the modules of decoder layer ``i``; ``[]`` when no layer list is found.
+    """
+    root = _decoder_root(model)
+    candidates = [
+        m
+        for _, m, owner in _walk(root)
+        if owner is root and isinstance(m, torch.nn.ModuleList) and len(m) > 0
+    ]
+    per_list = [[_layer_attention(layer) for layer in lst] for lst in candidates]
+    with_attention = [
+        (lst, mods) for lst, mods in zip(candidates, per_list, strict=True) if any(mods)
+    ]
+    if not with_attention:
+        return []
+    config = getattr(root, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    for lst, mods in with_attention:
+        if len(lst) == n_layers:
+            return mods
+    return max(with_attention, key=lambda pair: len(pair[0]))[1]
+
+
+def check_layers_routed(
+    model: torch.nn.Module,
+    counts: AttentionCallCounts,
+    layers: Iterable[int] | None = None,
+    *,
+    suppressed: bool = False,
+) -> None:
+    """Raise unless every decoder layer in ``layers`` had its attention go through "atman".
+
+    Call it after a forward run inside :func:`count_attention_calls`. A model whose decoder
+    attention bypasses the interface (git: only its vision tower routes) would otherwise
+    return explanations of all zeros.
+
+    Args:
+        model: the model that ran.
+        counts: what :func:`count_attention_calls` recorded during the forward.
+        layers: decoder layer indices the explanation suppresses (0 .. L-1); None = every
+            layer that has attention. With explicit indices each listed layer must have
+            attention, and the layer index the "atman" attention reads from each module
+            (``layer_idx``) must equal its position, or ``layers=`` would hit other modules.
+        suppressed: also require that factors were applied in those calls (a forward under
+            an active suppression).
+
+    Raises:
+        ValueError: a layer index out of range, or a listed layer without attention.
+        NotImplementedError: a layer whose attention never reached "atman" (the message
+            names the model, the layers and the module classes), or a layer-index mismatch.
+    """
+    name = type(model).__name__
+    per_layer = decoder_attention_modules(model)
+    if not per_layer:
+        raise NotImplementedError(
+            f"{name}: no decoder layers with attention were found (model.get_decoder() has "
+            "no nn.ModuleList of attention blocks), so it cannot be checked that suppression "
+            "reaches every layer; this model is not supported"
+        )
+    n = len(per_layer)
+    if layers is None:
+        chosen = [i for i in range(n) if per_layer[i]]
+        explicit = False
+    else:
+        chosen = list(layers)
+        explicit = True
+        bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 <= i < n]
+        if bad:
+            raise ValueError(
+                f"layers must be decoder layer indices in 0..{n - 1} ({name} has {n} "
+                f"decoder layers), got {bad}"
+            )
+        empty = [i for i in chosen if not per_layer[i]]
+        if empty:
+            raise ValueError(
+                f"{name}: decoder layer(s) {empty} have no attention module (state-space or "
+                "other non-attention layers), so suppressing them does nothing"
+            )
+    missing: dict[int, list[str]] = {}
+    for i in chosen:
+        for m in per_layer[i]:
+            got = counts.suppressed_calls(m) if suppressed else counts.calls(m)
+            if got == 0:
+                missing.setdefault(i, []).append(type(m).__name__)
+    if missing:
+        classes = sorted({c for cs in missing.values() for c in cs})
+        what = "with suppression factors applied" if suppressed else "at all"
+        raise NotImplementedError(
+            f"{name}: the attention of decoder layer(s) {_ranges(missing)} "
+            f"({', '.join(classes)}) never went through the 'atman' attention {what}, so "
+            "suppressing them changes nothing and the explanation would be silently wrong "
+            "(this model computes that attention outside transformers' attention interface)"
+        )
+    if explicit:
+        wrong = [
+            (i, _layer_index(m))
+            for i in chosen
+            for m in per_layer[i]
+            if _layer_index(m) != i
+        ]
+        if wrong:
+            raise NotImplementedError(
+                f"{name}: decoder layer(s) {[i for i, _ in wrong]} report layer indices "
+                f"{[j for _, j in wrong]} to the suppression (layer_idx), so layers= would "
+                "suppress other modules than the ones asked for; use layers=None"
+            )
+
+
+def _ranges(indices: Iterable[int]) -> str:
+    """'0-3, 5' for [0, 1, 2, 3, 5]."""
+    out: list[list[int]] = []
+    for i in sorted(indices):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
 def _configs_of(model: PreTrainedModel) -> list:
     """Every config (and sub-config) whose ``_attn_implementation`` a switch may change."""
     seen: dict[int, object] = {}
@@ -423,6 +947,35 @@ def _check_supported(model: torch.nn.Module) -> None:
             "class that routes through it, or for torch.nn.MultiheadAttention-based code "
             "atman_kernels.nn.swap_multihead_attention(model)"
         )
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise NotImplementedError(_unsupported_backend_message(f"{name} does not set"))
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    name = type(model).__name__
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith(
+        "ForCausalLM"
+    )
+
+
+def _tag_modules(model: PreTrainedModel) -> None:
+    """Record on every interface-routed module what its attention calls need to know: where it
+    sits (errors name the model), whether its owning model class may use "atman", whether it
+    is cross-attention (by its path), and whether it is a causal LM's decoder self-attention."""
+    top = type(model).__name__
+    decoder = set()
+    if _is_causal_lm(model):
+        decoder = {id(m) for layer in decoder_attention_modules(model) for m in layer}
+    for name, m, owner in _walk(model):
+        if isinstance(m, PreTrainedModel) or not _routes_through_interface(type(m)):
+            continue
+        setattr(m, _WHERE_ATTR, f"{top} ({name}: {type(m).__name__})")
+        refusal = None
+        if not getattr(type(owner), "_supports_attention_backend", False):
+            refusal = _unsupported_backend_message(f"{type(owner).__name__} does not set")
+        setattr(m, _REFUSAL_ATTR, refusal)
+        setattr(m, _CROSS_ATTR, _cross_by_name(name))
+        setattr(m, _DECODER_ATTR, top if id(m) in decoder else None)
 
 
 @contextlib.contextmanager
@@ -434,10 +987,12 @@ def atman_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
 
     Raises:
         TypeError: ``model`` is not a transformers ``PreTrainedModel``.
-        NotImplementedError: the model's attention does not route through the interface.
+        NotImplementedError: the model's attention does not route through the interface, or
+            its class does not set ``_supports_attention_backend = True``.
     """
     _check_supported(model)
     assign_layer_indices(model)
+    _tag_modules(model)
     configs = _configs_of(model)
     previous = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
     try:

@@ -237,6 +237,22 @@ def test_without_factors_matches_sdpa(family):
     assert_close(got, ref, valid_positions(inputs), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_allowlisted_arguments_only_and_every_layer_routed(family):
+    """These families pass the per-call argument guard (only implemented or allowlisted
+    keywords) and every decoder layer's attention reaches "atman", with factors applied."""
+    model = build(family)
+    inputs = make_inputs(family, batch=3)
+    with atman_attention(model), torch.no_grad():
+        with atman_hf.count_attention_calls() as counts, atman_kernels.suppression(
+            random_factors(3, seq_len(inputs))
+        ):
+            model(**inputs)
+    n_layers = len(atman_hf.decoder_attention_modules(model))
+    assert n_layers == 2
+    atman_hf.check_layers_routed(model, counts, layers=range(n_layers), suppressed=True)
+
+
 @pytest.mark.parametrize("mode", ["paper", "log"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_with_factors_matches_independent_eager(family, mode):

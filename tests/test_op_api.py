@@ -195,6 +195,18 @@ def _bad_cases():
     yield "factor device", dict(factors=f.to("meta")), ValueError, "factors must be on"
     yield "mask device", dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")), \
         ValueError, "key_padding_mask must be on"
+    yield "q nan", dict(q=_poisoned(q, float("nan"))), ValueError, "q must be finite"
+    yield "k inf", dict(k=_poisoned(k, float("inf"))), ValueError, "k must be finite"
+    yield "v -inf", dict(v=_poisoned(v, float("-inf"))), ValueError, "v must be finite"
+    yield "k nan shared", dict(k=_poisoned(k[:1], float("nan")), v=v[:1]), ValueError, \
+        "k must be finite"
+
+
+def _poisoned(t, value):
+    """A copy of ``t`` with one element (away from the edges) set to ``value``."""
+    t = t.clone()
+    t[-1, -1, t.shape[2] // 2, 1] = value
+    return t
 
 
 @pytest.mark.parametrize(
@@ -210,6 +222,41 @@ def test_bad_input_raises_before_work(override, exc, msg, backend):
     with pytest.raises(exc, match=msg):
         suppressed_attention(args["q"], args["k"], args["v"], args["factors"], backend=backend,
                              **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_non_finite_input_is_refused_in_every_dtype(dtype):
+    q, k, v = (t.to(dtype) for t in _qkv())
+    for backend in ("reference", "cpp"):
+        suppressed_attention(q, k, v, backend=backend)  # finite: runs
+        with pytest.raises(ValueError, match="q must be finite"):
+            suppressed_attention(_poisoned(q, float("nan")), k, v, backend=backend)
+
+
+def test_large_finite_float64_input_is_not_refused():
+    q, k, v = _qkv()
+    out = suppressed_attention(q * 1e200, k * 1e-200, v, backend="reference")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter runs only on CPU")
+def test_bfloat16_under_the_triton_interpreter_is_refused():
+    from atman_kernels.ops import triton_backend
+
+    assert triton_backend._interpreter_on()  # conftest sets TRITON_INTERPRET=1 on CPU machines
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(b=1, hq=2, hkv=2, nq=16, nk=16, d=16))
+    with pytest.raises(BackendUnavailable, match="bfloat16 under the Triton interpreter"):
+        suppressed_attention(q, k, v, causal=True, backend="triton")
+    # the refusal is still needed: run directly, the interpreter's bf16 result is far off
+    call = check_call(q, k, v, None, True, None, "paper", None)
+    wrong = triton_backend.run(q, k, v, None, None, call)
+    exact = suppressed_attention(q.double(), k.double(), v.double(), causal=True,
+                                 backend="reference")
+    assert float((wrong.double() - exact).abs().max()) > 1.0
+    # float16 under the interpreter is not refused and is right
+    q16, k16, v16 = (t.to(torch.float16) for t in (q, k, v))
+    out16 = suppressed_attention(q16, k16, v16, causal=True, backend="triton")
+    assert float((out16.double() - exact).abs().max()) < 1e-2
 
 
 def test_public_op_compiles_with_fullgraph():

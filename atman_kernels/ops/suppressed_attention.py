@@ -39,6 +39,20 @@ def choose_backend(q: torch.Tensor, call) -> tuple[str, str | None]:
     return "reference", f"cpp: {reason}"
 
 
+def _interpreter_refusal(q: torch.Tensor) -> str | None:
+    """Why Triton's CPU interpreter must not take this call, or None.
+
+    bfloat16 under ``TRITON_INTERPRET=1`` returns wrong numbers without raising (ATMAN.md
+    section 8; measured again in tests/test_op_api.py), so the dispatch refuses it.
+    """
+    if q.dtype == torch.bfloat16 and triton_backend._interpreter_on():
+        return (
+            "bfloat16 under the Triton interpreter (TRITON_INTERPRET=1) gives wrong results; "
+            "use float16 or float32 there, or backend='cpp' / 'reference' for bfloat16"
+        )
+    return None
+
+
 def suppressed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,6 +95,8 @@ def suppressed_attention(
         return reference_attention(q, k, v, factors, key_padding_mask, call)
     module = triton_backend if backend == "triton" else cpp_backend
     reason = module.unsupported_reason(q, call)
+    if reason is None and backend == "triton":
+        reason = _interpreter_refusal(q)
     if reason is not None:
         raise BackendUnavailable(f"backend={backend!r} cannot run this call: {reason}")
     return module.run(q, k, v, factors, key_padding_mask, call)
