@@ -9,7 +9,14 @@ empty :=
 space := $(empty) $(empty)
 OUT ?= out
 
-.PHONY: setup build test test-fast lint explain bench-attention clean
+# The lowest transformers the package claims (pyproject.toml), overlaid on the venv's packages
+# through PYTHONPATH (pip --target resolves its own dependencies: tokenizers, huggingface_hub).
+LOWEST_TRANSFORMERS ?= 5.0.0
+LOWEST := $(VENV)/lowest-transformers
+LOWEST_TESTS := tests/test_hf.py tests/test_hf_guards.py tests/test_explainer.py \
+	tests/test_granularity.py tests/test_cli.py
+
+.PHONY: setup build test test-fast test-lowest lint explain bench-attention clean
 
 setup: $(STAMP)
 
@@ -30,6 +37,16 @@ build: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The integration and explainer tests again on the lowest supported transformers.
+test-lowest: setup $(LOWEST)/.stamp
+	PYTHONPATH=$(abspath $(LOWEST)) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" \
+		$(LOWEST_TESTS)
+
+$(LOWEST)/.stamp: pyproject.toml
+	rm -rf $(LOWEST)
+	$(BIN)/python -m pip install -q --target $(LOWEST) "transformers==$(LOWEST_TRANSFORMERS)"
+	touch $@
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

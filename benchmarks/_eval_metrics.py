@@ -12,6 +12,9 @@ Conventions (the same for every method):
 - Average recall (the paper reports "mAR" without defining it; this is our definition):
   AR = (1/n) * sum_{k=1..n} recall@k, the normalised area under the recall-vs-cut-off curve.
   A perfect ranking scores 1 - (|G| - 1) / (2n); a random one (n + 1) / (2n) on average.
+- Top-1 accuracy (document task, one relevant sentence): 1 when the first-ranked unit is
+  relevant, else 0; :func:`relevant_rank` gives the 1-based rank of the best-ranked relevant
+  unit (with one relevant unit, AP = 1 / that rank).
 - Mass precision and recall (the paper's image metrics, ATMAN.md section 6), with
   x = max(score, 0): precision = sum(x*y) / sum(x), recall = sum((x / max x) * y) / sum(y).
   Both are 0 when no score is positive.
@@ -54,6 +57,18 @@ def average_precision(scores: torch.Tensor, relevant: torch.Tensor, tie_seed: in
     hits = relevant[ranking(scores, tie_seed)].double()
     precision_at_k = hits.cumsum(0) / torch.arange(1, hits.numel() + 1, dtype=torch.float64)
     return float((precision_at_k * hits).sum() / hits.sum())
+
+
+def top1(scores: torch.Tensor, relevant: torch.Tensor, tie_seed: int = 0) -> float:
+    """1.0 when the first unit of the ranking of ``scores`` [n] is relevant, else 0.0."""
+    scores, relevant = _check(scores, relevant)
+    return float(relevant[ranking(scores, tie_seed)[0]])
+
+
+def relevant_rank(scores: torch.Tensor, relevant: torch.Tensor, tie_seed: int = 0) -> int:
+    """1-based rank of the best-ranked relevant unit in the ranking of ``scores`` [n]."""
+    scores, relevant = _check(scores, relevant)
+    return int(torch.nonzero(relevant[ranking(scores, tie_seed)])[0, 0]) + 1
 
 
 def average_recall(scores: torch.Tensor, relevant: torch.Tensor, tie_seed: int = 0) -> float:

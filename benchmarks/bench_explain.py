@@ -23,6 +23,17 @@ earlier tokens similar to j (a repeated " the"), so the variant must be recomput
 earliest of them. On this text the ideal fraction of token-forwards kept is 0.67 (128 tokens)
 with kappa = 0.7, against 0.50 with single-token suppression (``--conceptual-threshold none``).
 
+Granularity (``--granularity-doc``, issue 10): a museum text of four paragraphs (about 300
+SmolLM2 tokens) and the question "In which city did the director grow up?" with the answer
+opening "The director grew up in", target " Hamburg" (SmolLM2's own greedy answer), explained at
+token granularity (one variant per prompt token) and at sentence granularity (one variant per
+sentence, all its tokens suppressed); paper mode, factor 0.1, conceptual suppression off,
+prefix reuse on. Per granularity: median seconds of ``--repeats`` runs (after one warm-up
+explanation), model forwards, token-forwards, units, the 1-minute load average before and after,
+and the rank of the evidence sentence ("Weiss grew up in Hamburg, ...") among the prompt's
+sentences (token scores summed per sentence at token granularity). Writes
+``benchmarks/results/explain_granularity.csv``.
+
 Run: ``python benchmarks/bench_explain.py`` (several minutes; ``--sizes 32,64`` for a quick
 look; ``--naive-max 128`` skips the naive loop above 128 tokens; ``--threads 1`` on a machine
 whose cores are busy with other work, where 2 threads oversubscribe them; ``--append`` adds
@@ -62,6 +73,31 @@ TEXT = (
     "parks, added cycle lanes across the centre and planted trees in many squares, hoping "
     "to keep the old city pleasant to live in for the people who call it home."
 )
+DOCUMENT = (
+    "The Harbour Museum of Modern Art opened in 1998 in a former grain warehouse on the river. "
+    "Its collection began with a gift of two hundred paintings from a local shipping family, "
+    "and today it holds more than four thousand works, from early photographs to large video "
+    "installations. The building was renovated in 2015, when a glass roof was added over the "
+    "central hall.\n\n"
+    "The museum is led by its director, Clara Weiss. Weiss grew up in Hamburg, where her father"
+    " repaired ships in the old port. She studied art history in Munich and wrote her doctoral "
+    "thesis on the painters of the northern coast. Before she came to the museum, she worked "
+    "for ten years as a curator in Vienna, where she organised exhibitions on photography and "
+    "design.\n\n"
+    "The chief curator, Jonas Berg, was born in Oslo and studied in Copenhagen. He joined the "
+    "museum in 2009 and is responsible for the collection of contemporary painting. The head of"
+    " education, Maria Lopez, came from Madrid; she designed the school programme, which brings"
+    " more than twenty thousand children to the galleries every year.\n\n"
+    "Each year the museum shows four large exhibitions and several smaller ones. In spring it "
+    "usually presents young artists from the region, and in autumn it borrows works from "
+    "partner museums in Amsterdam, Zurich and Prague. The museum shop and the cafe on the roof "
+    "terrace are open every day except Monday, and admission is free on the first Sunday of "
+    "every month."
+)
+QUESTION = "\n\nQuestion: In which city did the director grow up?\nAnswer: The director grew up in"
+ANSWER = " Hamburg"
+EVIDENCE = "Weiss grew up in Hamburg"
+MACHINE = "2-core AMD EPYC, no GPU"
 METHODS = ("prefix_reuse", "full_recompute", "full_recompute_same_chunk", "one_per_forward")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,6 +120,91 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / peak if peak > 0 else float((a - b).abs().max())
 
 
+def evidence_rank(expl, sentences, evidence: int) -> int:
+    """1-based rank of sentence ``evidence`` among ``sentences`` (Spans of the prompt) by the
+    summed scores of ``expl``'s units inside each sentence (ties count against it)."""
+    totals = []
+    for sentence in sentences:
+        inside = set(sentence.positions)
+        totals.append(sum(float(score) for unit, score in zip(expl.spans, expl.scores,
+                                                              strict=True)
+                          if unit.source == "prompt" and set(unit.positions) <= inside))
+    return 1 + sum(1 for i, v in enumerate(totals) if i != evidence and v >= totals[evidence])
+
+
+def granularity_benchmark(args: argparse.Namespace) -> None:
+    """Token vs sentence granularity on the museum document (see the module docstring)."""
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    from atman_kernels.explain import AtManExplainer
+    from atman_kernels.models import load_smollm2
+
+    model, tokenizer = load_smollm2(dtype=torch.float32)
+    prompt = DOCUMENT + QUESTION
+    target = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    if n_prompt < 300:
+        raise SystemExit(f"the document prompt has {n_prompt} tokens, the benchmark needs >= 300")
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(prompt)["input_ids"] + target[:-1]])
+        predicted = model(input_ids=ids).logits[0, -len(target):].argmax(-1).tolist()
+    if predicted != target:
+        raise SystemExit(f"SmolLM2 does not answer {ANSWER!r} here (greedy: "
+                         f"{tokenizer.decode(predicted)!r})")
+    explainer = AtManExplainer(model, tokenizer, conceptual_threshold=None, progress=False)
+    explainer.explain("Anna grew up in Hamburg. Mark grew up in Oslo.", target,
+                      granularity="sentence")  # warm-up
+    runs = {}
+    for granularity in ("sentence", "token"):
+        times, loads = [], [os.getloadavg()[0]]
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            expl = explainer.explain(prompt, target, granularity=granularity)
+            times.append(time.perf_counter() - start)
+            loads.append(os.getloadavg()[0])
+        runs[granularity] = (expl, times, loads)
+        print(f"{granularity:8s} {statistics.median(times):8.2f} s  runs "
+              f"{[round(t, 2) for t in times]}  forwards {expl.settings['forwards']}  "
+              f"token-forwards {expl.settings['token_forwards']}  units {len(expl.spans)}  "
+              f"load {loads}", flush=True)
+    sentences = runs["sentence"][0].spans
+    evidence = [i for i, s in enumerate(sentences) if EVIDENCE in s.text]
+    if len(evidence) != 1:
+        raise SystemExit(f"expected one sentence holding {EVIDENCE!r}, found {len(evidence)}")
+    stamp = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+             "machine": MACHINE, "threads": args.threads, "torch": torch.__version__,
+             "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct fp32",
+             "mode": "paper", "factor": 0.1, "conceptual_threshold": "none",
+             "prefix_reuse": True, "prompt_tokens": n_prompt, "target": ANSWER,
+             "n_sentences": len(sentences)}
+    token_seconds = statistics.median(runs["token"][1])
+    rows = []
+    for granularity in ("token", "sentence"):
+        expl, times, loads = runs[granularity]
+        seconds = statistics.median(times)
+        rows.append({**stamp, "granularity": granularity, "units": len(expl.spans),
+                     "seconds": round(seconds, 3), "runs": len(times),
+                     "seconds_runs": " ".join(f"{t:.2f}" for t in times),
+                     "speedup_vs_token": round(token_seconds / seconds, 2),
+                     "forwards": expl.settings["forwards"],
+                     "token_forwards": expl.settings["token_forwards"],
+                     "batch_size": expl.settings["batch_size"],
+                     "evidence_rank": evidence_rank(expl, sentences, evidence[0]),
+                     "load_avg_1m_before": round(loads[0], 2),
+                     "load_avg_1m_after": round(loads[-1], 2)})
+        print(f"{granularity}: evidence sentence rank {rows[-1]['evidence_rank']} of "
+              f"{len(sentences)}; speed-up vs token {rows[-1]['speedup_vs_token']}x")
+    out = args.out if args.out != RESULTS / "explain_cpu.csv" else (
+        RESULTS / "explain_granularity.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="32,64,128,256", help="prompt lengths in tokens")
@@ -96,8 +217,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="kappa for conceptual suppression, or 'none' (single tokens)")
     parser.add_argument("--append", action="store_true",
                         help="add the rows to an existing CSV instead of replacing it")
-    parser.add_argument("--out", type=Path, default=RESULTS / "explain_cpu.csv")
+    parser.add_argument("--out", type=Path, default=RESULTS / "explain_cpu.csv",
+                        help="CSV to write (with --granularity-doc the default is "
+                             "explain_granularity.csv)")
+    parser.add_argument("--granularity-doc", action="store_true",
+                        help="token vs sentence granularity on a ~300-token document "
+                             "(conceptual off); --repeats runs each (median)")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        parser.error(f"--repeats and --threads must be >= 1, got {args.repeats}, "
+                     f"{args.threads}")
+    if args.granularity_doc:
+        granularity_benchmark(args)
+        return
     kappa = None if args.conceptual_threshold.lower() == "none" else float(
         args.conceptual_threshold)
 

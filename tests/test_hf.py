@@ -173,7 +173,10 @@ def build(family: str) -> PreTrainedModel:
     model = FAMILIES[family]().eval()
     if family == "vit":
         _TEST_LAYER_INDEX.update(
-            {id(layer.attention): i for i, layer in enumerate(model.layers)}
+            # transformers 5.0: encoder.layer[i].attention.attention; 5.24: layers[i].attention
+            {id(getattr(layer.attention, "attention", layer.attention)): i
+             for i, layer in enumerate(
+                model.layers if hasattr(model, "layers") else model.encoder.layer)}
         )
     return model
 

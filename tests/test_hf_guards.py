@@ -351,7 +351,7 @@ class TinyConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-def _plain_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
+def eager_attention_forward(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
     w = torch.softmax((q @ k.transpose(-1, -2)) * scaling, dim=-1)
     return (w @ v).transpose(1, 2).contiguous(), None
 
@@ -368,9 +368,14 @@ class TinyRoutedAttention(nn.Module):
     def forward(self, x):
         b, n, _ = x.shape
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, _plain_attention
-        )
+        # the patterns transformers' model files use: each release recognises routing model
+        # classes by its own (5.24: get_interface; 5.0: indexing the interface by the name)
+        fn = eager_attention_forward
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            fn = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward)
+        elif self.config._attn_implementation != "eager":
+            fn = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         out, _ = fn(self, q, k, v, None, scaling=q.shape[-1] ** -0.5)
         return out.reshape(b, n, -1)
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -542,7 +543,7 @@ class AtManExplainer:
                   leave=False) as bar:
             result = run_variants(
                 task, factors, mode=self.mode, layers=self.layers, chunk_size=chunk_size,
-                on_done=bar.update,
+                on_done=bar.update, guard=lambda: _routing_guard(self.model, self.layers),
             )
         self.last_stats = _stats(result, len(units))
         return result
@@ -586,6 +587,17 @@ def _unit_settings(unit_args: dict[str, Any]) -> dict[str, Any]:
     if unit_args["delimiter"] is not None:
         return {"granularity": "delimiter", "delimiter": unit_args["delimiter"]}
     return {"granularity": unit_args["granularity"]}
+
+
+@contextmanager
+def _routing_guard(model: Any, layers: list[int] | None) -> Iterator[None]:
+    """Count the baseline forward's attention calls; refuse a model whose suppressed layers'
+    attention never reached "atman" (it would explain as all zeros)."""
+    from ..hf import check_layers_routed, count_attention_calls
+
+    with count_attention_calls() as counts:
+        yield
+    check_layers_routed(model, counts, layers=layers, suppressed=True)
 
 
 def _stats(result: EngineResult, n_units: int) -> dict[str, Any]:

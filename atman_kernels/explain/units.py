@@ -191,9 +191,10 @@ def split_sentences(text: str, language: str = "en") -> list[tuple[int, int]]:
     """Character ranges of the sentences of ``text`` (sentencex), trimmed of whitespace.
 
     Every non-whitespace character of ``text`` lies in exactly one range; ranges are sorted and
-    disjoint. A line break always ends a sentence. Each sentence sentencex returns is located in the text after the previous one; a
-    sentence that cannot be located (a splitter that rewrote characters) is merged into the
-    next one, and the last range runs to the end of the text.
+    disjoint. A line break always ends a sentence. Each sentence sentencex returns is located
+    in the text after the previous one; a sentence that cannot be located (a splitter that
+    rewrote characters) is merged into the next one, and the last range runs to the end of
+    the text.
 
     Args:
         text: the text to split.
