@@ -99,8 +99,11 @@ def _layers(text: str) -> list[int]:
 
 
 def _explain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True,
-                   help="the input text (causal LM: the prompt; classifier: the text to classify)")
+    p.add_argument("--prompt", default=None,
+                   help="the input text (causal LM: the prompt; classifier: the text to "
+                        "classify); '-' reads it from standard input")
+    p.add_argument("--prompt-file", type=Path, default=None,
+                   help="read the input text from this UTF-8 file instead of --prompt")
     p.add_argument("--target", default=None,
                    help="causal LM: the continuation to explain (e.g. ' Paris'); left out: the "
                         "model's own greedy continuation is generated and explained; "
@@ -232,6 +235,34 @@ def _target_for(kind: str, text: str) -> Any:
     return text
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from --prompt, standard input (--prompt -) or --prompt-file, checked."""
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UsageError("give the input text with exactly one of --prompt TEXT, --prompt - "
+                         "(standard input) or --prompt-file PATH")
+    if args.prompt_file is not None:
+        source = f"--prompt-file {args.prompt_file}"
+        try:
+            text = args.prompt_file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    elif args.prompt == "-":
+        source, text = "--prompt - (standard input)", sys.stdin.buffer.read()
+    else:
+        source, text = "--prompt", args.prompt
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{source} is not UTF-8 text (byte {exc.start}): save it as "
+                             "UTF-8") from exc
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+        raise UsageError(f"{source} holds bytes that are not UTF-8 text (lone surrogates)")
+    if text == "":
+        raise UsageError(f"{source} is empty: give the text to explain")
+    return text
+
+
 def _short(text: str, limit: int = 40) -> str:
     """One line of at most ``limit`` characters (long sentences are cut in the middle)."""
     text = " ".join(text.split())
@@ -246,8 +277,7 @@ def run_explain(args: argparse.Namespace) -> int:
     from .explain import AtManExplainer, save_png, to_html, to_terminal
     from .explain.explainer import model_kind
 
-    if args.prompt == "":
-        raise UsageError("--prompt is empty: give the text to explain")
+    args.prompt = _read_prompt(args)
     if args.target == "":
         raise UsageError("--target is empty: give the continuation or label to explain, or "
                          "leave --target out to explain the generated continuation")

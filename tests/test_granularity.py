@@ -314,3 +314,33 @@ def test_cli_rejects_bad_unit_flags(model_dir, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main(["explain", "--model", str(model_dir), "--prompt", TEXT, *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_reads_the_prompt_from_a_file_or_standard_input(model_dir, tmp_path, monkeypatch):
+    import io
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "e.json"
+    assert main(["explain", "--model", str(model_dir), "--prompt-file", str(doc), "--target",
+                 TARGET, "--granularity", "sentence", "--json", str(out), "--quiet"]) == 0
+    assert Explanation.from_json(out).prompt == TEXT
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode("utf-8"))))
+    assert main(["explain", "--model", str(model_dir), "--prompt", "-", "--target", TARGET,
+                 "--json", str(out), "--quiet"]) == 0
+    assert Explanation.from_json(out).prompt == TEXT
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda p: ["--target", "x"], "exactly one of --prompt"),
+    (lambda p: ["--prompt", "a", "--prompt-file", str(p), "--target", "x"], "exactly one"),
+    (lambda p: ["--prompt-file", str(p.parent / "missing.txt"), "--target", "x"],
+     "cannot read --prompt-file"),
+    (lambda p: ["--prompt-file", str(p), "--target", "x"], "not UTF-8"),
+])
+def test_cli_prompt_source_errors(model_dir, tmp_path, capsys, make_args, message):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", str(model_dir), *make_args(bad)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
