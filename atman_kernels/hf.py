@@ -958,13 +958,15 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     )
 
 
-def _tag_modules(model: PreTrainedModel) -> None:
+def _tag_modules(model: PreTrainedModel, decoder_of: PreTrainedModel | None = None) -> None:
     """Record on every interface-routed module what its attention calls need to know: where it
     sits (errors name the model), whether its owning model class may use "atman", whether it
-    is cross-attention (by its path), and whether it is a causal LM's decoder self-attention."""
+    is cross-attention (by its path), and whether it is a causal LM's decoder self-attention
+    (``decoder_of``: the causal language model of a composite model, e.g. a VLM's)."""
     top = type(model).__name__
     decoder = set()
-    if _is_causal_lm(model):
+    if decoder_of is not None or _is_causal_lm(model):
+        # get_decoder() of a composite model is its language model's decoder
         decoder = {id(m) for layer in decoder_attention_modules(model) for m in layer}
     for name, m, owner in _walk(model):
         if isinstance(m, PreTrainedModel) or not _routes_through_interface(type(m)):
@@ -979,25 +981,41 @@ def _tag_modules(model: PreTrainedModel) -> None:
 
 
 @contextlib.contextmanager
-def atman_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+def atman_attention(
+    model: PreTrainedModel, *, only: PreTrainedModel | None = None
+) -> Iterator[PreTrainedModel]:
     """Switch ``model`` (and its sub-models) to the "atman" attention inside the block.
 
     Restores every config's previous attention implementation on exit, also on error.
     Assigns layer indices where the model has none (:func:`assign_layer_indices`).
 
+    Args:
+        model: the model.
+        only: switch only this sub-model (and its own sub-models), e.g. the language model of
+            a vision-language model, whose vision tower keeps its attention implementation
+            (suppression factors index the language model's sequence, not the patches of one
+            image).
+
     Raises:
-        TypeError: ``model`` is not a transformers ``PreTrainedModel``.
+        TypeError: ``model`` is not a transformers ``PreTrainedModel``, or ``only`` is not one
+            of its sub-models.
         NotImplementedError: the model's attention does not route through the interface, or
             its class does not set ``_supports_attention_backend = True``.
     """
-    _check_supported(model)
-    assign_layer_indices(model)
-    _tag_modules(model)
-    configs = _configs_of(model)
+    target = model if only is None else only
+    if only is not None and not (
+        isinstance(only, PreTrainedModel) and any(m is only for m in model.modules())
+    ):
+        raise TypeError(f"only= must be a PreTrainedModel inside {type(model).__name__}, got "
+                        f"{type(only).__name__}")
+    _check_supported(target)
+    assign_layer_indices(target)
+    _tag_modules(model, decoder_of=None if only is None else only)
+    configs = _configs_of(target)
     previous = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
     try:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        for m in model.modules():
+        target.set_attn_implementation(ATTN_IMPLEMENTATION)
+        for m in target.modules():
             if (
                 isinstance(m, PreTrainedModel)
                 and m.config._attn_implementation != ATTN_IMPLEMENTATION

@@ -41,18 +41,41 @@ from .batching import ChunkPolicy
 from .conceptual import check_factor, check_threshold, cosine_similarity_matrix, unit_factors
 from .engine import EngineResult, run_variants
 from .explanation import POSTPROCESS, Explanation, combine_scores
-from .tasks import CausalLMTask, ClassificationTask
+from .tasks import CausalLMTask, ClassificationTask, VisionLanguageTask
 from .units import GRANULARITIES, Span, prompt_spans, token_spans
 
 log = logging.getLogger(__name__)
 
+# Vision-language models whose image-token layout is known (explain/vision.py), by class name.
+IMAGE_TEXT_FAMILIES = {
+    "LlavaForConditionalGeneration": "llava",
+    "Idefics3ForConditionalGeneration": "idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3",
+}
 SUPPORTED_KINDS = (
     "causal LMs (*ForCausalLM, *LMHeadModel), sequence classifiers "
-    "(*ForSequenceClassification), ViT-style image classifiers (*ForImageClassification)"
+    "(*ForSequenceClassification), ViT-style image classifiers (*ForImageClassification), "
+    f"vision-language models ({', '.join(sorted(IMAGE_TEXT_FAMILIES))})"
 )
+# Vision-language models refused with a reason of their own.
+IMAGE_TEXT_REFUSED = {
+    "Qwen2VLForConditionalGeneration": "its multimodal rotary positions are computed from "
+    "the image grid inside the model; exact prefix reuse and the image-token map are not "
+    "implemented for it yet",
+    "Qwen2_5_VLForConditionalGeneration": "its multimodal rotary positions are computed from "
+    "the image grid inside the model; exact prefix reuse and the image-token map are not "
+    "implemented for it yet",
+}
+
+
 def model_kind(model: Any) -> str:
-    """"causal_lm", "classifier" or "image" for a supported transformers model, else TypeError."""
+    """"causal_lm", "classifier", "image" or "image_text" for a supported transformers model,
+    else TypeError naming the class."""
     name = type(model).__name__
+    if name in IMAGE_TEXT_FAMILIES:
+        return "image_text"
+    if name in IMAGE_TEXT_REFUSED:
+        raise TypeError(f"unsupported model class {name}: {IMAGE_TEXT_REFUSED[name]}")
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return "causal_lm"
     if name.endswith("ForSequenceClassification"):
@@ -110,9 +133,16 @@ class AtManExplainer:
     ) -> None:
         self.kind = model_kind(model)
         self.model = model
-        self.tokenizer = tokenizer
+        # a vision-language model takes its processor here (its tokenizer reads the text)
+        self.processor = tokenizer if hasattr(tokenizer, "image_processor") else None
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer) if self.processor else (
+            tokenizer)
         self.factor = check_factor(factor)
         self.conceptual_threshold = check_threshold(conceptual_threshold)
+        if self.kind == "image_text" and self.conceptual_threshold is not None:
+            raise ValueError("conceptual_threshold is not supported for vision-language models "
+                             "(image tokens have no input embedding of their own before the "
+                             "vision tower runs); use conceptual_threshold=None")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -150,6 +180,7 @@ class AtManExplainer:
         spans: Sequence[tuple[int, int]] | None = None,
         max_new_tokens: int = 20,
         special_tokens: bool = False,
+        image_region: int | None = None,
     ) -> Explanation:
         """Explain why the model predicts ``target`` for ``inputs``.
 
@@ -175,6 +206,17 @@ class AtManExplainer:
         units with ``source == "target"``); coarser units cover the prompt only. Special
         tokens (BOS, [CLS], chat markers) are neither explained nor suppressed unless
         ``special_tokens=True``.
+
+        Vision-language models (LLaVA, Idefics3 / SmolVLM): ``inputs`` is the processor's
+        output (``input_ids``, ``pixel_values``, ...) or ``(text, images)`` with the processor
+        given as ``AtManExplainer(model, processor)``; the target as for causal LMs. Every
+        image token and every text token of the prompt is a unit (text coarser with
+        ``granularity``/``delimiter``/``spans`` over the decoded prompt); ``image_region=k``
+        suppresses k x k patches of each image view as one unit (the last row/column of
+        regions is smaller where k does not divide the grid). Suppression acts in the language
+        model only; the vision tower keeps its own attention. ``score_map(image=i)`` gives
+        each image's grid; with ``(text, images)`` every image unit's ``box`` is its rectangle
+        in the original picture.
         """
         from ..hf import atman_attention
 
@@ -183,9 +225,15 @@ class AtManExplainer:
             max_new_tokens < 1
         ):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if target is None and self.kind != "causal_lm":
+        if target is None and self.kind not in ("causal_lm", "image_text"):
             raise ValueError(f"target=None (explain the generated answer) needs a causal LM; "
                              f"give the class to explain for this {self.kind} model")
+        if image_region is not None and (
+            isinstance(image_region, bool) or not isinstance(image_region, int)
+            or image_region < 1 or self.kind != "image_text"
+        ):
+            raise ValueError(f"image_region must be an int >= 1 for a vision-language model, got "
+                             f"{image_region!r} for a {self.kind} model")
         model = self.model
         was_training = model.training
         model.eval()
@@ -198,9 +246,13 @@ class AtManExplainer:
                     prepared = self._prepare_causal(inputs, target, max_new_tokens, unit_args)
                 elif self.kind == "classifier":
                     prepared = self._prepare_classifier(inputs, target, unit_args)
+                elif self.kind == "image_text":
+                    prepared = self._prepare_image_text(inputs, target, max_new_tokens,
+                                                        unit_args, image_region)
                 else:
                     prepared = self._prepare_image(inputs, target, unit_args)
-                with atman_attention(model), attention_backend(self.backend):
+                only = model.get_decoder() if self.kind == "image_text" else None
+                with atman_attention(model, only=only), attention_backend(self.backend):
                     result = self._run(prepared)
         finally:
             model.train(was_training)
@@ -351,7 +403,8 @@ class AtManExplainer:
             raise ValueError(f"the input has {n} tokens, more than the model's "
                              f"{limit} positions (config max_position_embeddings)")
 
-    def _generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    def _generate(self, prompt_ids: list[int], max_new_tokens: int,
+                  extra: dict[str, Any] | None = None) -> list[int]:
         """The model's greedy continuation of ``prompt_ids``, without the EOS that ends it."""
         from transformers import GenerationConfig
 
@@ -369,7 +422,7 @@ class AtManExplainer:
                                   eos_token_id=sorted(eos_ids) or None, pad_token_id=pad)
         ids = torch.tensor([prompt_ids], device=self._device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             generation_config=config)
+                             generation_config=config, **(extra or {}))
         new = [int(t) for t in out[0, len(prompt_ids):].tolist()]
         for i, t in enumerate(new):
             if t in eos_ids:
@@ -383,6 +436,11 @@ class AtManExplainer:
     # -------------------------------------------------------------------------- front ends
     def _prepare_causal(self, inputs: Any, target: Any, max_new_tokens: int,
                         unit_args: dict[str, Any]) -> _Prepared:
+        if (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str)) or (
+                hasattr(inputs, "keys") and "pixel_values" in inputs):
+            raise ValueError(
+                f"inputs hold images, but {type(self.model).__name__} is a text-only model; "
+                f"images need a vision-language model ({', '.join(IMAGE_TEXT_FAMILIES)})")
         prompt_ids, units, prompt_text, _ = self._prompt_units(inputs, "prompt", unit_args)
         self._check_length(len(prompt_ids) + (1 if target is None else 0))
         generated = target is None
@@ -514,6 +572,136 @@ class AtManExplainer:
                     "target_tokens": [self._label(cls)]},
         )
 
+    def _image_text_inputs(self, inputs: Any) -> tuple[dict[str, Any], list[Any] | None]:
+        """(processor output, the pictures or None) of ``inputs``."""
+        images = None
+        if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str):
+            if self.processor is None:
+                raise ValueError("inputs=(text, images) needs the model's processor: "
+                                 "AtManExplainer(model, processor)")
+            text, images = inputs
+            images = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not images:
+                raise ValueError("inputs=(text, images) holds no image")
+            inputs = self.processor(text=text, images=images, return_tensors="pt")
+        if not hasattr(inputs, "keys") or "input_ids" not in inputs:
+            raise TypeError("a vision-language model takes its processor's output (a dict with "
+                            "input_ids and pixel_values) or (text, images) with the processor")
+        data = dict(inputs.items())
+        mask = data.pop("attention_mask", None)
+        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+            raise ValueError("inputs carry padding (attention_mask has zeros): explain one "
+                             "unpadded example at a time")
+        return data, images
+
+    def _prepare_image_text(self, inputs: Any, target: Any, max_new_tokens: int,
+                            unit_args: dict[str, Any], image_region: int | None) -> _Prepared:
+        from .vision import image_views, picture_size, probe_boxes, region_cells
+
+        data, images = self._image_text_inputs(inputs)
+        prompt_ids = self._token_ids(data.pop("input_ids"), "input_ids",
+                                     add_special_tokens=False)
+        device, dtype = self._device, next(self.model.parameters()).dtype
+        extra = {k: (v.to(device=device, dtype=dtype) if torch.is_tensor(v)
+                     and v.is_floating_point() else v.to(device) if torch.is_tensor(v) else v)
+                 for k, v in data.items() if v is not None}
+        config = self.model.config
+        image_token = getattr(config, "image_token_id", None)
+        if image_token is None:
+            image_token = getattr(config, "image_token_index", None)
+        family = IMAGE_TEXT_FAMILIES[type(self.model).__name__]
+        views = image_views(family, prompt_ids, int(image_token),
+                            lambda t: self._token_strings([t])[0])
+        if "pixel_values" in extra and not views:
+            raise ValueError("pixel_values are given but the prompt has no image token "
+                             f"(id {image_token}): put the processor's image placeholder in "
+                             "the text")
+        if views and "pixel_values" not in extra:
+            raise ValueError("the prompt has image tokens but no pixel_values were given")
+        if images is not None:
+            n_images = 1 + max(v.image for v in views) if views else 0
+            if n_images != len(images):
+                raise ValueError(f"the prompt has {n_images} images' tokens, {len(images)} "
+                                 "images were given")
+            for i, picture in enumerate(images):
+                probe_boxes(self.processor.image_processor, picture_size(picture),
+                            [v for v in views if v.image == i])
+        # text units over the decoded prompt (image runs shown as a placeholder)
+        image_positions = {p for v in views for p in v.positions}
+        special = set() if unit_args["special_tokens"] else self._special_ids()
+        pieces, offsets, cursor = [], [], 0
+        for i, t in enumerate(prompt_ids):
+            piece = "" if i in image_positions else self._token_strings([t])[0]
+            pieces.append(piece)
+            offsets.append((cursor, cursor + len(piece)))
+            cursor += len(piece)
+        text = "".join(pieces)
+        eligible = [i for i, t in enumerate(prompt_ids)
+                    if i not in image_positions and t not in special and offsets[i][0] <
+                    offsets[i][1]]
+        units = prompt_spans(text, offsets, granularity=unit_args["granularity"],
+                             delimiter=unit_args["delimiter"], spans=unit_args["spans"],
+                             eligible=eligible) if eligible else []
+        # image units: one per cell, or per k x k region, of every view
+        k = image_region or 1
+        image_units: list[tuple[Span, dict[str, Any], list[int]]] = []
+        for view in views:
+            for cells in region_cells(view.grid, k):
+                rows = sorted({c // view.grid[1] for c in cells})
+                cols = sorted({c % view.grid[1] for c in cells})
+                where = (f"({rows[0]},{cols[0]})" if len(cells) == 1 else
+                         f"rows {rows[0]}-{rows[-1]} cols {cols[0]}-{cols[-1]}")
+                box = None
+                if view.boxes is not None:
+                    bs = [view.boxes[c] for c in cells]
+                    box = (min(b[0] for b in bs), min(b[1] for b in bs),
+                           max(b[2] for b in bs), max(b[3] for b in bs))
+                span = Span(f"image {view.image} {view.view} {where}", None, None,
+                            tuple(sorted(view.positions[c] for c in cells)), source="image",
+                            image=view.image, box=box)
+                image_units.append((span, {"image": view.image, "view": view.view}, cells))
+        generated = target is None
+        if generated:
+            target_ids = self._generate(prompt_ids, max_new_tokens, extra)
+        else:
+            target_ids = self._token_ids(target, "target", add_special_tokens=False)
+        seq = prompt_ids + target_ids[:-1]
+        n_prompt, n = len(prompt_ids), len(seq)
+        self._check_length(n)
+        coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
+                  or unit_args["spans"] is not None)
+        all_units = units + [u for u, _, _ in image_units]
+        if not coarse:
+            all_units += token_spans(self._token_strings(target_ids[:-1]),
+                                     list(range(n_prompt, n)), source="target")
+        all_units.sort(key=lambda u: u.positions[0])
+        index = {id(u): i for i, u in enumerate(all_units)}
+        maps: dict[tuple[int, str], dict[str, Any]] = {}
+        for view in views:
+            maps[(view.image, view.view)] = {"image": view.image, "view": view.view,
+                                             "grid": list(view.grid),
+                                             "cells": [0] * (view.grid[0] * view.grid[1])}
+        for span, key, cells in image_units:
+            for c in cells:
+                maps[(key["image"], key["view"])]["cells"][c] = index[id(span)]
+        ids = torch.tensor(seq, dtype=torch.long, device=device)
+        task = VisionLanguageTask(self.model, ids, n_prompt,
+                                  torch.tensor(target_ids, dtype=torch.long, device=device),
+                                  reuse=self.prefix_reuse, extra=extra,
+                                  language_model=self.model.get_decoder())
+        pictures = None if images is None else [_as_rgb_array(im) for im in images]
+        return _Prepared(
+            task=task, units=all_units,
+            fields={"target_tokens": self._token_strings(target_ids), "kind": "image_text",
+                    "token_ids": seq, "prompt": text, "image_views": list(maps.values()),
+                    "images": pictures},
+            settings={"prompt_tokens": n_prompt,
+                      "target": (self.tokenizer.decode(target_ids) if self.tokenizer is not None
+                                 else target_ids),
+                      "target_ids": target_ids, "generated": generated,
+                      "image_region": image_region, **_unit_settings(unit_args)},
+        )
+
     # ------------------------------------------------------------------------------ engine
     def _run(self, prepared: _Prepared) -> EngineResult:
         task, units = prepared.task, prepared.units
@@ -604,6 +792,26 @@ def _stats(result: EngineResult, n_units: int) -> dict[str, Any]:
     return {"forwards": result.forwards, "token_forwards": result.token_forwards,
             "chunk_size": result.chunk_size, "prefix_reuse": result.prefix_reuse,
             "variants": n_units}
+
+
+def _as_rgb_array(image: Any) -> Any:
+    """A picture as an [H, W, 3] uint8 array, for rendering."""
+    import numpy as np
+
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"))
+    arr = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.dtype != np.uint8:
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 if hi <= 1.0 and lo >= 0.0 else 1.0
+        arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
+    return arr
 
 
 def _num_layers(model: Any) -> int | None:

@@ -22,7 +22,7 @@ import torch
 
 from .units import Span, token_spans
 
-KINDS = ("causal_lm", "classifier", "image")
+KINDS = ("causal_lm", "classifier", "image", "image_text")
 POSTPROCESS = ("none", "abs", "square")
 
 
@@ -80,7 +80,13 @@ class Explanation:
         baseline_loss: [T] cross-entropy of each target token without suppression.
         patch_grid: (rows, cols) of the patch grid for images, row-major over ``scores``.
         settings: how the explanation was made (factor, threshold, mode, granularity, ...).
+        image_views: image-text explanations: one dict per grid of image tokens, {"image": i,
+            "view": "whole" | "global", "grid": [rows, cols], "cells": [rows * cols] index of
+            the unit (into ``spans``/``scores``) covering each cell, row-major}; see
+            :meth:`score_map`.
         image: optional [3, H, W] picture for rendering; not serialised.
+        images: image-text explanations: the prompt's pictures ([H, W, 3] uint8 arrays) for
+            rendering, when given; not serialised.
     """
 
     tokens: list[str]
@@ -95,7 +101,9 @@ class Explanation:
     settings: dict[str, Any] = field(default_factory=dict)
     spans: list[Span] = field(default_factory=list)
     prompt: str | None = None
+    image_views: list[dict[str, Any]] = field(default_factory=list)
     image: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    images: list[Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -130,6 +138,12 @@ class Explanation:
             self.patch_grid = (int(self.patch_grid[0]), int(self.patch_grid[1]))
             if self.patch_grid[0] * self.patch_grid[1] != n:
                 raise ValueError(f"patch_grid {self.patch_grid} does not hold {n} patches")
+        for view in self.image_views:
+            rows, cols = view["grid"]
+            cells = view["cells"]
+            if len(cells) != rows * cols or any(not 0 <= c < n for c in cells):
+                raise ValueError(f"image view {view.get('image')}/{view.get('view')} must map "
+                                 f"its {rows}x{cols} cells to units in [0, {n})")
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -145,11 +159,27 @@ class Explanation:
         order = torch.argsort(self.scores, descending=True, stable=True)[:k]
         return [(int(i), self.spans[int(i)], float(self.scores[int(i)])) for i in order]
 
-    def score_map(self) -> torch.Tensor:
-        """Scores as the [rows, cols] patch grid (images only)."""
-        if self.patch_grid is None:
-            raise ValueError("score_map needs a patch grid: only image explanations have one")
-        return self.scores.reshape(self.patch_grid)
+    def score_map(self, image: int | None = None, view: str = "whole") -> torch.Tensor:
+        """Scores as a [rows, cols] grid, row-major in patch order.
+
+        Image classifiers: the patch grid (``image`` must be None or 0). Image-text
+        explanations: the grid of image ``image`` (default 0): ``view="whole"`` the picture
+        (for tiling models the tiles assembled), ``"global"`` a tiling model's global view.
+        With ``image_region`` every cell of a region carries the region's score.
+        """
+        if self.patch_grid is not None:
+            if image not in (None, 0) or view != "whole":
+                raise ValueError("an image classifier explanation has one image and one view")
+            return self.scores.reshape(self.patch_grid)
+        image = 0 if image is None else image
+        for v in self.image_views:
+            if v["image"] == image and v["view"] == view:
+                cells = torch.as_tensor(v["cells"], dtype=torch.long)
+                return self.scores[cells].reshape(int(v["grid"][0]), int(v["grid"][1]))
+        have = sorted({(v["image"], v["view"]) for v in self.image_views})
+        if not have:
+            raise ValueError("score_map needs an image: this explanation has none")
+        raise ValueError(f"no image view ({image}, {view!r}); this explanation has {have}")
 
     # ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +196,7 @@ class Explanation:
             "target_tokens": list(self.target_tokens),
             "baseline_loss": None if self.baseline_loss is None else _floats(self.baseline_loss),
             "patch_grid": None if self.patch_grid is None else list(self.patch_grid),
+            "image_views": _jsonable(self.image_views),
             "settings": _jsonable(self.settings),
         }
 
@@ -196,6 +227,7 @@ class Explanation:
             settings=dict(data.get("settings") or {}),
             spans=[Span.from_dict(d) for d in data.get("spans") or []],
             prompt=data.get("prompt"),
+            image_views=list(data.get("image_views") or []),
         )
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:

@@ -99,19 +99,27 @@ class CausalLMTask:
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._base: torch.Tensor | None = None
 
-    def _logits(self, ids: torch.Tensor, past: Any, keep: int, want_cache: bool
+    def _logits(self, inputs: dict[str, Any], past: Any, keep: int, want_cache: bool
                 ) -> tuple[torch.Tensor, Any]:
         """Logits [B, keep, V] of the last ``keep`` positions, and the cache."""
-        kwargs = {self._cache_arg: past, "use_cache": want_cache or past is not None}
+        kwargs = {self._cache_arg: past, "use_cache": want_cache or past is not None, **inputs}
         if self._keeps_logits:
-            out = self.model(input_ids=ids, logits_to_keep=keep, **kwargs)
+            out = self.model(logits_to_keep=keep, **kwargs)
             return out.logits[:, -keep:], _output_cache(out)
-        out = self.model.get_decoder()(input_ids=ids, **kwargs)
+        out = self.model.get_decoder()(**kwargs)
         hidden = out.last_hidden_state[:, -keep:]
         return self.model.get_output_embeddings()(hidden), _output_cache(out)
 
+    def _baseline_inputs(self) -> dict[str, Any]:
+        """The model inputs of the unsuppressed forward over the whole sequence."""
+        return {"input_ids": self.ids}
+
+    def _variant_inputs(self, batch: int, start: int) -> dict[str, Any]:
+        """The model inputs of ``batch`` variants from position ``start`` on."""
+        return {"input_ids": self.ids[:, start:].expand(batch, -1)}
+
     def baseline(self) -> torch.Tensor:
-        logits, cache = self._logits(self.ids, None, self.n_targets, self.reuse)
+        logits, cache = self._logits(self._baseline_inputs(), None, self.n_targets, self.reuse)
         if self.reuse:
             self._kv = cache_tensors(cache)
             if self._kv is None:
@@ -127,10 +135,67 @@ class CausalLMTask:
         start = start if self.reuse else 0
         keep = n - max(self.n_prompt - 1, start)  # target positions this chunk recomputes
         past = prefix_cache(self._kv, start, batch) if start > 0 else None
-        logits, _ = self._logits(self.ids[:, start:].expand(batch, -1), past, keep, False)
+        logits, _ = self._logits(self._variant_inputs(batch, start), past, keep, False)
         ce = self._base.expand(batch, t).clone()
         ce[:, t - keep:] = cross_entropy(logits, self.target[t - keep:])
         return ce
+
+
+class VisionLanguageTask(CausalLMTask):
+    """A vision-language model's causal LM over text and image tokens (LLaVA, Idefics3, ...).
+
+    The baseline runs the whole model once (``extra`` holds ``pixel_values`` and whatever else
+    the model takes) and records what its language model received: the input embeddings with
+    the image features merged in, and the position ids (for models with multimodal rotary
+    positions). Every variant then feeds the language model slices of those embeddings: the
+    vision tower runs once, unsuppressed (its sequence is one image's patches, unrelated to the
+    factors), and prefix reuse works across image tokens as across text tokens.
+
+    Args:
+        model: the vision-language model.
+        input_ids: [N] the prompt (image tokens included) then target[:-1].
+        n_prompt, target_ids, reuse: as for :class:`CausalLMTask`.
+        extra: the other model inputs of the baseline forward, batch 1.
+        language_model: the sub-model whose inputs are recorded.
+    """
+
+    def __init__(self, model: Any, input_ids: torch.Tensor, n_prompt: int,
+                 target_ids: torch.Tensor, *, reuse: bool, extra: dict[str, Any],
+                 language_model: Any) -> None:
+        super().__init__(model, input_ids, n_prompt, target_ids, reuse=reuse)
+        self.extra = extra
+        self.language_model = language_model
+        self._recorded: dict[str, Any] = {}
+
+    def _baseline_inputs(self) -> dict[str, Any]:
+        return {"input_ids": self.ids, **self.extra}
+
+    def baseline(self) -> torch.Tensor:
+        def record(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+            self._recorded = dict(kwargs)
+
+        handle = self.language_model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            base = super().baseline()
+        finally:
+            handle.remove()
+        embeds = self._recorded.get("inputs_embeds")
+        if not isinstance(embeds, torch.Tensor) or embeds.shape[:2] != (1, self.seq_len):
+            raise NotImplementedError(
+                f"{type(self.model).__name__}: its language model was not called with the "
+                "merged input embeddings of the whole sequence, so the variants cannot be run "
+                "on the language model alone")
+        return base
+
+    def _variant_inputs(self, batch: int, start: int) -> dict[str, Any]:
+        embeds = self._recorded["inputs_embeds"][:, start:]
+        inputs = {"inputs_embeds": embeds.expand(batch, -1, -1)}
+        positions = self._recorded.get("position_ids")
+        if isinstance(positions, torch.Tensor):  # [..., 1, N]: text or multimodal rotary
+            positions = positions[..., start:]
+            inputs["position_ids"] = positions.expand(
+                *positions.shape[:-2], batch, positions.shape[-1])
+        return inputs
 
 
 class ClassificationTask:

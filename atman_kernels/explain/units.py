@@ -67,6 +67,9 @@ class Span:
             of its own (token-id prompts, target tokens).
         positions: token positions in the model input, strictly increasing, non-empty.
         source: ``"prompt"``, ``"target"`` or ``"image"`` (one of :data:`SOURCES`).
+        image: for image units of a vision-language prompt, the index of the image.
+        box: for image units, (x0, y0, x1, y1) in the original picture's pixels, when the
+            picture was given (None otherwise).
     """
 
     text: str
@@ -74,6 +77,8 @@ class Span:
     end: int | None
     positions: tuple[int, ...]
     source: str = "prompt"
+    image: int | None = None
+    box: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -104,6 +109,14 @@ class Span:
         object.__setattr__(self, "positions", positions)
         if self.source not in SOURCES:
             raise ValueError(f"Span.source must be one of {SOURCES}, got {self.source!r}")
+        if self.image is not None:
+            object.__setattr__(self, "image", _index(self.image, "Span.image"))
+        if self.box is not None:
+            box = tuple(float(v) for v in self.box)
+            if len(box) != 4 or not (box[0] <= box[2] and box[1] <= box[3]):
+                raise ValueError(f"Span.box must be (x0, y0, x1, y1) with x0 <= x1 and "
+                                 f"y0 <= y1, got {self.box!r}")
+            object.__setattr__(self, "box", box)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``positions`` as a list)."""
@@ -113,6 +126,8 @@ class Span:
             "end": self.end,
             "positions": list(self.positions),
             "source": self.source,
+            **({"image": self.image} if self.image is not None else {}),
+            **({"box": list(self.box)} if self.box is not None else {}),
         }
 
     @classmethod
@@ -129,6 +144,8 @@ class Span:
             end=d["end"],
             positions=tuple(d["positions"]),
             source=d.get("source", "prompt"),
+            image=d.get("image"),
+            box=None if d.get("box") is None else tuple(d["box"]),
         )
 
 
