@@ -108,6 +108,10 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="causal LM: the continuation to explain (e.g. ' Paris'); left out: the "
                         "model's own greedy continuation is generated and explained; "
                         "classifier: a label name or class index (required)")
+    p.add_argument("--contrast", default=None,
+                   help="explain why --target rather than this foil: a continuation (causal "
+                        "LM) or a label name / class index (classifier); a unit's score is then "
+                        "the rise of the target's cross-entropy minus the foil's")
     p.add_argument("--max-new-tokens", type=_positive_int, default=20,
                    help="without --target: the most tokens to generate (default 20; stops at "
                         "EOS)")
@@ -308,7 +312,9 @@ def run_explain(args: argparse.Namespace) -> int:
         target = None if args.target is None else _target_for(kind, args.target)
         expl = explainer.explain(args.prompt, target, granularity=args.granularity,
                                  delimiter=delimiter, spans=args.spans,
-                                 max_new_tokens=args.max_new_tokens)
+                                 max_new_tokens=args.max_new_tokens,
+                                 contrast=None if args.contrast is None else
+                                 _target_for(kind, args.contrast))
     except (ValueError, NotImplementedError) as exc:  # bad input / model, named by the callee
         raise UsageError(str(exc)) from exc
     seconds = time.perf_counter() - start

@@ -38,11 +38,15 @@ class Task(Protocol):
         n_targets: number of target rows T (target tokens; 1 for a class).
         reuse: whether :meth:`run` accepts ``start`` > 0 (exact prefix reuse); a task may
             turn it off in :meth:`baseline` (e.g. when the model's cache cannot be reused).
+        forwards, token_forwards: model forwards the task ran so far, and the query tokens
+            they held (batch x length), for the explanation's settings.
     """
 
     seq_len: int
     n_targets: int
     reuse: bool
+    forwards: int
+    token_forwards: int
 
     def baseline(self) -> torch.Tensor:
         """[T] float64 cross-entropy of each target row without suppression (called once,
@@ -101,23 +105,19 @@ def run_variants(
         first = torch.zeros_like(first)
     order = torch.argsort(first, stable=True).tolist()
     chunk = max(1, min(int(chunk_size(reuse)), max(1, n_variants)))
-    counts = {"forwards": 1, "token_forwards": n}
 
     def run(chunk_idx: Sequence[int]) -> torch.Tensor:
         idx = torch.as_tensor(list(chunk_idx), dtype=torch.long)
-        batch = idx.numel()
         start = int(first[idx].min())
-        counts["forwards"] += 1
         with suppression(factors[idx.to(factors.device)], mode, layers):
-            ce = task.run(batch, start).to(torch.float64)
-        counts["token_forwards"] += batch * (n - start)
+            ce = task.run(idx.numel(), start).to(torch.float64)
         return ce - base
 
     rise_sorted = run_chunked(order, chunk, run, on_done=on_done)
     rise = torch.empty_like(rise_sorted)
     rise[torch.as_tensor(order, dtype=torch.long)] = rise_sorted
-    return EngineResult(rise=rise, baseline=base, forwards=counts["forwards"],
-                        token_forwards=counts["token_forwards"], chunk_size=chunk,
+    return EngineResult(rise=rise, baseline=base, forwards=task.forwards,
+                        token_forwards=task.token_forwards, chunk_size=chunk,
                         prefix_reuse=reuse)
 
 

@@ -41,7 +41,7 @@ from .batching import ChunkPolicy
 from .conceptual import check_factor, check_threshold, cosine_similarity_matrix, unit_factors
 from .engine import EngineResult, run_variants
 from .explanation import POSTPROCESS, Explanation, combine_scores
-from .tasks import CausalLMTask, ClassificationTask, VisionLanguageTask
+from .tasks import CausalLMTask, ClassificationTask, ContrastiveLMTask, VisionLanguageTask
 from .units import GRANULARITIES, Span, prompt_spans, token_spans
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ class AtManExplainer:
         max_new_tokens: int = 20,
         special_tokens: bool = False,
         image_region: int | None = None,
+        contrast: Any = None,
     ) -> Explanation:
         """Explain why the model predicts ``target`` for ``inputs``.
 
@@ -217,6 +218,16 @@ class AtManExplainer:
         model only; the vision tower keeps its own attention. ``score_map(image=i)`` gives
         each image's grid; with ``(text, images)`` every image unit's ``box`` is its rectangle
         in the original picture.
+
+        Contrastive ("why the target rather than the foil"): ``contrast`` is a foil
+        continuation (str or ids, any length) for causal LMs, a foil class (index or label) for
+        classifiers. A unit's score is then the rise of the target's cross-entropy minus the
+        rise of the foil's under the same suppression: how much suppressing the unit narrows
+        the target-over-foil margin (positive = the unit supports the target over the foil).
+        Both per-token matrices are kept (``per_target``, ``contrast_per_target``); the
+        units are the prompt's (a causal LM's target tokens are not explained). Target and
+        foil share the prompt's forward and each variant's factors: the foil costs only its
+        own tokens.
         """
         from ..hf import atman_attention
 
@@ -228,6 +239,9 @@ class AtManExplainer:
         if target is None and self.kind not in ("causal_lm", "image_text"):
             raise ValueError(f"target=None (explain the generated answer) needs a causal LM; "
                              f"give the class to explain for this {self.kind} model")
+        if contrast is not None and self.kind == "image_text":
+            raise ValueError("contrast= is not implemented for vision-language models yet; "
+                             "explain the target alone")
         if image_region is not None and (
             isinstance(image_region, bool) or not isinstance(image_region, int)
             or image_region < 1 or self.kind != "image_text"
@@ -243,14 +257,15 @@ class AtManExplainer:
         try:
             with torch.inference_mode():
                 if self.kind == "causal_lm":
-                    prepared = self._prepare_causal(inputs, target, max_new_tokens, unit_args)
+                    prepared = self._prepare_causal(inputs, target, max_new_tokens, unit_args,
+                                                    contrast)
                 elif self.kind == "classifier":
-                    prepared = self._prepare_classifier(inputs, target, unit_args)
+                    prepared = self._prepare_classifier(inputs, target, unit_args, contrast)
                 elif self.kind == "image_text":
                     prepared = self._prepare_image_text(inputs, target, max_new_tokens,
                                                         unit_args, image_region)
                 else:
-                    prepared = self._prepare_image(inputs, target, unit_args)
+                    prepared = self._prepare_image(inputs, target, unit_args, contrast)
                 only = model.get_decoder() if self.kind == "image_text" else None
                 with atman_attention(model, only=only), attention_backend(self.backend):
                     result = self._run(prepared)
@@ -435,7 +450,7 @@ class AtManExplainer:
 
     # -------------------------------------------------------------------------- front ends
     def _prepare_causal(self, inputs: Any, target: Any, max_new_tokens: int,
-                        unit_args: dict[str, Any]) -> _Prepared:
+                        unit_args: dict[str, Any], contrast: Any = None) -> _Prepared:
         if (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str)) or (
                 hasattr(inputs, "keys") and "pixel_values" in inputs):
             raise ValueError(
@@ -443,6 +458,9 @@ class AtManExplainer:
                 f"images need a vision-language model ({', '.join(IMAGE_TEXT_FAMILIES)})")
         prompt_ids, units, prompt_text, _ = self._prompt_units(inputs, "prompt", unit_args)
         self._check_length(len(prompt_ids) + (1 if target is None else 0))
+        foil_ids = None
+        if contrast is not None:
+            foil_ids = self._token_ids(contrast, "contrast", add_special_tokens=False)
         generated = target is None
         if generated:
             target_ids = self._generate(prompt_ids, max_new_tokens)
@@ -451,6 +469,10 @@ class AtManExplainer:
         seq = prompt_ids + target_ids[:-1]
         n_prompt, n = len(prompt_ids), len(seq)
         self._check_length(n)
+        if foil_ids is not None:
+            self._check_length(n_prompt + len(foil_ids) - 1)
+            return self._contrastive_causal(prompt_ids, target_ids, foil_ids, units,
+                                            prompt_text, generated, unit_args)
         coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
                   or unit_args["spans"] is not None)
         if not coarse:
@@ -475,31 +497,67 @@ class AtManExplainer:
                       **({"max_new_tokens": max_new_tokens} if generated else {})},
         )
 
-    def _class_index(self, target: Any) -> int:
+    def _contrastive_causal(self, prompt_ids: list[int], target_ids: list[int],
+                            foil_ids: list[int], units: list[Span], prompt_text: str | None,
+                            generated: bool, unit_args: dict[str, Any]) -> _Prepared:
+        if not units:
+            raise ValueError("the prompt holds only special tokens: nothing to explain "
+                             "(special_tokens=True explains them)")
+        device = self._device
+        ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+        task = ContrastiveLMTask(
+            self.model, ids, torch.tensor(target_ids, dtype=torch.long, device=device),
+            torch.tensor(foil_ids, dtype=torch.long, device=device), reuse=self.prefix_reuse)
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda x: x)
+        return _Prepared(
+            task=task, units=units, input_ids=ids, embed=True, contrast_rows=len(foil_ids),
+            fields={"target_tokens": self._token_strings(target_ids), "kind": "causal_lm",
+                    "token_ids": prompt_ids, "prompt": prompt_text,
+                    "contrast_tokens": self._token_strings(foil_ids)},
+            settings={"prompt_tokens": len(prompt_ids), "target": decode(target_ids),
+                      "target_ids": target_ids, "generated": generated,
+                      "contrast": decode(foil_ids), "contrast_ids": foil_ids,
+                      **_unit_settings(unit_args)},
+        )
+
+    def _class_index(self, target: Any, name: str = "target") -> int:
         config = self.model.config
         n_labels = int(getattr(config, "num_labels", 0) or 0)
         if isinstance(target, str):
             label2id = getattr(config, "label2id", None) or {}
             if target not in label2id:
-                raise ValueError(f"target label {target!r} is not one of the model's labels "
+                raise ValueError(f"{name} label {target!r} is not one of the model's labels "
                                  f"{sorted(label2id)}")
             return int(label2id[target])
         if isinstance(target, torch.Tensor) and target.numel() == 1:
             target = int(target.item())
         if isinstance(target, bool) or not isinstance(target, int):
-            raise TypeError(f"target must be a class index or label name, got "
+            raise TypeError(f"{name} must be a class index or label name, got "
                             f"{type(target).__name__}")
         if not 0 <= target < n_labels:
-            raise ValueError(f"target class {target} is out of range [0, {n_labels})")
+            raise ValueError(f"{name} class {target} is out of range [0, {n_labels})")
         return target
 
     def _label(self, index: int) -> str:
         id2label = getattr(self.model.config, "id2label", None) or {}
         return str(id2label.get(index, index))
 
-    def _prepare_classifier(self, inputs: Any, target: Any, unit_args: dict[str, Any]
-                            ) -> _Prepared:
+    def _classes(self, target: Any, contrast: Any) -> tuple[list[int], dict[str, Any],
+                                                           dict[str, Any]]:
+        """(class rows, Explanation fields, settings) of a target class and a foil class."""
         cls = self._class_index(target)
+        labels, fields = [cls], {"target_tokens": [self._label(cls)]}
+        settings = {"target": self._label(cls), "target_index": cls}
+        if contrast is not None:
+            foil = self._class_index(contrast, "contrast")
+            labels.append(foil)
+            fields["contrast_tokens"] = [self._label(foil)]
+            settings.update(contrast=self._label(foil), contrast_index=foil)
+        return labels, fields, settings
+
+    def _prepare_classifier(self, inputs: Any, target: Any, unit_args: dict[str, Any],
+                            contrast: Any = None) -> _Prepared:
+        labels, class_fields, class_settings = self._classes(target, contrast)
         ids_list, units, prompt_text, enc = self._prompt_units(inputs, "inputs", unit_args)
         if not units:
             raise ValueError("inputs hold only special tokens: nothing to explain")
@@ -512,17 +570,17 @@ class AtManExplainer:
             types = torch.as_tensor(inputs["token_type_ids"]).reshape(-1).tolist()
         if types is not None:
             model_inputs["token_type_ids"] = torch.tensor(types, device=device)[None]
-        task = ClassificationTask(self.model, model_inputs, len(ids_list), cls)
+        task = ClassificationTask(self.model, model_inputs, len(ids_list), labels)
         return _Prepared(
-            task=task, units=units, input_ids=ids, embed=True,
+            task=task, units=units, input_ids=ids, embed=True, contrast_rows=len(labels) - 1,
             fields={"kind": "classifier", "token_ids": ids_list, "prompt": prompt_text,
-                    "target_tokens": [self._label(cls)]},
-            settings={"target": self._label(cls), "target_index": cls,
-                      **_unit_settings(unit_args)},
+                    **class_fields},
+            settings={**class_settings, **_unit_settings(unit_args)},
         )
 
-    def _prepare_image(self, inputs: Any, target: Any, unit_args: dict[str, Any]) -> _Prepared:
-        cls = self._class_index(target)
+    def _prepare_image(self, inputs: Any, target: Any, unit_args: dict[str, Any],
+                       contrast: Any = None) -> _Prepared:
+        labels, class_fields, class_settings = self._classes(target, contrast)
         if (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
                 or unit_args["spans"] is not None):
             raise ValueError("image classifiers explain patches: granularity, delimiter and "
@@ -563,13 +621,12 @@ class AtManExplainer:
             embeddings[n_prefix:] = patches[0]
         units = token_spans([f"patch({i // grid[1]},{i % grid[1]})" for i in range(n_patches)],
                             list(range(n_prefix, seq_len)), source="image")
-        task = ClassificationTask(self.model, {"pixel_values": pixels}, seq_len, cls)
+        task = ClassificationTask(self.model, {"pixel_values": pixels}, seq_len, labels)
         return _Prepared(
-            task=task, units=units, embeddings=embeddings,
-            settings={"target": self._label(cls), "target_index": cls, "granularity": "patch"},
+            task=task, units=units, embeddings=embeddings, contrast_rows=len(labels) - 1,
+            settings={**class_settings, "granularity": "patch"},
             fields={"kind": "image", "token_ids": None, "patch_grid": grid,
-                    "image": pixels[0].detach().float().cpu(),
-                    "target_tokens": [self._label(cls)]},
+                    "image": pixels[0].detach().float().cpu(), **class_fields},
         )
 
     def _image_text_inputs(self, inputs: Any) -> tuple[dict[str, Any], list[Any] | None]:
@@ -737,8 +794,16 @@ class AtManExplainer:
         return result
 
     def _finish(self, result: EngineResult, prepared: _Prepared) -> Explanation:
-        per_target = result.rise.T.contiguous().detach().cpu()
-        scores = combine_scores(per_target, self.postprocess, self.normalize)
+        rows = result.rise.T.contiguous().detach().cpu()  # [T (+ F), n]
+        n_target = rows.shape[0] - prepared.contrast_rows
+        per_target, foil = rows[:n_target], rows[n_target:]
+        baseline = result.baseline.detach().cpu()
+        contrast_fields = {}
+        if prepared.contrast_rows:
+            contrast_fields = {"contrast_per_target": foil.clone(),
+                               "contrast_baseline_loss": baseline[n_target:].clone()}
+        scores = combine_scores(per_target, self.postprocess, self.normalize,
+                                contrast=foil if prepared.contrast_rows else None)
         settings = self._settings(
             **prepared.settings, prefix_reuse=result.prefix_reuse, batch_size=result.chunk_size,
             forwards=result.forwards, token_forwards=result.token_forwards,
@@ -749,8 +814,8 @@ class AtManExplainer:
         fields = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
                   for k, v in prepared.fields.items()}
         return Explanation(tokens=[], scores=scores.clone(), per_target=per_target.clone(),
-                           baseline_loss=result.baseline.detach().cpu().clone(),
-                           spans=prepared.units, settings=settings, **fields)
+                           baseline_loss=baseline[:n_target].clone(), spans=prepared.units,
+                           settings=settings, **contrast_fields, **fields)
 
 
 @dataclass
@@ -766,6 +831,7 @@ class _Prepared:
     input_ids: torch.Tensor | None = None
     embed: bool = False
     embeddings: torch.Tensor | None = None
+    contrast_rows: int = 0  # the last rows of the task's targets are the foil's
 
 
 def _unit_settings(unit_args: dict[str, Any]) -> dict[str, Any]:

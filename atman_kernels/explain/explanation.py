@@ -33,17 +33,24 @@ def ensure_parent(path: str | Path) -> Path:
     return path
 
 
-def combine_scores(per_target: torch.Tensor, postprocess: str, normalize: bool) -> torch.Tensor:
+def combine_scores(per_target: torch.Tensor, postprocess: str, normalize: bool,
+                   contrast: torch.Tensor | None = None) -> torch.Tensor:
     """Scores [n] from the raw per-target matrix [T, n].
 
     ``postprocess`` is applied to each target token's row before the rows are summed
     ("square" squares each target token's map and sums, as the paper's image evaluation does;
     for one target token this equals squaring the sum). ``normalize`` then min-max scales the
     result to [0, 1] (all zeros when every score is equal).
+
+    Contrastive (``contrast`` [F, n], the foil's rises): the score is the target's summed rise
+    minus the foil's, and ``postprocess`` applies to that difference (a sign of a single row
+    means nothing there).
     """
     if postprocess not in POSTPROCESS:
         raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {postprocess!r}")
     rows = per_target.to(torch.float64)
+    if contrast is not None:
+        rows = (rows.sum(dim=0) - contrast.to(torch.float64).sum(dim=0))[None]
     if postprocess == "abs":
         rows = rows.abs()
     elif postprocess == "square":
@@ -84,6 +91,10 @@ class Explanation:
             "view": "whole" | "global", "grid": [rows, cols], "cells": [rows * cols] index of
             the unit (into ``spans``/``scores``) covering each cell, row-major}; see
             :meth:`score_map`.
+        contrast_tokens: contrastive explanations: the foil's tokens (or its class label).
+        contrast_per_target: [F, n] raw rise of each foil token's cross-entropy per unit
+            (``scores`` = the target's summed rise minus the foil's).
+        contrast_baseline_loss: [F] cross-entropy of each foil token without suppression.
         image: optional [3, H, W] picture for rendering; not serialised.
         images: image-text explanations: the prompt's pictures ([H, W, 3] uint8 arrays) for
             rendering, when given; not serialised.
@@ -102,6 +113,9 @@ class Explanation:
     spans: list[Span] = field(default_factory=list)
     prompt: str | None = None
     image_views: list[dict[str, Any]] = field(default_factory=list)
+    contrast_tokens: list[str] | None = None
+    contrast_per_target: torch.Tensor | None = None
+    contrast_baseline_loss: torch.Tensor | None = None
     image: torch.Tensor | None = field(default=None, repr=False, compare=False)
     images: list[Any] | None = field(default=None, repr=False, compare=False)
 
@@ -138,6 +152,15 @@ class Explanation:
             self.patch_grid = (int(self.patch_grid[0]), int(self.patch_grid[1]))
             if self.patch_grid[0] * self.patch_grid[1] != n:
                 raise ValueError(f"patch_grid {self.patch_grid} does not hold {n} patches")
+        if (self.contrast_per_target is None) != (self.contrast_tokens is None):
+            raise ValueError("contrast_tokens and contrast_per_target come together")
+        if self.contrast_per_target is not None and (
+            self.contrast_per_target.dim() != 2
+            or tuple(self.contrast_per_target.shape) != (len(self.contrast_tokens), n)
+        ):
+            raise ValueError(f"contrast_per_target must have shape "
+                             f"[{len(self.contrast_tokens)}, {n}], got "
+                             f"{tuple(self.contrast_per_target.shape)}")
         for view in self.image_views:
             rows, cols = view["grid"]
             cells = view["cells"]
@@ -146,6 +169,22 @@ class Explanation:
                                  f"its {rows}x{cols} cells to units in [0, {n})")
 
     # ----------------------------------------------------------------------------------------
+    @property
+    def contrast(self) -> str | None:
+        """The foil as one string (contrastive explanations), else None."""
+        if self.contrast_tokens is None:
+            return None
+        text = self.settings.get("contrast")
+        return text if isinstance(text, str) else "".join(self.contrast_tokens)
+
+    @property
+    def base_margin(self) -> float | None:
+        """log p(target) - log p(foil) without suppression, in nats (contrastive only)."""
+        if self.contrast_baseline_loss is None or self.baseline_loss is None:
+            return None
+        return float(self.contrast_baseline_loss.double().sum()
+                     - self.baseline_loss.double().sum())
+
     @property
     def target(self) -> str:
         """The target as one string (``settings["target"]`` if set, else the tokens joined)."""
@@ -197,6 +236,11 @@ class Explanation:
             "baseline_loss": None if self.baseline_loss is None else _floats(self.baseline_loss),
             "patch_grid": None if self.patch_grid is None else list(self.patch_grid),
             "image_views": _jsonable(self.image_views),
+            "contrast_tokens": self.contrast_tokens,
+            "contrast_per_target": None if self.contrast_per_target is None else [
+                _floats(row) for row in self.contrast_per_target],
+            "contrast_baseline_loss": None if self.contrast_baseline_loss is None else _floats(
+                self.contrast_baseline_loss),
             "settings": _jsonable(self.settings),
         }
 
@@ -228,6 +272,11 @@ class Explanation:
             spans=[Span.from_dict(d) for d in data.get("spans") or []],
             prompt=data.get("prompt"),
             image_views=list(data.get("image_views") or []),
+            contrast_tokens=data.get("contrast_tokens"),
+            contrast_per_target=None if data.get("contrast_per_target") is None else torch.tensor(
+                data["contrast_per_target"], dtype=torch.float64).reshape(-1, n),
+            contrast_baseline_loss=None if data.get("contrast_baseline_loss") is None else
+            torch.tensor(data["contrast_baseline_loss"], dtype=torch.float64),
         )
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:

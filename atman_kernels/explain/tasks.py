@@ -98,11 +98,16 @@ class CausalLMTask:
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._base: torch.Tensor | None = None
+        self.forwards = 0  # model forwards run, and the query tokens they held
+        self.token_forwards = 0
 
     def _logits(self, inputs: dict[str, Any], past: Any, keep: int, want_cache: bool
                 ) -> tuple[torch.Tensor, Any]:
         """Logits [B, keep, V] of the last ``keep`` positions, and the cache."""
         kwargs = {self._cache_arg: past, "use_cache": want_cache or past is not None, **inputs}
+        first = next(iter(inputs.values()))
+        self.forwards += 1
+        self.token_forwards += int(first.shape[0] * first.shape[1])
         if self._keeps_logits:
             out = self.model(logits_to_keep=keep, **kwargs)
             return out.logits[:, -keep:], _output_cache(out)
@@ -138,6 +143,77 @@ class CausalLMTask:
         logits, _ = self._logits(self._variant_inputs(batch, start), past, keep, False)
         ce = self._base.expand(batch, t).clone()
         ce[:, t - keep:] = cross_entropy(logits, self.target[t - keep:])
+        return ce
+
+
+class ContrastiveLMTask(CausalLMTask):
+    """Two continuations of one prompt, the target and a foil: T + F target rows.
+
+    The prompt's positions run once per variant (from the chunk's earliest suppressed position
+    on, on top of the reused prefix); each continuation then runs only its own tokens on top of
+    the prompt's cache (the first token of each is read from the prompt's last position). So
+    the foil costs its own suffix tokens and nothing else. The factors cover the prompt's
+    positions; the continuations' positions are never suppressed.
+
+    Args:
+        model: a causal LM.
+        prompt_ids: [P] the prompt.
+        target_ids: [T] the target; foil_ids: [F] the foil.
+        reuse: exact prefix reuse within the prompt.
+    """
+
+    def __init__(self, model: Any, prompt_ids: torch.Tensor, target_ids: torch.Tensor,
+                 foil_ids: torch.Tensor, *, reuse: bool) -> None:
+        super().__init__(model, prompt_ids, int(prompt_ids.numel()), target_ids, reuse=reuse)
+        self.continuations = (target_ids, foil_ids)
+        self.n_targets = int(target_ids.numel() + foil_ids.numel())
+        self._plain = False  # no reusable cache: each continuation as a whole sequence
+
+    def _prompt_and_continuations(self, batch: int, start: int, past: Any
+                                  ) -> tuple[torch.Tensor | None, Any]:
+        """([batch, T + F] CE, the prompt's cache tensors), or (None, None) when the cache is
+        not a plain full-attention cache (the continuations cannot share it)."""
+        ids = self.ids[:, start:].expand(batch, -1)
+        logits, cache = self._logits({"input_ids": ids}, past, 1, True)
+        kv = cache_tensors(cache)
+        if kv is None:
+            return None, None
+        rows = []
+        for cont in self.continuations:
+            ce = [cross_entropy(logits[:, -1], cont[:1].expand(batch))[:, None]]
+            if cont.numel() > 1:
+                suffix = cont[None, :-1].expand(batch, -1)
+                rest, _ = self._logits({"input_ids": suffix},
+                                       prefix_cache(kv, self.seq_len, batch),
+                                       int(cont.numel() - 1), False)
+                ce.append(cross_entropy(rest, cont[1:]))
+            rows.append(torch.cat(ce, dim=1))
+        return torch.cat(rows, dim=1), kv
+
+    def _whole_sequences(self, batch: int) -> torch.Tensor:
+        rows = []
+        for cont in self.continuations:
+            ids = torch.cat([self.ids[0], cont[:-1]])[None].expand(batch, -1)
+            logits, _ = self._logits({"input_ids": ids}, None, int(cont.numel()), False)
+            rows.append(cross_entropy(logits, cont))
+        return torch.cat(rows, dim=1)
+
+    def baseline(self) -> torch.Tensor:
+        ce, self._kv = self._prompt_and_continuations(1, 0, None)
+        if ce is None:
+            self.reuse, self._plain = False, True
+            log.info("prefix reuse is off: %s's cache is not a plain full-attention cache",
+                     type(self.model).__name__)
+            ce = self._whole_sequences(1)
+        self._base = ce[0]
+        return self._base
+
+    def run(self, batch: int, start: int) -> torch.Tensor:
+        if self._plain:
+            return self._whole_sequences(batch)
+        start = start if self.reuse else 0
+        past = prefix_cache(self._kv, start, batch) if start > 0 else None
+        ce, _ = self._prompt_and_continuations(batch, start, past)
         return ce
 
 
@@ -199,30 +275,35 @@ class VisionLanguageTask(CausalLMTask):
 
 
 class ClassificationTask:
-    """One forward over fixed inputs; T = 1 row, the cross-entropy of class ``label``.
+    """One forward over fixed inputs; one row per class in ``labels``: its cross-entropy.
 
     Args:
         model: a classifier whose output has ``logits`` [B, C].
         inputs: model inputs with batch 1 (``input_ids`` / ``pixel_values`` and friends); each
             chunk expands them over its variants.
         seq_len: number of positions the attention sees (the factor rows' length).
-        label: the class index.
+        labels: the class indices (the target; with a contrast, the foil class after it).
     """
 
     reuse = False
-    n_targets = 1
 
     def __init__(self, model: Any, inputs: dict[str, torch.Tensor], seq_len: int,
-                 label: int) -> None:
+                 labels: list[int]) -> None:
         self.model = model
         self.inputs = inputs
         self.seq_len = int(seq_len)
+        self.n_targets = len(labels)
         device = next(iter(inputs.values())).device
-        self.label = torch.tensor([label], device=device)
+        self.labels = torch.tensor(labels, device=device)
+        self.forwards = 0
+        self.token_forwards = 0
 
     def _ce(self, inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        self.forwards += 1
+        self.token_forwards += batch * self.seq_len
         logits = self.model(**inputs).logits  # [B, C]
-        return cross_entropy(logits, self.label.expand(batch))[:, None]
+        rows = logits[:, None, :].expand(-1, self.n_targets, -1)
+        return cross_entropy(rows, self.labels.expand(batch, -1))
 
     def baseline(self) -> torch.Tensor:
         return self._ce(self.inputs, 1)[0]
