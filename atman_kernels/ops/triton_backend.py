@@ -1,4 +1,5 @@
-"""Triton backend: one fused launch computes every variant and head of suppressed attention.
+"""Triton backend: suppressed attention for every variant and head in one fused launch (two in
+paper mode).
 
 Kernel (``_suppressed_attention_fwd``), flash-attention style: each program owns BLOCK_M query
 rows of one (variant b, query head h) pair and walks the key tiles of its visible range with an
@@ -8,37 +9,41 @@ K/V; a single axis has no 65535 limit on B * Hq). Tensors:
 
 - q [Bq, Hq, Nq, D], k/v [Bk, Hkv, Nk, D], Bq and Bk in {1, B}: a batch of 1 is read with
   batch stride 0 (shared by every variant, never copied); kv head = h // (Hq // Hkv) (GQA/MQA).
-- factors [B, Nk] (read as fp32): a per-variant vector over keys, loaded once per key tile,
-  the same slot as flash-attn's vector ``BIAS_TYPE``.
-- key_padding_mask [1 or B, Nk] bool (read as uint8; batch stride 0 when shared).
+- per-variant key vectors [B or 1, Nk] fp32, made once per call by the launcher (O(B Nk)):
+  ``bias`` = log2 f in log mode (f = 0 -> -inf removes the key) with -inf on padded keys, or
+  0 / -inf from the padding mask alone; in paper mode the factors themselves. The kernel takes
+  no logarithm and builds no padding mask per score (flash-attn's vector ``BIAS_TYPE``).
 - out [B, Hq, Nq, D] in q's dtype.
 
-Causal masking is bottom-right aligned (query row i at absolute key position Nk - Nq + i); a
-row with no visible key, or in log mode only removed keys, gives zeros, never NaN.
+Two constexpr stages per row block (``_key_ranges``): stage 1 walks the key tiles that every
+row of the block sees whole (left of the causal diagonal, inside Nk): no mask at all; stage 2
+the diagonal and ragged tiles, with the causal / bounds mask. Causal masking is bottom-right
+aligned (query row i at absolute key position Nk - Nq + i); a row with no visible key, or in log
+mode only removed keys, gives zeros, never NaN.
 
-Modes (constexpr, one compiled kernel each):
+Modes (constexpr):
 
-- ``log``: s' = s + log f, a per-key additive bias; one pass, same FLOPs as plain attention.
+- ``log``: s' = s + log f: a per-key additive bias; one launch, the FLOPs of plain attention.
 - ``paper``: s' = m + f (s - m) with m the row minimum over *visible* keys. m is needed before
-  the first exponential, so the kernel makes two passes over the key tiles of its row block:
-  pass 1 computes QK^T only and keeps the masked row minimum (no exp, no PV, no softmax
-  state); pass 2 is the online softmax on the rescaled scores. FLOPs: plain attention costs
-  4 * Nq * Nk * D (2 for QK^T, 2 for PV); pass 1 adds 2 * Nq * Nk * D, i.e. 1.5x the matmul
-  FLOPs and no extra exponentials, for any factors. The one-pass alternative (ATMAN.md
-  section 2: one accumulator for untouched keys, one for suppressed keys, merged with the
-  final minimum) needs a second PV product (also 1.5x the matmul FLOPs), twice the
-  exponentials, twice the accumulator registers, and only works when a variant's factors take
-  two values; conceptual suppression has continuous factors, so the two-pass form is the one
-  exact scheme for every input. Scores are kept in base 2 (log2(e) folded into the scale):
-  the min-shift is linear, so it commutes with the change of base.
+  the first exponential: ``_row_min_fwd`` computes it first (QK^T and a masked minimum: no
+  exp, no PV) into a [Bm, Hq, Nq] fp32 buffer, Bm = 1 when q, k and the padding mask are all
+  shared by the variants (batch 1 or a stride-0 expand: the minima then cost 1/B of a QK^T
+  pass), else B. The attention kernel then runs the online softmax on f (s - m), which has the
+  softmax of s' (a row constant does not change a softmax): two operations per score more than
+  plain attention. FLOPs with per-variant q/k: 1.5x plain attention's matmul FLOPs, for any
+  factors (the one-pass alternative of ATMAN.md section 2 needs a second PV product, twice the
+  exponentials and two-valued factors). Scores are kept in base 2 (log2(e) folded into the
+  scale); the min-shift is linear, so it commutes with the change of base.
 
 Precision: fp16/bf16 operands feed the tensor cores directly with fp32 accumulation. fp32
 operands use TF32 tensor-core products (about 1e-3 relative error per product, what torch
 gives with ``allow_tf32=True``): ``tf32x3`` (fp32 accuracy) and ``ieee`` (no tensor cores) both
 spilled registers for every tile tried at head dims >= 80, so they are not offered. Use
 fp16/bf16 for speed, the reference or C++ backend for fp32 exactness. Lengths, head counts
-and the scale are runtime arguments (no recompile per length); head dim, block sizes, mode
-and the masks are constexpr. Head dims 16..256; a head dim that is not a power of two is
+and the scale are runtime arguments (no recompile per length); head dim, block sizes, mode,
+the stages and the masks are constexpr. K/V tiles go through ``cp.async`` into shared memory
+(wgmma on sm_90); tensor descriptors (TMA) are not used yet. Tile configs are not timed (see
+``_CONFIGS``). Head dims 16..256; a head dim that is not a power of two is
 padded to the next one with masked loads.
 
 Triton is imported lazily (first use), so ``import atman_kernels`` works without triton and
