@@ -147,12 +147,14 @@ def make_case(batch: int, heads: int, n: int, head_dim: int, dtype, device: str,
     """Per-variant q, k, v [B, H, N, D] and single-token factors [B, N] (one key at 0.1)."""
     import torch
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device itself: at B=64, N=16384 each tensor holds 2^31 numbers.
+    g = torch.Generator(device=device).manual_seed(seed)
     shape = (batch, heads, n, head_dim)
-    q, k, v = (torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(3))
-    factors = torch.ones(batch, n)
-    factors[torch.arange(batch), torch.randint(0, n, (batch,), generator=g)] = SUPPRESSED_FACTOR
-    return q, k, v, factors.to(device)
+    q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3))
+    factors = torch.ones(batch, n, device=device)
+    where = torch.randint(0, n, (batch,), generator=g, device=device)
+    factors[torch.arange(batch, device=device), where] = SUPPRESSED_FACTOR
+    return q, k, v, factors
 
 
 def make_method(name: str, q, k, v, factors, device: str) -> Callable[[], object]:
