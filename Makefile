@@ -61,5 +61,12 @@ explain: setup
 bench-attention: setup
 	$(BIN)/python benchmarks/bench_attention.py
 
+# For a CUDA machine that already has torch, triton, transformers and pytest, no network: uses
+# that Python (not the CPU venv), installs this package with --no-deps --no-build-isolation,
+# runs the CUDA tests, the GPU attention sweep and the 2048-token explanation memory check.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info atman_kernels/*.so

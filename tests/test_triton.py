@@ -250,3 +250,176 @@ def test_hypothesis_shapes_factors_modes(
     out = run_triton(q, k, v, factors, mask, causal=causal, mode=mode)
     exact, plain = yardstick(q, k, v, factors, mask, causal=causal, mode=mode)
     assert_close_to_reference(out, exact, plain, what="triton")
+
+
+# ---------------------------------------------------------------- the kernel's code paths
+# Under the interpreter the sm_80 table applies: 64-key tiles for these head dims, so lengths
+# around 64 and 128 put whole tiles (stage 1, no masks) and diagonal / ragged tiles (stage 2)
+# in one call; Nq > Nk gives rows that see no key at all.
+TILE_LENGTHS = [(64, 64), (65, 129), (128, 128), (1, 128), (63, 191), (130, 64), (70, 300)]
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("len_q,len_k", TILE_LENGTHS, ids=[f"q{a}_k{b}" for a, b in TILE_LENGTHS])
+def test_whole_and_diagonal_tiles(len_q, len_k, causal, mode):
+    q, k, v, factors, mask = make_inputs(
+        2, 2, 1, len_q, len_k, 32, device=DEVICE, seed=len_q + len_k, factor_kind="zero_and_big",
+        padding=len_k > 100,
+    )
+    out = run_triton(q, k, v, factors, mask, causal=causal, mode=mode)
+    exact, plain = yardstick(q, k, v, factors, mask, causal=causal, mode=mode)
+    assert_close_to_reference(out, exact, plain, what=f"triton q{len_q} k{len_k} {mode}")
+
+
+def test_log_mode_whole_tile_of_removed_keys_first():
+    """Every key of the first whole tile removed (f = 0): rows start stage 1 with max -inf."""
+    q, k, v, _, _ = make_inputs(2, 2, 2, 150, 150, 16, device=DEVICE, seed=5)
+    factors = torch.rand(2, 150, generator=torch.Generator().manual_seed(1)).to(DEVICE) + 0.5
+    factors[:, :64] = 0.0
+    out = run_triton(q, k, v, factors, None, causal=True, mode="log")
+    exact, plain = yardstick(q, k, v, factors, None, causal=True, mode="log")
+    assert_close_to_reference(out, exact, plain, what="log mode, first tile removed")
+    assert bool((out[:, :, :64] == 0).all()), "rows that see only removed keys must be zeros"
+
+
+def _variant_layouts(batch, q, k, v):
+    """q/k/v of batch 1 seen three ways: batch 1, expanded to B (stride 0), copied to B."""
+    expand = tuple(t.expand(batch, *t.shape[1:]) for t in (q, k, v))
+    copied = tuple(t.contiguous() for t in expand)
+    return {"batch1": (q, k, v), "expanded": expand, "copied": copied}
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "per_variant"])
+def test_shared_and_per_variant_qk_give_the_same_result(mode, mask_kind):
+    """Paper mode computes the row minima once per head and row when q, k and the padding are
+    shared (batch 1 or a stride-0 expand), else once per variant: every layout must agree with
+    the reference and with the others."""
+    batch, len_q, len_k = 5, 40, 140
+    q, k, v, factors, _ = make_inputs(batch, 4, 2, len_q, len_k, 32, device=DEVICE,
+                                      shared_qkv=True, seed=11)  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    mask = None
+    if mask_kind != "none":
+        rows = 1 if mask_kind == "shared" else batch
+        mask = (torch.rand(rows, len_k, generator=g) > 0.25).to(DEVICE)
+        mask[:, 0] = True
+    outs = {}
+    for name, (qq, kk, vv) in _variant_layouts(batch, q, k, v).items():
+        outs[name] = run_triton(qq, kk, vv, factors, mask, causal=True, mode=mode)
+        exact, plain = yardstick(qq, kk, vv, factors, mask, causal=True, mode=mode)
+        assert_close_to_reference(outs[name], exact, plain, what=f"{name} {mode} {mask_kind}")
+    torch.testing.assert_close(outs["batch1"], outs["expanded"], rtol=0, atol=0)
+    torch.testing.assert_close(outs["batch1"], outs["copied"], rtol=1e-6, atol=1e-6)
+
+
+def test_paper_row_minima_shared_only_when_everything_is_shared():
+    """Which batch the row-minimum launch covers: 1 when q, k and the mask are shared."""
+    q = torch.zeros(1, 2, 4, 16)
+    mask1 = torch.ones(1, 8, dtype=torch.bool).view(torch.uint8)
+    mask3 = torch.ones(3, 8, dtype=torch.bool).view(torch.uint8)
+    shared = triton_backend._shared
+    assert shared(q) and shared(q.expand(3, -1, -1, -1)) and shared(None) and shared(mask1)
+    assert not shared(q.expand(3, -1, -1, -1).contiguous()) and not shared(mask3)
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+def test_key_vectors(mode):
+    """The per-variant vectors the launcher hands the kernel (log2 f, padding as -inf)."""
+    f = torch.tensor([[0.0, 0.5, 1.0, 4.0]])
+    mask = torch.tensor([[True, True, False, True]])
+    bias, paper_factors = triton_backend._key_vectors(f, mask, mode)
+    if mode == "log":
+        assert paper_factors is None
+        expected = torch.tensor([[float("-inf"), -1.0, float("-inf"), 2.0]])
+    else:
+        torch.testing.assert_close(paper_factors, f)
+        expected = torch.tensor([[0.0, 0.0, float("-inf"), 0.0]])
+    torch.testing.assert_close(bias, expected)
+    assert triton_backend._key_vectors(None, None, mode) == (None, None)
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+def test_hoisted_pointer_tiles_match_the_reference(monkeypatch, mode):
+    """The sm_90 variant (K/V pointer tile built once outside the key loop) on the interpreter,
+    which otherwise runs the sm_80 table's per-tile addresses."""
+    import dataclasses
+
+    plain_config = triton_backend.kernel_config
+
+    def hoisted(*args, **kwargs):
+        return dataclasses.replace(plain_config(*args, **kwargs), hoist=True)
+
+    monkeypatch.setattr(triton_backend, "kernel_config", hoisted)
+    for len_q, len_k, head_dim in ((65, 129, 32), (70, 300, 40)):
+        q, k, v, factors, mask = make_inputs(3, 2, 1, len_q, len_k, head_dim, device=DEVICE,
+                                             padding=True, factor_kind="zero_and_big")  # fmt: skip
+        out = run_triton(q, k, v, factors, mask, causal=True, mode=mode)
+        exact, plain = yardstick(q, k, v, factors, mask, causal=True, mode=mode)
+        assert_close_to_reference(out, exact, plain, what=f"hoisted {mode} k{len_k}")
+
+
+# ------------------------------------------------------- CUDA only: the drop-in and explainer
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: runs the compiled kernel inside models (make gpu-check)",
+)
+
+
+def _tiny_model(family: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":
+        config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128)  # fmt: skip
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cuda_drop_in_matches_the_reference_backend(family, mode, dtype):
+    import atman_kernels
+    from atman_kernels.hf import atman_attention
+
+    model = _tiny_model(family).to("cuda", dtype)
+    variants, seq = 6, 77
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 96, (1, seq), generator=g).to("cuda")
+    factors = torch.ones(variants, seq)
+    factors[torch.arange(variants), torch.arange(variants) * 7] = 0.1
+    factors = factors.to("cuda")
+    logits = {}
+    with torch.inference_mode(), atman_attention(model):
+        for backend in ("triton", "reference"):
+            with atman_kernels.suppression(factors, mode), atman_kernels.attention_backend(backend):
+                logits[backend] = model(ids.expand(variants, -1)).logits.float()
+    err = (logits["triton"] - logits["reference"]).abs().max().item()
+    scale = logits["reference"].abs().max().item()
+    limit = 2e-2 if dtype == torch.bfloat16 else 2e-3  # TF32 products for fp32 on CUDA
+    assert err <= limit * scale, f"{family} {mode} {dtype}: max |diff| {err:.3g}, scale {scale:.3g}"
+
+
+@CUDA
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cuda_explainer_matches_the_reference_backend(family, mode):
+    from atman_kernels.explain import AtManExplainer
+
+    model = _tiny_model(family).to("cuda")
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 96, (40,), generator=g).tolist()
+    target = torch.randint(0, 96, (3,), generator=g).tolist()
+    scores = {}
+    for backend in ("triton", "reference"):
+        explainer = AtManExplainer(model, mode=mode, conceptual_threshold=None, batch_size=8,
+                                   progress=False, backend=backend)  # fmt: skip
+        scores[backend] = explainer.explain(prompt, target).scores.float().cpu()
+    assert scores["triton"].shape == (len(prompt) + len(target) - 1,)
+    torch.testing.assert_close(scores["triton"], scores["reference"], rtol=2e-2, atol=2e-3)

@@ -1,4 +1,5 @@
-"""Triton backend: one fused launch computes every variant and head of suppressed attention.
+"""Triton backend: suppressed attention for every variant and head in one fused launch (two in
+paper mode).
 
 Kernel (``_suppressed_attention_fwd``), flash-attention style: each program owns BLOCK_M query
 rows of one (variant b, query head h) pair and walks the key tiles of its visible range with an
@@ -8,37 +9,41 @@ K/V; a single axis has no 65535 limit on B * Hq). Tensors:
 
 - q [Bq, Hq, Nq, D], k/v [Bk, Hkv, Nk, D], Bq and Bk in {1, B}: a batch of 1 is read with
   batch stride 0 (shared by every variant, never copied); kv head = h // (Hq // Hkv) (GQA/MQA).
-- factors [B, Nk] (read as fp32): a per-variant vector over keys, loaded once per key tile,
-  the same slot as flash-attn's vector ``BIAS_TYPE``.
-- key_padding_mask [1 or B, Nk] bool (read as uint8; batch stride 0 when shared).
+- per-variant key vectors [B or 1, Nk] fp32, made once per call by the launcher (O(B Nk)):
+  ``bias`` = log2 f in log mode (f = 0 -> -inf removes the key) with -inf on padded keys, or
+  0 / -inf from the padding mask alone; in paper mode the factors themselves. The kernel takes
+  no logarithm and builds no padding mask per score (flash-attn's vector ``BIAS_TYPE``).
 - out [B, Hq, Nq, D] in q's dtype.
 
-Causal masking is bottom-right aligned (query row i at absolute key position Nk - Nq + i); a
-row with no visible key, or in log mode only removed keys, gives zeros, never NaN.
+Two constexpr stages per row block (``_key_ranges``): stage 1 walks the key tiles that every
+row of the block sees whole (left of the causal diagonal, inside Nk): no mask at all; stage 2
+the diagonal and ragged tiles, with the causal / bounds mask. Causal masking is bottom-right
+aligned (query row i at absolute key position Nk - Nq + i); a row with no visible key, or in log
+mode only removed keys, gives zeros, never NaN.
 
-Modes (constexpr, one compiled kernel each):
+Modes (constexpr):
 
-- ``log``: s' = s + log f, a per-key additive bias; one pass, same FLOPs as plain attention.
+- ``log``: s' = s + log f: a per-key additive bias; one launch, the FLOPs of plain attention.
 - ``paper``: s' = m + f (s - m) with m the row minimum over *visible* keys. m is needed before
-  the first exponential, so the kernel makes two passes over the key tiles of its row block:
-  pass 1 computes QK^T only and keeps the masked row minimum (no exp, no PV, no softmax
-  state); pass 2 is the online softmax on the rescaled scores. FLOPs: plain attention costs
-  4 * Nq * Nk * D (2 for QK^T, 2 for PV); pass 1 adds 2 * Nq * Nk * D, i.e. 1.5x the matmul
-  FLOPs and no extra exponentials, for any factors. The one-pass alternative (ATMAN.md
-  section 2: one accumulator for untouched keys, one for suppressed keys, merged with the
-  final minimum) needs a second PV product (also 1.5x the matmul FLOPs), twice the
-  exponentials, twice the accumulator registers, and only works when a variant's factors take
-  two values; conceptual suppression has continuous factors, so the two-pass form is the one
-  exact scheme for every input. Scores are kept in base 2 (log2(e) folded into the scale):
-  the min-shift is linear, so it commutes with the change of base.
+  the first exponential: ``_row_min_fwd`` computes it first (QK^T and a masked minimum: no
+  exp, no PV) into a [Bm, Hq, Nq] fp32 buffer, Bm = 1 when q, k and the padding mask are all
+  shared by the variants (batch 1 or a stride-0 expand: the minima then cost 1/B of a QK^T
+  pass), else B. The attention kernel then runs the online softmax on f (s - m), which has the
+  softmax of s' (a row constant does not change a softmax): two operations per score more than
+  plain attention. FLOPs with per-variant q/k: 1.5x plain attention's matmul FLOPs, for any
+  factors (the one-pass alternative of ATMAN.md section 2 needs a second PV product, twice the
+  exponentials and two-valued factors). Scores are kept in base 2 (log2(e) folded into the
+  scale); the min-shift is linear, so it commutes with the change of base.
 
 Precision: fp16/bf16 operands feed the tensor cores directly with fp32 accumulation. fp32
 operands use TF32 tensor-core products (about 1e-3 relative error per product, what torch
 gives with ``allow_tf32=True``): ``tf32x3`` (fp32 accuracy) and ``ieee`` (no tensor cores) both
 spilled registers for every tile tried at head dims >= 80, so they are not offered. Use
 fp16/bf16 for speed, the reference or C++ backend for fp32 exactness. Lengths, head counts
-and the scale are runtime arguments (no recompile per length); head dim, block sizes, mode
-and the masks are constexpr. Head dims 16..256; a head dim that is not a power of two is
+and the scale are runtime arguments (no recompile per length); head dim, block sizes, mode,
+the stages and the masks are constexpr. K/V tiles go through ``cp.async`` into shared memory
+(wgmma on sm_90); tensor descriptors (TMA) are not used yet. Tile configs are not timed (see
+``_CONFIGS``). Head dims 16..256; a head dim that is not a power of two is
 padded to the next one with masked loads.
 
 Triton is imported lazily (first use), so ``import atman_kernels`` works without triton and
@@ -72,12 +77,114 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NO_SPECIALIZE = ("N_Q", "N_K", "H_Q", "GROUP")
 
 
+def _key_ranges(pid_m, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr):
+    """Key ranges of one query block: [0, full_end) holds tiles that every row of the block
+    sees whole (no causal cut, no ragged end): no mask at all; [full_end, hi) holds the
+    diagonal and ragged tiles, masked. full_end is a multiple of BLOCK_N."""
+    if CAUSAL:
+        # Row i sees keys j <= i + (N_K - N_Q); keys past the block's last row are never read.
+        first_row_last_key = pid_m * BLOCK_M + (N_K - N_Q)
+        hi = tl.minimum(N_K, first_row_last_key + BLOCK_M)
+        full_end = tl.minimum((first_row_last_key + 1) // BLOCK_N, N_K // BLOCK_N) * BLOCK_N
+        full_end = tl.maximum(full_end, 0)
+    else:
+        hi = N_K
+        full_end = (N_K // BLOCK_N) * BLOCK_N
+    return full_end, hi
+
+
+def _key_tile_ptrs(base, stride_n, start_n, offs_n0, offs_d, HOIST: tl.constexpr):
+    """Addresses of rows start_n.. of K or V. HOIST: ``base`` is already the [BLOCK_N, BLOCK_D]
+    pointer tile of row 0 (built once, outside the loop: one scalar add per tile), else a
+    scalar pointer and the tile is formed per tile (nothing of that size stays live across
+    the loop: the hoisted tile spilled registers on sm_80 and at padded head dims)."""
+    if HOIST:
+        return base + start_n * stride_n
+    else:
+        return base + (start_n + offs_n0)[:, None] * stride_n + offs_d[None, :]
+
+
+def _load_key_rows(ptrs, offs_n, offs_d, N_K,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile of K or V; masks only where a tile can leave the tensor."""
+    if MASKED:
+        return tl.load(ptrs, mask=(offs_n < N_K)[:, None] & (offs_d < HEAD_DIM)[None, :],
+                       other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
+                  k_base, v_base, bias_base, f_base,
+                  stride_kn, stride_vn, qk_scale, lo, hi, N_K,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAPER: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, HOIST: tl.constexpr):
+    """Online softmax (base 2) over the key tiles in [lo, hi); MASKED = the diagonal/ragged
+    stage (causal and bounds masks), else every key of every tile is visible to every row."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if HOIST:
+        k_base = k_base + offs_n0[:, None] * stride_kn + offs_d[None, :]
+        v_base = v_base + offs_n0[:, None] * stride_vn + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        k_ptrs = _key_tile_ptrs(k_base, stride_kn, start_n, offs_n0, offs_d, HOIST)
+        k = _load_key_rows(k_ptrs, offs_n, offs_d, N_K, HEAD_DIM, BLOCK_D, MASKED)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            n_ok = offs_n < N_K
+        if PAPER:
+            # s' - m = f (s - m): the softmax of a row ignores the row constant m, so the
+            # online softmax runs on f (s - m) directly (2 operations per score, 1 vector).
+            if MASKED:
+                f = tl.load(f_base + offs_n, mask=n_ok, other=1.0)
+            else:
+                f = tl.load(f_base + offs_n)
+            s = (qk * qk_scale - row_min[:, None]) * f[None, :]
+        else:
+            s = qk * qk_scale
+        if HAS_BIAS:
+            # log2(f), -inf for padded keys (log mode), or 0 / -inf (padding only).
+            if MASKED:
+                s += tl.load(bias_base + offs_n, mask=n_ok, other=0.0)[None, :]
+            else:
+                s += tl.load(bias_base + offs_n)[None, :]
+        if MASKED:
+            # Causal: key j <= row_pos < N_K for every stored row, so one compare per score
+            # covers the bounds too (rows past N_Q are never stored).
+            if CAUSAL:
+                s = tl.where(offs_n[None, :] <= row_pos[:, None], s, float("-inf"))
+            else:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED or HAS_BIAS:
+            # A row that has seen no key yet keeps max -inf: shift by 0 so exp2 gives 0, not
+            # NaN. (A whole tile without mask or bias has finite scores: no such row.)
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_shift = m_new
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = _key_tile_ptrs(v_base, stride_vn, start_n, offs_n0, offs_d, HOIST)
+        v = _load_key_rows(v_ptrs, offs_n, offs_d, N_K, HEAD_DIM, BLOCK_D, MASKED)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 def _suppressed_attention_fwd(
-    Q, K, V, F, MASK, Out,
+    Q, K, V, BIAS, F, ROW_MIN, Out,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_fb, stride_mb,
+    stride_biasb, stride_fb, stride_rb, stride_rh,
     stride_ob, stride_oh, stride_om,
     qk_scale,
     N_Q, N_K, H_Q, GROUP,
@@ -86,14 +193,16 @@ def _suppressed_attention_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
-    HAS_FACTORS: tl.constexpr,
     PAPER: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HOIST: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (variant, query head); see the module docstring.
 
     Last-dim strides are 1 (the launcher guarantees it). ``qk_scale`` = scale * log2(e).
+    PAPER: F [B, Nk] the factors (fp32), ROW_MIN [1 or B, Hq, Nq] the base-2 row minima from
+    ``_row_min_fwd``. HAS_BIAS: BIAS [1 or B, Nk] added to every score (after the factor).
     """
     num_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
@@ -103,100 +212,112 @@ def _suppressed_attention_fwd(
     h = pid_bh % H_Q
     h_kv = (h // GROUP).to(tl.int64)
     h = h.to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
-    f_base = F + b * stride_fb
-    mask_base = MASK + b * stride_mb
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < N_Q
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if CAUSAL:
-        # Row i sees keys j <= i + (N_K - N_Q); keys past the block's last row are never read.
-        row_pos = offs_m + (N_K - N_Q)
-        hi = tl.minimum(N_K, pid_m * BLOCK_M + BLOCK_M + (N_K - N_Q))
-    else:
-        hi = N_K
-
-    # Pass 1 (paper mode): masked row minimum of the raw scores q.k (scale > 0 commutes).
+    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=io_mask, other=0.0)
+    row_pos = offs_m + (N_K - N_Q)
+    full_end, hi = _key_ranges(pid_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     row_min = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PAPER and HAS_FACTORS:
-        row_min = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            n_ok = offs_n < N_K
-            k = tl.load(
-                k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            visible = n_ok[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= row_pos[:, None])
-            if HAS_MASK:
-                real = tl.load(mask_base + offs_n, mask=n_ok, other=0)
-                visible = visible & (real != 0)[None, :]
-            row_min = tl.minimum(row_min, tl.min(tl.where(visible, s, float("inf")), 1))
-        # No visible key: any finite value works (the row gives zeros); avoid inf - inf.
-        row_min = tl.where(row_min == float("inf"), 0.0, row_min * qk_scale)
+    if PAPER:
+        row_min = tl.load(ROW_MIN + b * stride_rb + h * stride_rh + offs_m, mask=row_ok,
+                          other=0.0)
 
-    # Pass 2: online softmax over s' in base 2.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
+    bias_base = BIAS + b * stride_biasb
+    f_base = F + b * stride_fb
+    # Stage 1: whole tiles, no masks. Stage 2: the diagonal and ragged tiles.
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, row_min, row_pos, k_base, v_base, bias_base, f_base,
+        stride_kn, stride_vn, qk_scale, 0, full_end, N_K,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAPER, HAS_BIAS, DOT_PRECISION, HOIST,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, row_min, row_pos, k_base, v_base, bias_base, f_base,
+        stride_kn, stride_vn, qk_scale, full_end, hi, N_K,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAPER, HAS_BIAS, DOT_PRECISION, HOIST,
+    )
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # l = 0 only where acc = 0: zeros
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=io_mask)
+
+
+def _row_min_fwd(
+    Q, K, MASK, ROW_MIN,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_mb, stride_rb, stride_rh,
+    qk_scale,
+    N_Q, N_K, H_Q, GROUP,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HOIST: tl.constexpr,
+):  # fmt: skip
+    """Paper mode's row minima: ROW_MIN[b, h, i] = qk_scale * min over visible j of q_i . k_j
+    (0 for a row with no visible key). One program per BLOCK_M rows of one (b, h); b runs over
+    the batch that q, k and the padding mask really have (1 when all three are shared by the
+    variants: the minima are then computed once per head and row, not once per variant).
+    QK^T and a minimum only: no exponential, no PV product."""
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // H_Q).to(tl.int64)
+    h = pid_bh % H_Q
+    h_kv = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    if HOIST:
+        k_base += tl.arange(0, BLOCK_N)[:, None] * stride_kn + tl.arange(0, BLOCK_D)[None, :]
+    mask_base = MASK + b * stride_mb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N_Q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    row_pos = offs_m + (N_K - N_Q)
+    full_end, hi = _key_ranges(pid_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+    row_min = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+    for start_n in range(0, full_end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        k_ptrs = _key_tile_ptrs(k_base, stride_kn, start_n, offs_n0, offs_d, HOIST)
+        k = _load_key_rows(k_ptrs, offs_n, offs_d, N_K, HEAD_DIM, BLOCK_D, False)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_MASK:
+            real = tl.load(mask_base + offs_n)
+            s = tl.where((real != 0)[None, :], s, float("inf"))
+        row_min = tl.minimum(row_min, tl.min(s, 1))
+    for start_n in range(full_end, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         n_ok = offs_n < N_K
-        k = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_FACTORS:
-            f = tl.load(f_base + offs_n, mask=n_ok, other=1.0)
-            if PAPER:
-                s = row_min[:, None] + f[None, :] * (s - row_min[:, None])
-            else:
-                s = s + tl.log2(f)[None, :]  # f = 0 -> -inf: the key is removed
+        k_ptrs = _key_tile_ptrs(k_base, stride_kn, start_n, offs_n0, offs_d, HOIST)
+        k = _load_key_rows(k_ptrs, offs_n, offs_d, N_K, HEAD_DIM, BLOCK_D, True)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         visible = n_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= row_pos[:, None])
         if HAS_MASK:
             real = tl.load(mask_base + offs_n, mask=n_ok, other=0)
             visible = visible & (real != 0)[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # l = 0 only where acc = 0: zeros
-    o_base = Out + b * stride_ob + h * stride_oh
-    tl.store(
-        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+        row_min = tl.minimum(row_min, tl.min(tl.where(visible, s, float("inf")), 1))
+    # No visible key: any finite value works (the row gives zeros); avoid inf - inf.
+    row_min = tl.where(row_min == float("inf"), 0.0, row_min * qk_scale)
+    tl.store(ROW_MIN + b * stride_rb + h * stride_rh + offs_m, row_min, mask=row_ok)
 
 
 @dataclass(frozen=True)
@@ -207,21 +328,27 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # Build the K/V pointer tile once outside the key loop (fewer instructions per tile) or
+    # per tile (fewer live registers). ``kernel_config`` hoists on sm_90 at power-of-two head
+    # dims, where the ahead-of-time compiles show no spill; elsewhere the hoisted tile spilled.
+    hoist: bool = False
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket (BLOCK_D). Picked from a sweep of
-# ahead-of-time compiles (paper mode, causal, factors and padding mask: the heaviest variant)
-# as the largest tile with no local-memory spill for every head dim of the bucket (e.g. 40 and
-# 64, 80 and 128) on sm_80 resp. sm_90; ``tests/test_triton_aot.py`` re-checks every entry.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket (BLOCK_D). NOT TIMED: no GPU has
+# run this kernel, so no entry was chosen by measured time. Each is the largest tile tried in a
+# sweep of ahead-of-time compiles (both modes, causal, factors and padding mask, both kernels)
+# that spills no register at any head dim of its bucket (e.g. 40 and 64, 80 and 128) on sm_80
+# resp. sm_90; ``tests/test_triton_aot.py`` re-checks every entry. A GPU run should re-pick
+# them by time (``benchmarks/gpu_check.py`` gives the numbers to do it).
 _CONFIGS = {
     # 16-bit inputs
-    (80, 2): {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (64, 64, 4, 2),
-              128: (64, 64, 4, 2), 256: (64, 32, 8, 2)},
+    (80, 2): {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (64, 32, 4, 2),
+              128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
     (90, 2): {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2),
               128: (128, 64, 8, 2), 256: (64, 32, 4, 2)},
     # fp32 inputs (TF32 tensor cores)
-    (80, 4): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
-              128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
+    (80, 4): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 32, 4, 2),
+              128: (128, 32, 8, 2), 256: (64, 16, 8, 2)},
     (90, 4): {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2),
               128: (128, 32, 8, 2), 256: (64, 16, 8, 2)},
 }  # fmt: skip
@@ -241,7 +368,8 @@ def kernel_config(head_dim: int, dtype: torch.dtype, arch: int = 80) -> KernelCo
     block_d = _block_d(head_dim)
     if arch in _SMALL_SHARED_ARCHS and (size, block_d) in _SMALL_SHARED_CONFIGS:
         return KernelConfig(*_SMALL_SHARED_CONFIGS[(size, block_d)])
-    return KernelConfig(*_CONFIGS[(family, size)][block_d])
+    hoist = family == 90 and head_dim == block_d
+    return KernelConfig(*_CONFIGS[(family, size)][block_d], hoist=hoist)
 
 
 def _block_d(head_dim: int) -> int:
@@ -249,6 +377,7 @@ def _block_d(head_dim: int) -> int:
 
 
 def _constexprs(
+    kernel: str,
     head_dim: int,
     dtype: torch.dtype,
     mode: str,
@@ -257,31 +386,49 @@ def _constexprs(
     has_mask: bool,
     cfg: KernelConfig,
 ) -> dict[str, Any]:
-    """The kernel's constexpr arguments: one definition for ``run`` and ``compile_kernel``."""
-    return {
+    """Constexpr arguments of ``kernel`` ("attention" or "row_min"): one definition for
+    ``run`` and ``compile_kernel``."""
+    common = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": _block_d(head_dim),
         "BLOCK_M": cfg.block_m,
         "BLOCK_N": cfg.block_n,
         "CAUSAL": causal,
-        "HAS_FACTORS": has_factors,
-        "PAPER": mode == "paper",
-        "HAS_MASK": has_mask,
-        # fp32 operands: TF32 tensor cores (see the module docstring); no effect on 16-bit ones.
-        "DOT_PRECISION": "tf32",
+        "HOIST": cfg.hoist,
     }
+    # fp32 operands: TF32 tensor cores (see the module docstring); no effect on 16-bit ones.
+    tail = {"DOT_PRECISION": "tf32"}
+    if kernel == "row_min":
+        return {**common, "HAS_MASK": has_mask, **tail}
+    paper = mode == "paper" and has_factors
+    has_bias = has_mask or (has_factors and not paper)
+    return {**common, "PAPER": paper, "HAS_BIAS": has_bias, **tail}
+
+
+_KERNEL_SOURCES = {"attention": _suppressed_attention_fwd, "row_min": _row_min_fwd}
+# Plain functions until _triton() runs; the kernels call them by these global names.
+_HELPER_SOURCES = {
+    fn.__name__: fn for fn in (_key_ranges, _key_tile_ptrs, _load_key_rows, _attend_tiles)
+}
 
 
 @functools.cache
 def _triton():
-    """Import triton and build the kernel once; returns (triton, kernel)."""
+    """Import triton and build the kernels once; returns (triton, {name: kernel})."""
     global tl
     import triton
     import triton.language as language
 
     tl = language
-    kernel = triton.jit(_suppressed_attention_fwd, do_not_specialize=list(_NO_SPECIALIZE))
-    return triton, kernel
+    # The kernels call the helpers by their global names: make those names JIT functions.
+    module = sys.modules[__name__]
+    for name, fn in _HELPER_SOURCES.items():
+        setattr(module, name, triton.jit(fn))
+    kernels = {
+        name: triton.jit(fn, do_not_specialize=list(_NO_SPECIALIZE))
+        for name, fn in _KERNEL_SOURCES.items()
+    }
+    return triton, kernels
 
 
 def _triton_importable() -> bool:
@@ -326,6 +473,36 @@ def _batch_stride(t: torch.Tensor) -> int:
     return 0 if t.shape[0] == 1 else t.stride(0)
 
 
+def _shared(t: torch.Tensor | None) -> bool:
+    """Whether every variant reads the same rows (batch 1, or a stride-0 expand)."""
+    return t is None or t.shape[0] == 1 or t.stride(0) == 0
+
+
+def _key_vectors(factors, key_padding_mask, mode: str):
+    """Per-variant key vectors, fp32, [B or 1, Nk]: (bias, paper_factors), None where unused.
+    Computed once per call (O(B Nk)), so the kernel never takes a logarithm or builds a
+    padding mask per score:
+
+    - log mode: bias = log2(f) (f = 0 -> -inf: the key is removed), -inf for padded keys;
+    - paper mode: the factors as fp32; bias = 0 / -inf for real / padded keys, if padding;
+    - no factors: bias = 0 / -inf from the padding mask, if any.
+    """
+    bias = paper_factors = None
+    f = None if factors is None else factors.to(torch.float32)
+    if f is not None and mode == "paper":
+        paper_factors = f.contiguous()
+    elif f is not None:
+        bias = torch.log2(f)
+    if key_padding_mask is not None:
+        if bias is None:
+            bias = torch.zeros(key_padding_mask.shape, dtype=torch.float32,
+                               device=key_padding_mask.device)  # fmt: skip
+        bias = bias.masked_fill(~key_padding_mask, float("-inf"))
+    if bias is not None:
+        bias = bias.contiguous()
+    return bias, paper_factors
+
+
 def run(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -336,7 +513,11 @@ def run(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel on validated inputs; returns [B, Hq, Nq, D] contiguous in q's dtype.
+    """Launch the kernels on validated inputs; returns [B, Hq, Nq, D] contiguous in q's dtype.
+
+    Paper mode with factors launches ``_row_min_fwd`` first (into a [1 or B, Hq, Nq] fp32
+    buffer: 1 when q, k and the padding mask are all shared by the variants), then the
+    attention kernel; every other call is one launch.
 
     Args:
         q: [Bq, Hq, Nq, D]; k, v: [Bk, Hkv, Nk, D]; Bq, Bk in {1, B}; any strides.
@@ -346,7 +527,7 @@ def run(
         out: optional preallocated [B, Hq, Nq, D] contiguous output in q's dtype (tests pass a
             NaN-filled one to prove every element is written).
     """
-    triton, kernel = _triton()
+    triton, kernels = _triton()
     shape = (call.batch, call.heads_q, call.len_q, call.head_dim)
     if out is None:
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
@@ -358,40 +539,65 @@ def run(
     elif out.device != q.device:
         raise ValueError(f"out must be on q's device {q.device}, got {out.device}")
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
-    f = None if factors is None else factors.to(torch.float32).contiguous()
-    mask = None
-    if key_padding_mask is not None:
-        mask = key_padding_mask.contiguous().view(torch.uint8)
+    qk_scale = call.scale * LOG2E
+    bias, paper_factors = _key_vectors(factors, key_padding_mask, call.mode)
+    paper = paper_factors is not None
     arch = 80
     if q.is_cuda:
         major, minor = torch.cuda.get_device_capability(q.device)
         arch = 10 * major + minor
     cfg = kernel_config(call.head_dim, q.dtype, arch)
-    grid = (triton.cdiv(call.len_q, cfg.block_m) * call.batch * call.heads_q,)
+    num_m = triton.cdiv(call.len_q, cfg.block_m)
+    group = call.heads_q // call.heads_kv
+    flags = (call.head_dim, q.dtype, call.mode, call.causal, factors is not None,
+             key_padding_mask is not None, cfg)  # fmt: skip
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        kernel[grid](
+        row_min = None
+        if paper:
+            mask = None
+            if key_padding_mask is not None:
+                mask = key_padding_mask.contiguous().view(torch.uint8)
+            per_variant = not (_shared(q) and _shared(k) and _shared(mask))
+            rows = call.batch if per_variant else 1
+            row_min = torch.empty(rows, call.heads_q, call.len_q, dtype=torch.float32,
+                                  device=q.device)  # fmt: skip
+            kernels["row_min"][(num_m * rows * call.heads_q,)](
+                q, k, mask if mask is not None else q, row_min,
+                _batch_stride(q), q.stride(1), q.stride(2),
+                _batch_stride(k), k.stride(1), k.stride(2),
+                0 if mask is None else _batch_stride(mask),
+                row_min.stride(0), row_min.stride(1),
+                qk_scale, call.len_q, call.len_k, call.heads_q, group,
+                **_constexprs("row_min", *flags), **launch,
+            )  # fmt: skip
+        unused = q  # the pointer passed where a constexpr flag says it is never read
+        kernels["attention"][(num_m * call.batch * call.heads_q,)](
             q, k, v,
-            f if f is not None else q,  # never read when HAS_FACTORS is False
-            mask if mask is not None else q,  # never read when HAS_MASK is False
+            bias if bias is not None else unused,
+            paper_factors if paper else unused,
+            row_min if paper else unused,
             out,
             _batch_stride(q), q.stride(1), q.stride(2),
             _batch_stride(k), k.stride(1), k.stride(2),
             _batch_stride(v), v.stride(1), v.stride(2),
-            0 if f is None else _batch_stride(f),
-            0 if mask is None else _batch_stride(mask),
+            0 if bias is None else _batch_stride(bias),
+            0 if paper_factors is None else paper_factors.stride(0),
+            0 if row_min is None else _batch_stride(row_min),
+            0 if row_min is None else row_min.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            call.scale * LOG2E,
-            call.len_q, call.len_k, call.heads_q, call.heads_q // call.heads_kv,
-            **_constexprs(
-                call.head_dim, q.dtype, call.mode, call.causal, f is not None, mask is not None, cfg
-            ),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            qk_scale, call.len_q, call.len_k, call.heads_q, group,
+            **_constexprs("attention", *flags), **launch,
         )  # fmt: skip
     return out
 
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Pointer arguments read as fp32 vectors / u8 masks when their flag is on.
+_FP32_POINTERS = {"BIAS": "HAS_BIAS", "F": "PAPER", "ROW_MIN": "PAPER"}
+# Strides that hold the head dim (divisible by 16 only when it is) or a length (never assumed).
+_ROW_STRIDES = ("stride_qm", "stride_kn", "stride_vn", "stride_om")
+_LENGTH_STRIDES = ("stride_biasb", "stride_fb", "stride_mb", "stride_rb", "stride_rh")
 
 
 def compile_kernel(
@@ -403,15 +609,17 @@ def compile_kernel(
     has_factors: bool,
     has_mask: bool,
     config: KernelConfig | None = None,
+    kernel: str = "attention",
 ):
     """Compile ahead of time for ``sm_<arch>`` (no GPU needed) exactly as ``run`` would launch.
 
-    Same constexprs, config (``kernel_config``) and integer specialisation as a launch on
-    contiguous tensors: pointers 16-byte aligned; batch/head strides divisible by 16; the row
-    stride (= head dim) divisible by 16 when the head dim is. Returns triton's compiled kernel
-    (``.asm["cubin"]``, ``.asm["ptx"]``, ``.metadata`` with ``n_regs``, ``n_spills``,
-    ``shared``). Works whether or not ``TRITON_INTERPRET`` is set. ``config`` overrides the
-    table (for tuning it).
+    ``kernel``: "attention" (the main kernel) or "row_min" (paper mode's first launch). Same
+    constexprs, config (``kernel_config``) and integer specialisation as a launch on
+    contiguous tensors: pointers 16-byte aligned; batch/head strides of q, k, v, out divisible
+    by 16; the row stride (= head dim) divisible by 16 when the head dim is; strides that
+    hold a length (key vectors, row minima) not assumed divisible. Returns triton's compiled
+    kernel (``.asm["cubin"]``, ``.asm["ptx"]``, ``.metadata``). Works whether or not
+    ``TRITON_INTERPRET`` is set. ``config`` overrides the table (for tuning it).
     """
     if mode not in ("paper", "log"):
         raise ValueError(f"mode must be 'paper' or 'log', got {mode!r}")
@@ -419,22 +627,21 @@ def compile_kernel(
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    if kernel not in _KERNEL_SOURCES:
+        raise ValueError(f"kernel must be one of {tuple(_KERNEL_SOURCES)}, got {kernel!r}")
     triton, _ = _triton()
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    fn = JITFunction(_suppressed_attention_fwd, do_not_specialize=list(_NO_SPECIALIZE))
+    fn = JITFunction(_KERNEL_SOURCES[kernel], do_not_specialize=list(_NO_SPECIALIZE))
     cfg = config if config is not None else kernel_config(head_dim, dtype, arch)
     ty = _TRITON_DTYPE[dtype]
-    pointers = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "F": "*fp32", "MASK": "*u8"}
-    pointers["Out"] = f"*{ty}"
-    if not has_factors:
-        pointers["F"] = f"*{ty}"  # the launcher passes q as the unused pointer
-    if not has_mask:
-        pointers["MASK"] = f"*{ty}"
-    row_strides = ("stride_qm", "stride_kn", "stride_vn", "stride_om")
-    constexprs = _constexprs(head_dim, dtype, mode, causal, has_factors, has_mask, cfg)
+    constexprs = _constexprs(kernel, head_dim, dtype, mode, causal, has_factors, has_mask, cfg)
+    pointers = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "Out": f"*{ty}"}
+    for name, flag in _FP32_POINTERS.items():
+        pointers[name] = "*fp32" if constexprs.get(flag) else f"*{ty}"
+    pointers["MASK"] = "*u8" if has_mask else f"*{ty}"
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list] = {}
     divisible = [["tt.divisibility", 16]]
@@ -448,7 +655,9 @@ def compile_kernel(
             signature[name] = "fp32"
         elif name.startswith("stride_"):
             signature[name] = "i32"
-            if name not in row_strides or head_dim % 16 == 0:
+            if name in _LENGTH_STRIDES:
+                continue
+            if name not in _ROW_STRIDES or head_dim % 16 == 0:
                 attrs[(i,)] = divisible
         else:
             signature[name] = "i32"
