@@ -128,3 +128,28 @@ def test_combine_scores_options():
 def test_top_orders_by_score():
     top = text_explanation().top(2)
     assert [t[0] for t in top] == [3, 1]
+
+
+def test_json_is_strict_and_round_trips_nan_and_inf(tmp_path):
+    per_target = torch.tensor([[float("nan"), float("inf"), -float("inf"), 1.5]])
+    expl = Explanation(tokens=list("abcd"), scores=per_target[0], per_target=per_target,
+                       target_tokens=["t"], kind="causal_lm",
+                       settings={"odd": float("nan")})
+    text = expl.to_json()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    back = Explanation.from_json(text)
+    assert back.to_dict()["format_version"] == 2
+    assert torch.equal(back.per_target.isnan(), per_target.isnan())
+    assert back.per_target[0, 1] == float("inf") and back.per_target[0, 2] == -float("inf")
+    assert back.per_target[0, 3] == 1.5 and back.settings["odd"] == "NaN"
+
+
+def test_format_1_files_still_load_and_newer_versions_are_refused():
+    old = {"kind": "causal_lm", "tokens": ["a", "b"], "scores": [1.0, None],
+           "per_target": [[1.0, None]], "target_tokens": ["t"], "positions": [0, 1],
+           "token_ids": [5, 6], "settings": {}}
+    back = Explanation.from_dict(old)
+    assert back.scores[0] == 1.0 and back.scores[1].isnan()
+    assert [s.positions for s in back.spans] == [(0,), (1,)]
+    with pytest.raises(ValueError, match="newer than this package reads"):
+        Explanation.from_dict({**old, "format_version": 99})

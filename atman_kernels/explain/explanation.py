@@ -23,6 +23,9 @@ import torch
 from .units import Span, token_spans
 
 KINDS = ("causal_lm", "classifier", "image", "image_text")
+# 1: tokens and positions only (non-finite numbers written as null); 2: spans, prompt, image
+# views, contrast, non-finite numbers as "NaN" / "Infinity" / "-Infinity"
+FORMAT_VERSION = 2
 POSTPROCESS = ("none", "abs", "square")
 
 
@@ -222,8 +225,13 @@ class Explanation:
 
     # ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (lists and numbers only); ``image`` is left out."""
+        """A JSON-ready dict (lists, strings and numbers only); the pictures are left out.
+
+        ``format_version`` is :data:`FORMAT_VERSION`; :meth:`from_dict` reads every earlier
+        version too.
+        """
         return {
+            "format_version": FORMAT_VERSION,
             "kind": self.kind,
             "tokens": list(self.tokens),
             "token_ids": None if self.token_ids is None else [int(i) for i in self.token_ids],
@@ -254,34 +262,38 @@ class Explanation:
         missing = {"kind", "tokens", "scores", "per_target", "target_tokens"} - set(data)
         if missing:
             raise ValueError(f"explanation dict lacks the keys {sorted(missing)}")
+        version = data.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"explanation format_version {version!r} is newer than this "
+                             f"package reads ({FORMAT_VERSION}): upgrade atman_kernels")
         n = len(data["tokens"])
-        per_target = torch.tensor(data["per_target"], dtype=torch.float64).reshape(-1, n)
+        per_target = _tensor(data["per_target"]).reshape(-1, n)
         baseline = data.get("baseline_loss")
         grid = data.get("patch_grid")
         return cls(
             tokens=list(data["tokens"]),
-            scores=torch.tensor(data["scores"], dtype=torch.float64).reshape(n),
+            scores=_tensor(data["scores"]).reshape(n),
             per_target=per_target,
             target_tokens=list(data["target_tokens"]),
             kind=data["kind"],
             positions=list(data.get("positions") or []),
             token_ids=None if data.get("token_ids") is None else list(data["token_ids"]),
-            baseline_loss=None if baseline is None else torch.tensor(baseline, dtype=torch.float64),
+            baseline_loss=None if baseline is None else _tensor(baseline),
             patch_grid=None if grid is None else (int(grid[0]), int(grid[1])),
             settings=dict(data.get("settings") or {}),
             spans=[Span.from_dict(d) for d in data.get("spans") or []],
             prompt=data.get("prompt"),
             image_views=list(data.get("image_views") or []),
             contrast_tokens=data.get("contrast_tokens"),
-            contrast_per_target=None if data.get("contrast_per_target") is None else torch.tensor(
-                data["contrast_per_target"], dtype=torch.float64).reshape(-1, n),
+            contrast_per_target=None if data.get("contrast_per_target") is None else _tensor(
+                data["contrast_per_target"]).reshape(-1, n),
             contrast_baseline_loss=None if data.get("contrast_baseline_loss") is None else
-            torch.tensor(data["contrast_baseline_loss"], dtype=torch.float64),
+            _tensor(data["contrast_baseline_loss"]),
         )
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
         """JSON text of :meth:`to_dict`; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+        text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
         if path is not None:
             ensure_parent(path).write_text(text, encoding="utf-8")
         return text
@@ -296,11 +308,35 @@ class Explanation:
         return cls.from_dict(json.loads(text))
 
 
-def _floats(t: torch.Tensor) -> list[float]:
-    out = []
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _floats(t: torch.Tensor) -> list[float | str]:
+    """Numbers for JSON: non-finite values as the strings "NaN", "Infinity", "-Infinity"
+    (JSON has no literal for them)."""
+    out: list[float | str] = []
     for x in t.detach().to(torch.float64).cpu().reshape(-1).tolist():
-        out.append(x if math.isfinite(x) else None)
+        if math.isfinite(x):
+            out.append(x)
+        else:
+            out.append("NaN" if x != x else ("Infinity" if x > 0 else "-Infinity"))
     return out
+
+
+def _tensor(values: Any) -> torch.Tensor:
+    """Inverse of :func:`_floats` (nested lists); None (format 1's non-finite) reads as NaN."""
+    def number(x: Any) -> Any:
+        if isinstance(x, list):
+            return [number(v) for v in x]
+        if x is None:
+            return math.nan
+        if isinstance(x, str):
+            if x not in _NON_FINITE:
+                raise ValueError(f"not a number in an explanation: {x!r}")
+            return _NON_FINITE[x]
+        return x
+
+    return torch.tensor(number(values), dtype=torch.float64)
 
 
 def _jsonable(value: Any) -> Any:
@@ -311,6 +347,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in items]
     if isinstance(value, torch.Tensor):
         return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return _floats(torch.tensor([value]))[0]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
