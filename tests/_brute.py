@@ -180,10 +180,11 @@ def brute_classifier_units(model, model_inputs, seq_len, units, cls, c=0.1, mode
 
 
 # --------------------------------------------------------------------------------- models
-def tiny_llama(seed=0, vocab=61):
+def tiny_llama(seed=0, vocab=61, positions=64):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=positions,
                       initializer_range=0.2)
     return LlamaForCausalLM(cfg).eval()
 

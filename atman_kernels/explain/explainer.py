@@ -182,6 +182,7 @@ class AtManExplainer:
         special_tokens: bool = False,
         image_region: int | None = None,
         contrast: Any = None,
+        chat: bool = False,
     ) -> Explanation:
         """Explain why the model predicts ``target`` for ``inputs``.
 
@@ -228,6 +229,11 @@ class AtManExplainer:
         units are the prompt's (a causal LM's target tokens are not explained). Target and
         foil share the prompt's forward and each variant's factors: the foil costs only its
         own tokens.
+
+        Chat models: ``chat=True`` takes ``inputs`` as the user's message, applies the
+        tokenizer's chat template (with the generation prompt) and explains the user's message
+        only: the template's tokens (system prompt, role markers) are neither explained nor
+        suppressed; ``spans`` then count characters from the start of the message.
         """
         from ..hf import atman_attention
 
@@ -253,7 +259,10 @@ class AtManExplainer:
         model.eval()
         start = time.perf_counter()
         unit_args = {"granularity": granularity, "delimiter": delimiter, "spans": spans,
-                     "special_tokens": bool(special_tokens)}
+                     "special_tokens": bool(special_tokens), "chat": bool(chat)}
+        if chat and self.kind not in ("causal_lm", "classifier"):
+            raise ValueError(f"chat=True applies a tokenizer's chat template to a text prompt; "
+                             f"not for a {self.kind} model")
         try:
             with torch.inference_mode():
                 if self.kind == "causal_lm":
@@ -278,6 +287,30 @@ class AtManExplainer:
         return expl
 
     __call__ = explain
+
+    def explain_many(self, examples: Any, *, output: Any = None, resume: bool = True,
+                     progress: bool | None = None, **explain_kwargs: Any
+                     ) -> list[tuple[str, Explanation]]:
+        """Explain every example of an iterable, with one progress bar.
+
+        Args:
+            examples: dicts with "prompt" and "target" (optional "id", "contrast", "spans")
+                or (prompt, target) pairs; an example's id is its "id" or its index.
+            output: a JSON Lines file: each finished example is appended as
+                ``{"id", "explanation"}`` and synced to disk before the next starts, so a
+                crash loses at most the example in flight.
+            resume: skip the ids ``output`` already holds (False: refuse an existing file).
+            progress: show the bar (default: the explainer's ``progress``).
+            explain_kwargs: arguments of :meth:`explain` for every example (granularity, ...).
+
+        Returns:
+            (id, Explanation) of every example explained by this call (not the skipped ones;
+            :func:`atman_kernels.explain.many.read_many` reads a whole output file).
+        """
+        from .many import explain_many
+
+        return explain_many(self, examples, output=output, resume=resume, progress=progress,
+                            **explain_kwargs)
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -377,6 +410,8 @@ class AtManExplainer:
         granularity, delimiter, spans = (unit_args["granularity"], unit_args["delimiter"],
                                          unit_args["spans"])
         coarse = granularity != "token" or delimiter is not None or spans is not None
+        if unit_args.get("chat"):
+            return self._chat_units(prompt, name, unit_args)
         if isinstance(prompt, str):
             enc = self._encode(prompt, name, add_special_tokens=True)
             ids = enc["input_ids"]
@@ -404,6 +439,52 @@ class AtManExplainer:
         eligible = [i for i, t in enumerate(ids) if t not in special]
         return ids, token_spans(self._token_strings([ids[i] for i in eligible]), eligible), \
             None, {}
+
+    def _chat_units(self, message: Any, name: str, unit_args: dict[str, Any]
+                    ) -> tuple[list[int], list[Span], str, dict[str, Any]]:
+        """The chat template applied to the user's ``message``; units inside the message."""
+        if not isinstance(message, str):
+            raise ValueError(f"chat=True takes the user's message as a string, got {name} as "
+                             f"{type(message).__name__}")
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat=True needs a tokenizer with a chat template "
+                             "(tokenizer.chat_template is not set)")
+        if message == "":
+            raise ValueError(f"{name} is empty: give the user's message")
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                                  tokenize=False, add_generation_prompt=True)
+        start = text.find(message)
+        if start < 0:
+            raise ValueError("the chat template changed the user's message (it is not found "
+                             "verbatim in the rendered prompt), so its characters cannot be "
+                             "located; pass the rendered prompt with spans= instead")
+        end = start + len(message)
+        enc = self._encode(text, name, add_special_tokens=False)
+        if enc["offsets"] is None:
+            raise ValueError("chat=True needs character offsets (a fast tokenizer)")
+        eligible = [i for i, ((a, b), special) in enumerate(zip(enc["offsets"], enc["special"],
+                                                                strict=True))
+                    if a < end and b > start and b > a and not special]
+        spans = unit_args["spans"]
+        if spans is not None:
+            bad = [sp for sp in spans if not (0 <= sp[0] and sp[1] <= len(message))]
+            if bad:
+                raise ValueError(f"spans {bad} lie outside the user's message "
+                                 f"(0..{len(message)} characters)")
+            spans = [(a + start, b + start) for a, b in spans]
+        elif unit_args["granularity"] != "token" or unit_args["delimiter"] is not None:
+            # coarse units cut the message, never the template around it
+            units = prompt_spans(message, [(max(a, start) - start, min(b, end) - start)
+                                           for a, b in (enc["offsets"][i] for i in eligible)],
+                                 granularity=unit_args["granularity"],
+                                 delimiter=unit_args["delimiter"],
+                                 position_offset=0)
+            units = [Span(u.text, u.start + start, u.end + start,
+                          tuple(eligible[p] for p in u.positions)) for u in units]
+            return enc["input_ids"], units, text, enc
+        units = prompt_spans(text, enc["offsets"], granularity="token", spans=spans,
+                             eligible=eligible)
+        return enc["input_ids"], units, text, enc
 
     def _check_length(self, n: int) -> None:
         config = self.model.config

@@ -1,0 +1,134 @@
+"""Explain many examples: one progress bar, results streamed to JSON Lines, resumable.
+
+Each finished example is appended to ``output`` as one line, ``{"id": ..., "explanation":
+Explanation.to_dict()}``, flushed and synced to disk before the next starts: a crash loses at
+most the example in flight, and a rerun with the same ``output`` skips every id already there
+(a line cut short by the crash is dropped first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .explanation import Explanation, ensure_parent
+
+if TYPE_CHECKING:
+    from .explainer import AtManExplainer
+
+# per-example keys an example dict may carry (the rest of explain()'s arguments come from the
+# call, the same for every example)
+EXAMPLE_KEYS = ("id", "prompt", "inputs", "target", "contrast", "spans")
+
+
+def _examples(examples: Iterable[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(id, explain() arguments) of each example: a dict with "prompt" (or "inputs") and
+    optionally "id", "target", "contrast", "spans"; or a (prompt, target) pair."""
+    for index, item in enumerate(examples):
+        if isinstance(item, dict):
+            unknown = set(item) - set(EXAMPLE_KEYS)
+            if unknown:
+                raise ValueError(f"example {index}: unknown keys {sorted(unknown)} (an example "
+                                 f"holds {', '.join(EXAMPLE_KEYS)})")
+            if ("prompt" in item) == ("inputs" in item):
+                raise ValueError(f"example {index}: give its input as 'prompt' (or 'inputs')")
+            args = {"inputs": item.get("prompt", item.get("inputs")),
+                    "target": item.get("target")}
+            for key in ("contrast", "spans"):
+                if item.get(key) is not None:
+                    args[key] = item[key]
+            ident = item.get("id", index)
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            args, ident = {"inputs": item[0], "target": item[1]}, index
+        else:
+            raise TypeError(f"example {index} must be a dict with 'prompt' and 'target' or a "
+                            f"(prompt, target) pair, got {type(item).__name__}")
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+            raise TypeError(f"example {index}: id must be a str or int, got {ident!r}")
+        yield str(ident), args
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Ids already in a JSON Lines output; a last line cut short (a crash mid-write) is
+    removed from the file."""
+    if not path.exists():
+        return set()
+    done: set[str] = set()
+    keep = 0
+    with open(path, "rb") as fh:
+        data = fh.read()
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            record = json.loads(line)
+            ident = record["id"]
+        except (ValueError, KeyError, TypeError):
+            if keep + len(line) == len(data):  # the last line: cut short
+                break
+            raise ValueError(f"{path}: line {len(done) + 1} is not an explain_many record; "
+                             "use another --output file") from None
+        done.add(str(ident))
+        keep += len(line)
+    if keep < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+    return done
+
+
+def explain_many(explainer: AtManExplainer, examples: Iterable[Any], *,
+                 output: str | Path | None = None, resume: bool = True,
+                 progress: bool | None = None, **explain_kwargs: Any
+                 ) -> list[tuple[str, Explanation]]:
+    """Explain every example; see :meth:`AtManExplainer.explain_many`."""
+    from tqdm.auto import tqdm
+
+    path = None if output is None else Path(output)
+    done: set[str] = set()
+    if path is not None:
+        if path.exists() and not resume:
+            raise FileExistsError(f"output {path} exists: pass resume=True to skip the examples "
+                                  "it holds, or choose another file")
+        done = finished_ids(path)
+        ensure_parent(path)
+    show = explainer.progress if progress is None else bool(progress)
+    total = len(examples) if hasattr(examples, "__len__") else None
+    results: list[tuple[str, Explanation]] = []
+    seen: set[str] = set()
+    inner = explainer.progress
+    explainer.progress = False  # one bar for the whole run
+    try:
+        with tqdm(total=total, desc="AtMan examples", unit="example", disable=not show) as bar:
+            for ident, args in _examples(examples):
+                if ident in seen:
+                    raise ValueError(f"example id {ident!r} appears twice")
+                seen.add(ident)
+                if ident in done:
+                    bar.update(1)
+                    continue
+                expl = explainer.explain(args.pop("inputs"), args.pop("target"),
+                                         **args, **explain_kwargs)
+                if path is not None:
+                    line = json.dumps({"id": ident, "explanation": expl.to_dict()},
+                                      ensure_ascii=False, allow_nan=False)
+                    with open(path, "a", encoding="utf-8") as fh:
+                        fh.write(line + "\n")
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                results.append((ident, expl))
+                bar.update(1)
+    finally:
+        explainer.progress = inner
+    return results
+
+
+def read_many(path: str | Path) -> Iterator[tuple[str, Explanation]]:
+    """(id, Explanation) of every record of an :func:`explain_many` output."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                record = json.loads(line)
+                yield str(record["id"]), Explanation.from_dict(record["explanation"])
