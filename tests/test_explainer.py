@@ -441,3 +441,19 @@ def test_a_decoder_layer_that_bypasses_atman_is_refused_not_explained_as_zeros()
     # only the intact layer suppressed: allowed
     expl = AtManExplainer(model, progress=False, layers=[0]).explain(PROMPT, TARGET)
     assert expl.scores.abs().max() > 0
+
+
+def test_explanations_emit_no_warning_and_no_transformers_log_line(caplog):
+    """No deprecation (e.g. the cache argument's old name) and no log line from transformers
+    in a whole explanation: prefix reuse, a generated target, a classifier."""
+    import logging
+    import warnings
+
+    model = tiny_llama(5)
+    model.generation_config.pad_token_id = 0
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="transformers"):
+        warnings.simplefilter("error")
+        AtManExplainer(model, progress=False, batch_size=3).explain(PROMPT, TARGET)
+        AtManExplainer(model, progress=False).explain(PROMPT, None, max_new_tokens=2)
+        AtManExplainer(tiny_bert(), progress=False).explain([2, 5, 9, 3], 1)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("transformers")] == []

@@ -7,6 +7,8 @@ scores itself and applies ATMAN.md section 2 with factors looked up by absolute 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -337,11 +339,19 @@ def test_cached_decoding_with_factors_equals_full_recompute(family, mode, factor
     factors = random_factors(batch, prompt if factor_len == "prompt" else ids.shape[1])
     with torch.no_grad(), atman_attention(model), atman_kernels.suppression(factors, mode=mode):
         cache = DynamicCache(config=model.config)
-        out = model(ids[:, :prompt], past_key_values=cache, use_cache=True)
+        out = model(ids[:, :prompt], **_cache_kw(model, cache), use_cache=True)
         for step in range(prompt, ids.shape[1]):
             full = model(ids[:, : step + 1]).logits[:, -1]
-            out = model(ids[:, step : step + 1], past_key_values=out.past_key_values)
+            out = model(ids[:, step : step + 1], **_cache_kw(model, cache))
             torch.testing.assert_close(out.logits[:, -1], full, atol=1e-5, rtol=1e-5)
+
+
+def _cache_kw(model, cache):
+    """The cache argument under the name this transformers takes (5.24 renamed
+    past_key_values to cache; the old name warns)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else (
+        "past_key_values")
+    return {name: cache}
 
 
 @pytest.mark.parametrize("mode", ["paper", "log"])
@@ -356,9 +366,9 @@ def test_prefix_reuse_equals_full_recompute(mode):
     factors[:, :p] = 1.0
     with torch.no_grad(), atman_attention(model):
         cache = DynamicCache(config=model.config)
-        model(ids[:, :p], past_key_values=cache, use_cache=True)
+        model(ids[:, :p], **_cache_kw(model, cache), use_cache=True)
         with atman_kernels.suppression(factors, mode=mode):
-            suffix = model(ids[:, p:], past_key_values=cache).logits
+            suffix = model(ids[:, p:], **_cache_kw(model, cache)).logits
             full = model(ids).logits[:, p:]
     torch.testing.assert_close(suffix, full, atol=1e-5, rtol=1e-5)
 
