@@ -7,7 +7,7 @@ integration layers (:mod:`atman_kernels.hf`, :mod:`atman_kernels.nn`) then fall 
 helper: it materialises the [B, Hq, Nq, Nk] scores, so it is exact but costs N^2 memory.
 
 Semantics are those of :func:`atman_kernels.ops.reference.reference_attention` with the
-visible set V_i given explicitly (ATMAN.md section 2): the additive ``bias`` is part of the
+visible set V_i given explicitly (docs/semantics.md): the additive ``bias`` is part of the
 score s_ij (a position bias), paper mode shifts by the minimum over V_i, log mode adds log f,
 and a row with no visible key gives zeros.
 """

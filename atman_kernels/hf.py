@@ -35,7 +35,7 @@ among the model's interface-routed attention modules in ``model.modules()`` orde
 
 Keys are matched to factors by absolute position: with a KV cache the key tensor covers
 positions 0 .. Nk-1 and the queries are the last Nq positions, so factors given for the whole
-sequence keep working when only a suffix is fed (ATMAN.md section 5).
+sequence keep working when only a suffix is fed (docs/semantics.md, exact prefix reuse).
 
 Exact or refused. Every call is checked before any work, and a refusal names the model (once
 :func:`atman_attention` ran; else the module class and ``model_type``) and the argument:

@@ -13,7 +13,7 @@ timed. Rows:
 - ``sdpa + float mask (log)``: SDPA with an additive [B, 1, N, N] mask of log f and -inf;
 - ``flex score_mod (log)``: compiled FlexAttention, ``score + logf[b, kv_idx]``;
 - ``row-min + sdpa D+1 (paper)``: row minima (query-chunked QK^T) then SDPA over the augmented
-  head dim, q' = [q, m/scale], k' = [f k, 1 - f] (ATMAN.md section 2).
+  head dim, q' = [q, m/scale], k' = [f k, 1 - f] (docs/semantics.md, equivalent forms).
 
 On a CUDA machine ``--gpu`` times the Triton kernel against SDPA and FlexAttention in fp16.
 

@@ -1,4 +1,4 @@
-// Fused suppressed attention for CPU tensors (AtMan, ../shared/ATMAN.md section 2).
+// Fused suppressed attention for CPU tensors (AtMan, docs/semantics.md, suppression formulas).
 //
 // Shapes: q [Bq, Hq, Nq, D], k and v [Bk, Hkv, Nk, D], Bq and Bk in {1, B} (a 1 is read by every
 // variant, never copied), Hq a multiple of Hkv (query head h reads kv head h / (Hq / Hkv)).

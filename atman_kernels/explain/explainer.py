@@ -1,4 +1,4 @@
-"""AtMan explanations of transformers models (``ATMAN.md`` sections 3-5).
+"""AtMan explanations of transformers models (``docs/semantics.md``).
 
 For every explained position j the explainer runs the model with the attention *to* j
 suppressed (in every layer and head, or in ``layers``) and records how much the
