@@ -4,12 +4,17 @@ Explains why a model produces ``--target`` after ``--prompt`` (causal LMs; witho
 ``--target`` the model's own greedy continuation) or why it assigns the label ``--target`` to
 ``--prompt`` (sequence classifiers), per token, word, sentence, paragraph, delimited piece or
 chosen character span, prints the coloured prompt and the top units, and writes HTML / PNG /
-JSON on request. Without ``--model`` the bundled
-SmolLM2-135M-Instruct is used (:func:`atman_kernels.models.load_smollm2`). Nothing is
-downloaded: models load from local folders or GGUF files only.
+JSON on request. Vision-language models (LLaVA, Idefics3 / SmolVLM folders) take pictures with
+``--image PATH`` (once per image placeholder in the prompt, in order) and explain the image
+patches (or ``--image-region K``: K x K patches per unit) with the prompt's text. Without
+``--model`` the bundled SmolLM2-135M-Instruct is used
+(:func:`atman_kernels.models.load_smollm2`). Nothing is downloaded: models load from local
+folders or GGUF files only.
 
 Bad input (empty prompt or target, a target that tokenises to nothing, an unsupported model
-class, an unreadable model path) exits with status 2 and a one-line message.
+class, an unreadable model path, an unreadable picture, pictures for a text-only model, a
+prompt without the image placeholders) exits with status 2 and a one-line message, before the
+model's weights load where it can be known by then.
 """
 
 from __future__ import annotations
@@ -128,6 +133,13 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="a local model folder (from_pretrained) or a .gguf file; default: the "
                         "bundled SmolLM2-135M-Instruct")
+    p.add_argument("--image", type=Path, action="append", default=None, metavar="PATH",
+                   help="a picture for a vision-language model folder (LLaVA, Idefics3, "
+                        "SmolVLM; read with Pillow); repeat for several pictures, one per image "
+                        "placeholder (e.g. <image>) in the prompt, in order")
+    p.add_argument("--image-region", type=_positive_int, default=None, metavar="K",
+                   help="with --image: explain K x K image patches as one unit (e.g. 4: a "
+                        "24 x 24 grid in 36 units); default: every patch")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype to run the model in (default float32)")
     p.add_argument("--mode", choices=("paper", "log"), default="paper",
@@ -195,8 +207,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- model loading
-def load_model(path: str | None, dtype_name: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer) from a folder, a .gguf file, or the bundled SmolLM2 (``None``)."""
+def model_class_name(path: str) -> str | None:
+    """The model class a local folder's config names (``architectures[0]``), read without
+    loading weights; None for a .gguf file or a config without architectures."""
+    from transformers import AutoConfig
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"cannot read model path {path!r}: no such file or folder")
+    if p.is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"cannot read model path {path!r}: {exc}") from exc
+    archs = getattr(config, "architectures", None) or []
+    return archs[0] if archs else None
+
+
+def load_processor(path: str) -> Any:
+    """A vision-language model folder's processor (``AutoProcessor``, local files only)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(Path(path).expanduser()),
+                                                  local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"cannot read the processor of {path!r}: {exc}") from exc
+    if not hasattr(processor, "image_processor"):
+        raise UsageError(f"{path!r} holds no image processor (preprocessor_config.json): a "
+                         "vision-language model folder needs the processor saved with it "
+                         "(processor.save_pretrained)")
+    return processor
+
+
+def read_images(paths: list[Path]) -> list[Any]:
+    """The pictures at ``paths`` as RGB PIL images (read fully, so a bad file fails here)."""
+    from PIL import Image
+
+    pictures = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                pictures.append(im.convert("RGB"))
+        except FileNotFoundError:
+            raise UsageError(f"cannot read --image {path}: no such file") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise UsageError(f"cannot read --image {path}: {exc}") from exc
+    return pictures
+
+
+def load_model(path: str | None, dtype_name: str = "float32", *,
+               processor: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder, a .gguf file, or the bundled SmolLM2 (``None``).
+
+    ``processor``: a vision-language model's processor, already loaded: returned in place of
+    the tokenizer.
+    """
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -225,6 +293,8 @@ def load_model(path: str | None, dtype_name: str = "float32") -> tuple[Any, Any]
         if cls is None:
             cls = AutoModelForCausalLM
         model = cls.from_pretrained(str(p), dtype=dtype, local_files_only=True)
+        if processor is not None:
+            return model, processor
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         return model, tokenizer
     except UsageError:
@@ -234,7 +304,7 @@ def load_model(path: str | None, dtype_name: str = "float32") -> tuple[Any, Any]
 
 
 def _target_for(kind: str, text: str) -> Any:
-    if kind != "causal_lm" and text.strip().lstrip("-").isdigit():
+    if kind in ("classifier", "image") and text.strip().lstrip("-").isdigit():
         return int(text)
     return text
 
@@ -274,6 +344,37 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:half] + " .. " + text[-half:]
 
 
+def _image_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
+    """(pictures, processor) for --image, checked before the model's weights load: the
+    pictures readable, the model folder a vision-language model's with its processor, one
+    image placeholder in the prompt per picture. ([], None) without --image."""
+    from .explain.explainer import IMAGE_TEXT_FAMILIES
+
+    if not args.image:
+        if args.image_region is not None:
+            raise UsageError("--image-region needs --image (a picture for a vision-language "
+                             "model)")
+        return [], None
+    families = ", ".join(sorted(IMAGE_TEXT_FAMILIES))
+    if args.model is None:
+        raise UsageError(f"--image needs a vision-language model folder ({families}) given "
+                         "with --model; the bundled SmolLM2 is a text-only model")
+    images = read_images(args.image)
+    name = model_class_name(args.model)
+    if name not in IMAGE_TEXT_FAMILIES:
+        what = f"{name} is a text-only model" if name else "it names no model class"
+        raise UsageError(f"--image needs a vision-language model ({families}), but --model "
+                         f"{args.model}: {what}")
+    processor = load_processor(args.model)
+    placeholder = getattr(processor, "image_token", None) or "<image>"
+    found = args.prompt.count(placeholder)
+    if found != len(images):
+        raise UsageError(f"the prompt holds {found} image placeholder(s) {placeholder!r} but "
+                         f"{len(images)} --image were given: put {placeholder} where each "
+                         f"picture goes, e.g. --prompt '{placeholder} What is this?'")
+    return images, processor
+
+
 # ----------------------------------------------------------------------------------- main
 def run_explain(args: argparse.Namespace) -> int:
     import torch
@@ -292,12 +393,16 @@ def run_explain(args: argparse.Namespace) -> int:
         delimiter = args.delimiter.replace("\\n", "\n").replace("\\t", "\t")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, args.dtype)
+    images, processor = _image_inputs(args)
+    model, tokenizer = load_model(args.model, args.dtype, processor=processor)
     try:
         kind = model_kind(model)
     except TypeError as exc:
         raise UsageError(str(exc)) from exc
-    if args.target is None and kind != "causal_lm":
+    if kind == "image_text" and not images:
+        raise UsageError(f"{type(model).__name__} is a vision-language model: give the "
+                         "picture(s) with --image PATH")
+    if args.target is None and kind not in ("causal_lm", "image_text"):
         raise UsageError(f"--target is required for a {kind.replace('_', ' ')} model: give the "
                          "label name or class index to explain")
     max_memory = None if args.max_memory_mb is None else args.max_memory_mb * 2**20
@@ -310,9 +415,11 @@ def run_explain(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         target = None if args.target is None else _target_for(kind, args.target)
-        expl = explainer.explain(args.prompt, target, granularity=args.granularity,
+        inputs = (args.prompt, images) if images else args.prompt
+        expl = explainer.explain(inputs, target, granularity=args.granularity,
                                  delimiter=delimiter, spans=args.spans,
                                  max_new_tokens=args.max_new_tokens,
+                                 image_region=args.image_region,
                                  contrast=None if args.contrast is None else
                                  _target_for(kind, args.contrast))
     except (ValueError, NotImplementedError) as exc:  # bad input / model, named by the callee
@@ -334,8 +441,12 @@ def run_explain(args: argparse.Namespace) -> int:
         print(f"top {min(args.top, len(expl.spans))} units (score = rise of the target's "
               "cross-entropy in nats; positive = supports the target):")
         for rank, (_, span, score) in enumerate(expl.top(args.top), start=1):
-            where = f"chars {span.start}-{span.end}" if span.start is not None else (
-                f"{span.source} position {span.positions[0]}")
+            if span.start is not None:
+                where = f"chars {span.start}-{span.end}"
+            elif span.box is not None:
+                where = "box {:.0f},{:.0f}-{:.0f},{:.0f}".format(*span.box)
+            else:
+                where = f"{span.source} position {span.positions[0]}"
             print(f"  {rank:2d}. {_short(span.text)!r:<32} {where:<18} {score:+.5f}")
         for label, path in (("json", args.json), ("html", args.html), ("png", args.png)):
             if path is not None:
