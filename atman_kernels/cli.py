@@ -34,6 +34,14 @@ class UsageError(Exception):
     """A problem with the command line or its inputs: reported without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the flag and what was expected) and a
+    pointer to --help, exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _threshold(text: str) -> float | None:
     if text.strip().lower() in ("none", "off"):
         return None
@@ -78,6 +86,56 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output file can be written, checked before any work (nothing is left behind)."""
+    import tempfile
+
+    for flag, path in (("--html", args.html), ("--png", args.png), ("--json", args.json)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a folder: give a file path")
+        parent = path.parent
+        existing = parent
+        while not existing.exists():
+            existing = existing.parent
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".atman-probe-"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: cannot write in {existing} "
+                             f"({exc.strerror or exc})") from exc
+
+
+def _check_backend(name: str) -> None:
+    """--backend names a backend this machine can run (before the model loads)."""
+    import os
+
+    import torch
+
+    if name == "triton" and not torch.cuda.is_available() and os.environ.get(
+            "TRITON_INTERPRET") != "1":
+        raise UsageError("--backend triton needs a CUDA GPU, and this machine has none; use "
+                         "--backend auto (the C++ kernel on CPU) or --backend cpp")
+    if name == "cpp":
+        from .ops import cpp_backend
+
+        reason = cpp_backend.unavailable_reason() if hasattr(
+            cpp_backend, "unavailable_reason") else None
+        if reason:
+            raise UsageError(f"--backend cpp: {reason}")
 
 
 def _spans(text: str) -> list[tuple[int, int]]:
@@ -157,7 +215,7 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                         "retrieval, see the README)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="variants per forward: 'auto' (from free memory, default) or an integer")
-    p.add_argument("--max-memory-mb", type=int, default=None,
+    p.add_argument("--max-memory-mb", type=_positive_int, default=None,
                    help="memory budget in MiB for --batch-size auto (default: a safe share of "
                         "the free memory)")
     p.add_argument("--no-prefix-reuse", action="store_true",
@@ -169,12 +227,13 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="applied to each target token's scores before summing (default none)")
     p.add_argument("--normalize", action="store_true",
                    help="min-max scale the scores to [0, 1]")
-    p.add_argument("--top", type=int, default=5, help="how many top tokens to list (default 5)")
+    p.add_argument("--top", type=_count, default=5,
+                   help="how many top units to list (default 5; 0 lists none)")
     p.add_argument("--html", type=Path, default=None, help="write a self-contained HTML page")
     p.add_argument("--png", type=Path, default=None, help="write a PNG heatmap")
     p.add_argument("--json", type=Path, default=None,
                    help="write the explanation as JSON (Explanation.from_json reads it back)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-color", action="store_true",
                    help="print scores as text instead of ANSI colours")
@@ -186,11 +245,11 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``atman`` argument parser (sub-command ``explain``)."""
-    explain_parser = argparse.ArgumentParser(
+    explain_parser = _Parser(
         prog="atman explain", add_help=False,
         description="Explain a prediction with AtMan (attention suppression).")
     _explain_arguments(explain_parser)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="atman",
         description="AtMan explanations of transformer predictions (atman_kernels).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -391,6 +450,8 @@ def run_explain(args: argparse.Namespace) -> int:
         if args.delimiter == "":
             raise UsageError("--delimiter is empty: give the string to cut the prompt at")
         delimiter = args.delimiter.replace("\\n", "\n").replace("\\t", "\t")
+    _check_backend(args.backend)
+    _check_outputs(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     images, processor = _image_inputs(args)
@@ -406,12 +467,16 @@ def run_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"--target is required for a {kind.replace('_', ' ')} model: give the "
                          "label name or class index to explain")
     max_memory = None if args.max_memory_mb is None else args.max_memory_mb * 2**20
-    explainer = AtManExplainer(
-        model, tokenizer, factor=args.factor, conceptual_threshold=args.conceptual_threshold,
-        mode=args.mode, batch_size=args.batch_size, max_memory=max_memory,
-        prefix_reuse=not args.no_prefix_reuse, progress=not args.quiet, layers=args.layers,
-        postprocess=args.postprocess, normalize=args.normalize, backend=args.backend,
-    )
+    try:
+        explainer = AtManExplainer(
+            model, tokenizer, factor=args.factor,
+            conceptual_threshold=args.conceptual_threshold, mode=args.mode,
+            batch_size=args.batch_size, max_memory=max_memory,
+            prefix_reuse=not args.no_prefix_reuse, progress=not args.quiet, layers=args.layers,
+            postprocess=args.postprocess, normalize=args.normalize, backend=args.backend,
+        )
+    except (TypeError, ValueError) as exc:  # e.g. --layers outside the model
+        raise UsageError(str(exc)) from exc
     start = time.perf_counter()
     try:
         target = None if args.target is None else _target_for(kind, args.target)

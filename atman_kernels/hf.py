@@ -606,6 +606,14 @@ def atman_attention_forward(
         scaling = query.shape[-1] ** -0.5
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    head_v = value.shape[-1]
+    if head_v != query.shape[-1]:
+        # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): values have a head size of
+        # their own. Zero columns change no score (q . k) and no output column: pad q, k, v to
+        # one size (the scale was fixed above) and cut the output back.
+        width = max(head_v, query.shape[-1])
+        query, key, value = (torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+                             for t in (query, key, value))
 
     if attention_mask is None:
         plan = _plan_without_mask(len_q, len_k, bool(is_causal), query.device)
@@ -667,7 +675,7 @@ def atman_attention_forward(
             bias=plan.bias,
         )
         out = out.expand(batch, *out.shape[1:])
-    return out.transpose(1, 2).contiguous(), None
+    return out[..., :head_v].transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, atman_attention_forward)
@@ -922,6 +930,13 @@ def _configs_of(model: PreTrainedModel) -> list:
             if sub is not None:
                 stack.append(sub)
     return list(seen.values())
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise (naming the model and the reason) unless "atman" can be switched into ``model``:
+    what :func:`atman_attention` checks first, for callers that want the refusal before any
+    other work."""
+    _check_supported(model)
 
 
 def _check_supported(model: torch.nn.Module) -> None:

@@ -265,3 +265,24 @@ def test_image_without_target_explains_the_generated_answer(llava_dir, picture_f
     expl = Explanation.from_json(out)
     assert expl.kind == "image_text" and expl.settings["generated"] is True
     assert 1 <= len(expl.target_tokens) <= 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads: expected an integer >= 1"),
+    (["--max-memory-mb", "0"], "--max-memory-mb: expected an integer >= 1"),
+    (["--top", "-3"], "--top: expected an integer >= 0"),
+    (["--backend", "triton"], "--backend triton needs a CUDA GPU"),
+    (["--html", "/proc/x.html"], "--html /proc/x.html: cannot write"),
+    (["--layers", "99"], "layers: 99 is not a layer of this model"),
+])
+def test_cli_failures_are_one_line_exit_2_and_write_nothing(model_dir, tmp_path, capsys,
+                                                             monkeypatch, argv, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "e.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", str(model_dir), "--prompt", "the capital of france is",
+              "--target", "paris", "--json", str(out), *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3  # usage + one line
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -9,7 +9,7 @@ units, the task and the targets for each kind of model.
 from .conceptual import cosine_similarity_matrix, suppression_factors, unit_factors
 from .explainer import AtManExplainer, model_kind
 from .explanation import Explanation
-from .render import save_png, to_html, to_terminal
+from .render import save_png, to_html, to_terminal, view_image
 from .units import GRANULARITIES, Span, prompt_spans, split_sentences, token_spans
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "to_terminal",
     "token_spans",
     "unit_factors",
+    "view_image",
 ]
