@@ -396,6 +396,12 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
+def _model_name(model: Any) -> str:
+    """The model's own name (its folder or hub id) where known, else its class."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return Path(name).name or type(model).__name__ if name else type(model).__name__
+
+
 def _short(text: str, limit: int = 40) -> str:
     """One line of at most ``limit`` characters (long sentences are cut in the middle)."""
     text = " ".join(text.split())
@@ -440,6 +446,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
     from .explain import AtManExplainer, save_png, to_html, to_terminal
     from .explain.explainer import model_kind
+    from .explain.render import headline
 
     args.prompt = _read_prompt(args)
     if args.target == "":
@@ -498,10 +505,10 @@ def run_explain(args: argparse.Namespace) -> int:
         save_png(expl, args.png)
     if not args.quiet:
         color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        made = "generated target" if expl.settings.get("generated") else "target"
-        print(f"AtMan explanation of {made} {expl.target!r} ({type(model).__name__}, "
+        made = " (generated)" if expl.settings.get("generated") else ""
+        print(f"AtMan: {headline(expl)}{made} [{_model_name(model)}, "
               f"{len(expl.spans)} {expl.settings.get('granularity', 'token')} units, "
-              f"{expl.settings.get('forwards')} forwards, {seconds:.2f} s)")
+              f"{expl.settings.get('forwards')} forwards, {seconds:.2f} s]")
         print(to_terminal(expl, color=color))
         print(f"top {min(args.top, len(expl.spans))} units (score = rise of the target's "
               "cross-entropy in nats; positive = supports the target):")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,28 @@ def segments(expl: Explanation) -> list[tuple[str, int | None]]:
     return pieces
 
 
+def headline(expl: Explanation) -> str:
+    """What was explained, in words: "why ' Paris'", or "why ' Paris' rather than ' Lyon'",
+    with the model's probability of the target where it is known."""
+    text = f"why {expl.target!r}"
+    if expl.contrast is not None:
+        text += f" rather than {expl.contrast!r}"
+    if expl.baseline_loss is not None:
+        p = math.exp(-float(expl.baseline_loss.double().sum()))
+        text += f" (p = {p:.3g}"
+        if expl.base_margin is not None:
+            text += f", log-odds over the foil {expl.base_margin:+.3g} nats"
+        text += ")"
+    return text
+
+
+def legend_labels(expl: Explanation) -> tuple[str, str]:
+    """(negative end, positive end) of the colour scale, in words."""
+    if expl.contrast is not None:
+        return f"supports {expl.contrast!r}", f"supports {expl.target!r}"
+    return "opposes the target", "supports the target"
+
+
 def _settings_text(expl: Explanation) -> str:
     keys = ("factor", "conceptual_threshold", "mode", "postprocess", "normalize", "model")
     parts = [f"{k}={expl.settings[k]}" for k in keys if k in expl.settings]
@@ -130,7 +153,7 @@ def render_html(expl: Explanation, *, images: Sequence[Any] | None = None) -> st
     head = (
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
         f"<title>AtMan explanation: {target}</title><style>{_CSS}</style></head><body>"
-        f"<h1>AtMan explanation of the target \u201c{target}\u201d ({esc(expl.kind)})</h1>"
+        f"<h1>AtMan: {esc(headline(expl))}</h1>"
         f"<div class=\"settings\">{esc(_settings_text(expl))}</div>"
     )
     body = []
@@ -173,8 +196,9 @@ def render_html(expl: Explanation, *, images: Sequence[Any] | None = None) -> st
         body.append("</table>")
     peak = float(expl.scores.abs().max()) if expl.scores.numel() else 0.0
     body.append(
-        "<div class=\"legend\"><span>opposes target</span><span class=\"bar\"></span>"
-        f"<span>supports target</span><span>(colour scale \u00b1{peak:.4g}"
+        f"<div class=\"legend\"><span>{esc(legend_labels(expl)[0])}</span>"
+        "<span class=\"bar\"></span>"
+        f"<span>{esc(legend_labels(expl)[1])}</span><span>(colour scale \u00b1{peak:.4g} nats"
         f"{', text and image alike' if expl.kind == 'image_text' else ''})</span></div>"
     )
     body.append("<table><tr><th>rank</th><th>unit</th><th>score</th></tr>")
@@ -240,7 +264,7 @@ def _text_boxes(expl: Explanation, width: int, panels: list | None = None):
     font, small = _font(16), _font(12)
     margin, pad, line_h = 12, 2, 30
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    title = f"AtMan: target {expl.target!r}"
+    title = f"AtMan: {headline(expl)}"
     units = _unit_scores(expl.scores)
     # pictures (image-text): left to right under the title, a caption above each, wrapped
     placed = []  # (x, y, picture, caption)
@@ -297,7 +321,8 @@ def _text_boxes(expl: Explanation, width: int, panels: list | None = None):
     peak = float(expl.scores.abs().max()) if expl.scores.numel() else 0.0
     both = ", text and image alike" if expl.kind == "image_text" else ""
     draw.text((margin + bar_w + 8, legend_y - 2),
-              f"blue opposes / red supports the target (scale \u00b1{peak:.3g}{both})",
+              f"blue {legend_labels(expl)[0]} / red {legend_labels(expl)[1]} "
+              f"(scale \u00b1{peak:.3g} nats{both})",
               fill=(60,) * 3, font=small)
     return img
 
