@@ -459,6 +459,11 @@ def run_explain(args: argparse.Namespace) -> int:
         delimiter = args.delimiter.replace("\\n", "\n").replace("\\t", "\t")
     _check_backend(args.backend)
     _check_outputs(args)
+    if args.quiet:  # third-party logs and bars too ("Loading weights", warnings)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     images, processor = _image_inputs(args)

@@ -287,3 +287,19 @@ def test_cli_failures_are_one_line_exit_2_and_write_nothing(model_dir, tmp_path,
     assert exc.value.code == 2 and message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 3  # usage + one line
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_module_and_package_import_without_torch():
+    """`atman --help` stays quick: neither the CLI nor the package imports torch up front."""
+    code = ("import sys, atman_kernels, atman_kernels.cli; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))[:3]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_quiet_prints_nothing(model_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["explain", "--model", str(model_dir), "--prompt", "the capital of france is",
+                 "--target", "paris", "--json", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "" and out.exists()

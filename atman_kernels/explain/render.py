@@ -465,10 +465,15 @@ def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
 
 
 # --------------------------------------------------------------------------------- terminal
-def to_terminal(expl: Explanation, *, color: bool = True) -> str:
+def to_terminal(expl: Explanation, *, color: bool | None = None) -> str:
     """The prompt with ANSI 24-bit background colours per unit (or ``unit[score]`` without
     colour); image explanations as a grid of scores; image-text explanations: the text, then
     each image view's grid of scores (a line per row)."""
+    if color is None:  # colour only on a terminal, and never with NO_COLOR set
+        import os
+        import sys
+
+        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     units = _unit_scores(expl.scores)
     if expl.patch_grid is not None:
         rows, cols = expl.patch_grid
