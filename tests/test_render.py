@@ -165,3 +165,11 @@ def test_terminal_colour_follows_the_terminal_and_no_color(monkeypatch):
     monkeypatch.delenv("NO_COLOR")
     monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
     assert "\x1b" not in to_terminal(expl)  # a file or a pipe gets no escapes
+
+
+def test_notebook_repr_and_per_target_heatmap():
+    expl = text_explanation()  # two target tokens
+    page = expl._repr_html_()
+    assert page.startswith("<!DOCTYPE html>") and "Per target token" in page
+    assert page.count("<tr><th>") >= 2  # one heatmap row per target token
+    assert "chars" in page or "position" in page  # where each top unit is

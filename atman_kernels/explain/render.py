@@ -201,12 +201,70 @@ def render_html(expl: Explanation, *, images: Sequence[Any] | None = None) -> st
         f"<span>{esc(legend_labels(expl)[1])}</span><span>(colour scale \u00b1{peak:.4g} nats"
         f"{', text and image alike' if expl.kind == 'image_text' else ''})</span></div>"
     )
-    body.append("<table><tr><th>rank</th><th>unit</th><th>score</th></tr>")
+    body.append("<table><tr><th>rank</th><th>unit</th><th>where</th><th>score (nats)</th></tr>")
     for rank, (_, span, score) in enumerate(expl.top(10), start=1):
-        body.append(f"<tr><td>{rank}</td><td>{esc(repr(span.text))}</td><td>{score:.6g}</td>"
-                    "</tr>")
-    body.append("</table></body></html>")
+        body.append(f"<tr><td>{rank}</td><td>{esc(repr(span.text))}</td>"
+                    f"<td>{esc(_where(span))}</td><td>{score:.6g}</td></tr>")
+    body.append("</table>")
+    if expl.per_target.shape[0] > 1:
+        body.append(_target_heatmap(expl))
+    body.append("</body></html>")
     return head + "".join(body)
+
+
+def _where(span: Any) -> str:
+    """Where a unit is: its characters in the prompt, or its token position(s)."""
+    if span.start is not None:
+        return f"chars {span.start}-{span.end}"
+    first, last = span.positions[0], span.positions[-1]
+    pos = f"position {first}" if first == last else f"positions {first}-{last}"
+    return f"{span.source} {pos}"
+
+
+def _target_heatmap(expl: Explanation) -> str:
+    """HTML table: one row per target token, one column per unit, each cell the rise of that
+    token's cross-entropy when the unit is suppressed (same colour scale as the text)."""
+    esc = html.escape
+    peak = float(expl.per_target.abs().max()) or 1.0
+    cells = ["<h2 style=\"font-size:16px\">Per target token (rise of its cross-entropy, "
+             "nats)</h2><div style=\"overflow-x:auto\"><table class=\"heat\"><tr><th></th>"]
+    cells += [f"<th>{esc(s.text[:12])}</th>" for s in expl.spans]
+    cells.append("</tr>")
+    for token, row in zip(expl.target_tokens, expl.per_target.tolist(), strict=True):
+        cells.append(f"<tr><th>{esc(repr(token))}</th>")
+        for value in row:
+            r, g, b = score_rgb(max(-1.0, min(1.0, value / peak)))
+            cells.append(f"<td style=\"background:rgb({r},{g},{b})\" "
+                         f"title=\"{value:.6g}\">{value:.2g}</td>")
+        cells.append("</tr>")
+    cells.append("</table></div>")
+    return "".join(cells)
+
+
+def show(expl: Explanation, **kwargs: Any) -> None:
+    """Display in a notebook (HTML) or print to the terminal."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import HTML, display
+    except ImportError:
+        print(to_terminal(expl))
+        return
+    if get_ipython() is None:
+        print(to_terminal(expl))
+        return
+    display(HTML(render_html(expl, **kwargs)))
+
+
+def _notebook_html(self: Explanation) -> str:
+    return render_html(self)
+
+
+def attach_notebook_display() -> None:
+    """Give :class:`Explanation` its notebook rendering (``_repr_html_``) from here, so that
+    the Explanation module itself never imports its renderers."""
+    from .explanation import Explanation
+
+    Explanation._repr_html_ = _notebook_html  # type: ignore[attr-defined]
 
 
 # -------------------------------------------------------------------------------------- PNG
