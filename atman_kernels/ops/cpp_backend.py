@@ -1,10 +1,10 @@
 """The C++ CPU backend: a fused, tiled kernel registered as ``torch.ops.atman_kernels``.
 
 The kernel (``csrc/suppressed_attention.cpp``, built by ``setup.py`` into ``atman_kernels._C``)
-is parallel over variants x heads x blocks of query rows; per block it computes the scores with
-one BLAS GEMM into a cache-sized per-thread buffer, applies masks, factors and the softmax with
-vectorised loops, and multiplies by V with a second GEMM. Paper mode costs the FLOPs of plain
-attention (the block's scores are kept, so the row minimum needs no second QK^T); memory is
+is parallel over variants x heads x blocks of query rows; per block and tile of 256 keys it
+computes the scores with one BLAS GEMM into a per-thread buffer, applies masks, factors and the
+softmax with vector loops, and multiplies by V with a second GEMM. Paper mode costs the FLOPs
+of plain attention (the block's scores are kept, so the row minimum needs no second QK^T); memory is
 O(rows per block x Nk) per thread, never [N, N]. fp32 math for fp32/fp16/bf16, fp64 for fp64.
 
 Ops (importing ``atman_kernels._C`` registers them; this module adds their fake kernels so
