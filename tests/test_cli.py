@@ -181,9 +181,10 @@ def test_explain_image_end_to_end(llava_dir, picture_file, tmp_path, capsys):
     model, processor = tiny_llava(21)
     with Image.open(picture_file) as im:
         picture = im.convert("RGB")
-    direct = AtManExplainer(model, processor, progress=False).explain(
+    direct = AtManExplainer(model, processor, progress=False, batch_size=3).explain(
         (PROMPT, [picture]), "a dog ?", image_region=2)
-    torch.testing.assert_close(expl.scores, direct.scores.double(), rtol=1e-5, atol=1e-7)
+    # same chunks as the CLI's --batch-size 3; float32 attention, so not bit for bit
+    torch.testing.assert_close(expl.scores, direct.scores.double(), rtol=1e-4, atol=1e-6)
     assert [s.box for s in regions] == [s.box for s in direct.spans if s.source == "image"]
     assert "box " in printed or all(s.source != "image" for _, s, _ in direct.top(3))
     page = out_html.read_text()

@@ -138,7 +138,7 @@ def test_segments_and_terminal_keep_images_out_of_the_text():
     assert out[0] == " what[0.5] is[-0.2] this[1] ?[0.3] a[0.4]"
     assert out[1] == "image 0, whole view (2 x 2 cells):"
     assert out[2].split() == ["-2.000", "+0.000"] and out[3].split() == ["+0.100", "+4.000"]
-    assert to_terminal(expl).count("\x1b[48;2;") == 5 + 4
+    assert to_terminal(expl, color=True).count("\x1b[48;2;") == 5 + 4
 
 
 def test_pictures_given_again_after_json(tmp_path):
