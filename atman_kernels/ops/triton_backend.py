@@ -120,10 +120,16 @@ def _load_key_rows(ptrs, offs_n, offs_d, N_K,
 def _soft_cap(qk, cap_in, cap_out):
     """Base-2 soft-capped score of a raw q . k: c * log2(e) * tanh(scale * qk / c), written as
     cap_out - 2 cap_out / (1 + exp2(cap_in * qk)) with cap_in = 2 scale log2(e) / c and
-    cap_out = c log2(e) (tanh x = 1 - 2 / (1 + e^2x): one exp2 and one division, exact at both
-    ends: exp2 -> inf gives c, -> 0 gives -c; absolute error a few ulp of c). libdevice's tanh
-    would do as well on a GPU, but Triton's CPU interpreter cannot run libdevice."""
-    return cap_out - (2.0 * cap_out) / (1.0 + tl.exp2(qk * cap_in))
+    cap_out = c log2(e) (tanh x = 1 - 2 / (1 + e^2x)). Five instructions per score, two of
+    them MUFU: FMUL, EX2, FADD, RCP, FFMA. The reciprocal is the approximate one (2 ulp;
+    ``div.full`` added a range check and rescaling per score, 8 instructions, and spilled
+    registers at sm_80 d64 paper mode with padding); outside its range (1 + e >= 2^126) it
+    gives 0, which is the true value to fp32 precision, and exp2 -> inf gives 0 too: the
+    score is c there; exp2 -> 0 gives -c. Absolute error a few ulp of c. ``tanh.approx``
+    (one MUFU) has a relative error of 2^-11, too coarse for c = 50; libdevice's tanh does not
+    run in Triton's CPU interpreter."""
+    two_cap = 2.0 * cap_out
+    return cap_out - two_cap * tl.fdiv(1.0, 1.0 + tl.exp2(qk * cap_in), approx=True)
 
 
 def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
