@@ -327,7 +327,8 @@ def _inspect(cfg: dict, bindir: str) -> list[dict]:
     from atman_kernels.ops import triton_backend
 
     dtype = getattr(torch, cfg["dtype"])
-    block = vars(triton_backend.kernel_config(cfg["head_dim"], dtype, cfg["arch"]))
+    block = vars(triton_backend.kernel_config(cfg["head_dim"], dtype, cfg["arch"],
+                                              softcap=bool(cfg.get("softcap"))))  # fmt: skip
     args = {key: cfg[key] for key in ("arch", "head_dim", "mode", "causal", "has_factors",
                                       "has_mask")}  # fmt: skip
     args["softcap"], args["has_sinks"] = _features(cfg)

@@ -393,20 +393,28 @@ _CONFIGS = {
 }  # fmt: skip
 _SMALL_SHARED_ARCHS = (86, 89)
 _SMALL_SHARED_CONFIGS = {(4, 256): (32, 32, 4, 1), (2, 128): (64, 32, 4, 2)}
+# With soft-capping on (its exp2 and reciprocal per score hold more registers): the sm_80
+# fp32 d256 tile spilled 40 bytes with two stages; one stage spills nothing (248 registers).
+_SOFTCAP_CONFIGS = {(80, 4, 256): (64, 16, 8, 1)}
 
 
-def kernel_config(head_dim: int, dtype: torch.dtype, arch: int = 80) -> KernelConfig:
+def kernel_config(
+    head_dim: int, dtype: torch.dtype, arch: int = 80, softcap: bool = False
+) -> KernelConfig:
     """Deterministic launch config for a head dim, dtype and compute capability (80 = sm_80).
 
     Architectures from sm_90 up use the sm_90 table, older ones the sm_80 table, except two
     entries for sm_86 / sm_89 (99 KB of shared memory per block, not 163 KB, and a ptxas
-    that spilled the sm_80 tile at 16-bit head dim bucket 128).
+    that spilled the sm_80 tile at 16-bit head dim bucket 128) and, with ``softcap``, the
+    entries of ``_SOFTCAP_CONFIGS``.
     """
     family = 90 if arch >= 90 else 80
     size = 4 if dtype == torch.float32 else 2
     block_d = _block_d(head_dim)
     if arch in _SMALL_SHARED_ARCHS and (size, block_d) in _SMALL_SHARED_CONFIGS:
         return KernelConfig(*_SMALL_SHARED_CONFIGS[(size, block_d)])
+    if softcap and (family, size, block_d) in _SOFTCAP_CONFIGS:
+        return KernelConfig(*_SOFTCAP_CONFIGS[(family, size, block_d)])
     hoist = family == 90 and head_dim == block_d
     return KernelConfig(*_CONFIGS[(family, size)][block_d], hoist=hoist)
 
@@ -597,7 +605,7 @@ def run(
     if q.is_cuda:
         major, minor = torch.cuda.get_device_capability(q.device)
         arch = 10 * major + minor
-    cfg = kernel_config(call.head_dim, q.dtype, arch)
+    cfg = kernel_config(call.head_dim, q.dtype, arch, softcap=call.softcap is not None)
     num_m = triton.cdiv(call.len_q, cfg.block_m)
     group = call.heads_q // call.heads_kv
     flags = (call.head_dim, q.dtype, call.mode, call.causal, factors is not None,
@@ -693,7 +701,7 @@ def compile_kernel(
     from triton.runtime.jit import JITFunction
 
     fn = JITFunction(_KERNEL_SOURCES[kernel], do_not_specialize=list(_NO_SPECIALIZE))
-    cfg = config if config is not None else kernel_config(head_dim, dtype, arch)
+    cfg = config if config is not None else kernel_config(head_dim, dtype, arch, softcap)
     ty = _TRITON_DTYPE[dtype]
     constexprs = _constexprs(kernel, head_dim, dtype, mode, causal, has_factors, has_mask, cfg,
                              softcap, has_sinks)  # fmt: skip
