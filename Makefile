@@ -16,7 +16,8 @@ LOWEST := $(VENV)/lowest-transformers
 LOWEST_TESTS := tests/test_hf.py tests/test_hf_guards.py tests/test_explainer.py \
 	tests/test_granularity.py tests/test_cli.py
 
-.PHONY: setup build test test-fast test-lowest lint explain bench-attention clean
+.PHONY: setup build test test-fast test-lowest lint explain bench-attention bench-attention-isa \
+	clean
 
 setup: $(STAMP)
 
@@ -60,6 +61,10 @@ explain: setup
 
 bench-attention: setup
 	$(BIN)/python benchmarks/bench_attention.py
+
+# The C++ op against SDPA on each instruction-set level (AVX2 emulated on an AVX-512 host).
+bench-attention-isa: setup
+	$(BIN)/python benchmarks/bench_attention.py --paired --isa avx2 avx512
 
 # For a CUDA machine that already has torch, triton, transformers and pytest, no network: uses
 # that Python (not the CPU venv), installs this package with --no-deps --no-build-isolation,

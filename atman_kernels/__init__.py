@@ -1,17 +1,21 @@
 """atman_kernels: fast AtMan explanations of transformer predictions.
 
-``suppressed_attention`` is the fused op every other layer calls.
+``suppressed_attention`` is the fused op every other layer calls. Every name here loads on
+first use (torch, transformers), so ``atman --help`` and ``import atman_kernels`` are quick.
 """
 
 import importlib
 
-from .ops import BackendUnavailable, suppressed_attention
+# Eager, and torch-free at import: the submodule `suppression` must be loaded here so that the
+# function of the same name stays bound to `atman_kernels.suppression`.
 from .suppression import attention_backend, current_backend, current_suppression, suppression
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtManExplainer",
     "BackendUnavailable",
+    "Explanation",
     "attention_backend",
     "current_backend",
     "current_suppression",
@@ -20,12 +24,16 @@ __all__ = [
     "__version__",
 ]
 
-# Integration layers load on first use: `atman_kernels.hf` imports transformers.
-_LAZY_SUBMODULES = ("hf", "nn", "models")
+# Submodules that load on first use: `atman_kernels.hf` imports transformers.
+_LAZY_SUBMODULES = ("hf", "nn", "models", "ops", "explain")
 
-
-# The explainer loads on first use too (it imports transformers through `hf`).
-_LAZY_ATTRIBUTES = {"AtManExplainer": "explain", "Explanation": "explain"}
+# Public names and the submodule each comes from.
+_LAZY_ATTRIBUTES = {
+    "BackendUnavailable": "ops",
+    "suppressed_attention": "ops",
+    "AtManExplainer": "explain",
+    "Explanation": "explain",
+}
 
 
 def __getattr__(name: str):
@@ -34,3 +42,7 @@ def __getattr__(name: str):
     if name in _LAZY_ATTRIBUTES:
         return getattr(importlib.import_module(f".{_LAZY_ATTRIBUTES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_LAZY_SUBMODULES))

@@ -7,7 +7,7 @@ integration layers (:mod:`atman_kernels.hf`, :mod:`atman_kernels.nn`) then fall 
 helper: it materialises the [B, Hq, Nq, Nk] scores, so it is exact but costs N^2 memory.
 
 Semantics are those of :func:`atman_kernels.ops.reference.reference_attention` with the
-visible set V_i given explicitly (ATMAN.md section 2): scores are scale * q . k, soft-capped
+visible set V_i given explicitly (docs/semantics.md): scores are scale * q . k, soft-capped
 to c * tanh(s / c) when ``softcap`` is given (Gemma 2: after the scale, before any mask or
 bias), then the additive ``bias`` joins them (a position bias, an additive float mask), paper
 mode shifts by the minimum over V_i, log mode adds log f, and the softmax runs over V_i plus,

@@ -4,12 +4,17 @@ Explains why a model produces ``--target`` after ``--prompt`` (causal LMs; witho
 ``--target`` the model's own greedy continuation) or why it assigns the label ``--target`` to
 ``--prompt`` (sequence classifiers), per token, word, sentence, paragraph, delimited piece or
 chosen character span, prints the coloured prompt and the top units, and writes HTML / PNG /
-JSON on request. Without ``--model`` the bundled
-SmolLM2-135M-Instruct is used (:func:`atman_kernels.models.load_smollm2`). Nothing is
-downloaded: models load from local folders or GGUF files only.
+JSON on request. Vision-language models (LLaVA, Idefics3 / SmolVLM folders) take pictures with
+``--image PATH`` (once per image placeholder in the prompt, in order) and explain the image
+patches (or ``--image-region K``: K x K patches per unit) with the prompt's text. Without
+``--model`` the bundled SmolLM2-135M-Instruct is used
+(:func:`atman_kernels.models.load_smollm2`). Nothing is downloaded: models load from local
+folders or GGUF files only.
 
 Bad input (empty prompt or target, a target that tokenises to nothing, an unsupported model
-class, an unreadable model path) exits with status 2 and a one-line message.
+class, an unreadable model path, an unreadable picture, pictures for a text-only model, a
+prompt without the image placeholders) exits with status 2 and a one-line message, before the
+model's weights load where it can be known by then.
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ GRANULARITY_CHOICES = ("token", "word", "sentence", "paragraph")  # = explain.un
 
 class UsageError(Exception):
     """A problem with the command line or its inputs: reported without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the flag and what was expected) and a
+    pointer to --help, exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _threshold(text: str) -> float | None:
@@ -73,6 +86,56 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output file can be written, checked before any work (nothing is left behind)."""
+    import tempfile
+
+    for flag, path in (("--html", args.html), ("--png", args.png), ("--json", args.json)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a folder: give a file path")
+        parent = path.parent
+        existing = parent
+        while not existing.exists():
+            existing = existing.parent
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".atman-probe-"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: cannot write in {existing} "
+                             f"({exc.strerror or exc})") from exc
+
+
+def _check_backend(name: str) -> None:
+    """--backend names a backend this machine can run (before the model loads)."""
+    import os
+
+    import torch
+
+    if name == "triton" and not torch.cuda.is_available() and os.environ.get(
+            "TRITON_INTERPRET") != "1":
+        raise UsageError("--backend triton needs a CUDA GPU, and this machine has none; use "
+                         "--backend auto (the C++ kernel on CPU) or --backend cpp")
+    if name == "cpp":
+        from .ops import cpp_backend
+
+        reason = cpp_backend.unavailable_reason() if hasattr(
+            cpp_backend, "unavailable_reason") else None
+        if reason:
+            raise UsageError(f"--backend cpp: {reason}")
 
 
 def _spans(text: str) -> list[tuple[int, int]]:
@@ -128,6 +191,13 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="a local model folder (from_pretrained) or a .gguf file; default: the "
                         "bundled SmolLM2-135M-Instruct")
+    p.add_argument("--image", type=Path, action="append", default=None, metavar="PATH",
+                   help="a picture for a vision-language model folder (LLaVA, Idefics3, "
+                        "SmolVLM; read with Pillow); repeat for several pictures, one per image "
+                        "placeholder (e.g. <image>) in the prompt, in order")
+    p.add_argument("--image-region", type=_positive_int, default=None, metavar="K",
+                   help="with --image: explain K x K image patches as one unit (e.g. 4: a "
+                        "24 x 24 grid in 36 units); default: every patch")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype to run the model in (default float32)")
     p.add_argument("--mode", choices=("paper", "log"), default="paper",
@@ -145,7 +215,7 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                         "retrieval, see the README)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="variants per forward: 'auto' (from free memory, default) or an integer")
-    p.add_argument("--max-memory-mb", type=int, default=None,
+    p.add_argument("--max-memory-mb", type=_positive_int, default=None,
                    help="memory budget in MiB for --batch-size auto (default: a safe share of "
                         "the free memory)")
     p.add_argument("--no-prefix-reuse", action="store_true",
@@ -157,12 +227,13 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="applied to each target token's scores before summing (default none)")
     p.add_argument("--normalize", action="store_true",
                    help="min-max scale the scores to [0, 1]")
-    p.add_argument("--top", type=int, default=5, help="how many top tokens to list (default 5)")
+    p.add_argument("--top", type=_count, default=5,
+                   help="how many top units to list (default 5; 0 lists none)")
     p.add_argument("--html", type=Path, default=None, help="write a self-contained HTML page")
     p.add_argument("--png", type=Path, default=None, help="write a PNG heatmap")
     p.add_argument("--json", type=Path, default=None,
                    help="write the explanation as JSON (Explanation.from_json reads it back)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-color", action="store_true",
                    help="print scores as text instead of ANSI colours")
@@ -174,11 +245,11 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``atman`` argument parser (sub-command ``explain``)."""
-    explain_parser = argparse.ArgumentParser(
+    explain_parser = _Parser(
         prog="atman explain", add_help=False,
         description="Explain a prediction with AtMan (attention suppression).")
     _explain_arguments(explain_parser)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="atman",
         description="AtMan explanations of transformer predictions (atman_kernels).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,8 +266,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- model loading
-def load_model(path: str | None, dtype_name: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer) from a folder, a .gguf file, or the bundled SmolLM2 (``None``)."""
+def model_class_name(path: str) -> str | None:
+    """The model class a local folder's config names (``architectures[0]``), read without
+    loading weights; None for a .gguf file or a config without architectures."""
+    from transformers import AutoConfig
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"cannot read model path {path!r}: no such file or folder")
+    if p.is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"cannot read model path {path!r}: {exc}") from exc
+    archs = getattr(config, "architectures", None) or []
+    return archs[0] if archs else None
+
+
+def load_processor(path: str) -> Any:
+    """A vision-language model folder's processor (``AutoProcessor``, local files only)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(Path(path).expanduser()),
+                                                  local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"cannot read the processor of {path!r}: {exc}") from exc
+    if not hasattr(processor, "image_processor"):
+        raise UsageError(f"{path!r} holds no image processor (preprocessor_config.json): a "
+                         "vision-language model folder needs the processor saved with it "
+                         "(processor.save_pretrained)")
+    return processor
+
+
+def read_images(paths: list[Path]) -> list[Any]:
+    """The pictures at ``paths`` as RGB PIL images (read fully, so a bad file fails here)."""
+    from PIL import Image
+
+    pictures = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                pictures.append(im.convert("RGB"))
+        except FileNotFoundError:
+            raise UsageError(f"cannot read --image {path}: no such file") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise UsageError(f"cannot read --image {path}: {exc}") from exc
+    return pictures
+
+
+def load_model(path: str | None, dtype_name: str = "float32", *,
+               processor: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder, a .gguf file, or the bundled SmolLM2 (``None``).
+
+    ``processor``: a vision-language model's processor, already loaded: returned in place of
+    the tokenizer.
+    """
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -225,6 +352,8 @@ def load_model(path: str | None, dtype_name: str = "float32") -> tuple[Any, Any]
         if cls is None:
             cls = AutoModelForCausalLM
         model = cls.from_pretrained(str(p), dtype=dtype, local_files_only=True)
+        if processor is not None:
+            return model, processor
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         return model, tokenizer
     except UsageError:
@@ -234,7 +363,7 @@ def load_model(path: str | None, dtype_name: str = "float32") -> tuple[Any, Any]
 
 
 def _target_for(kind: str, text: str) -> Any:
-    if kind != "causal_lm" and text.strip().lstrip("-").isdigit():
+    if kind in ("classifier", "image") and text.strip().lstrip("-").isdigit():
         return int(text)
     return text
 
@@ -267,11 +396,48 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
+def _model_name(model: Any) -> str:
+    """The model's own name (its folder or hub id) where known, else its class."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return Path(name).name or type(model).__name__ if name else type(model).__name__
+
+
 def _short(text: str, limit: int = 40) -> str:
     """One line of at most ``limit`` characters (long sentences are cut in the middle)."""
     text = " ".join(text.split())
     half = limit // 2 - 2
     return text if len(text) <= limit else text[:half] + " .. " + text[-half:]
+
+
+def _image_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
+    """(pictures, processor) for --image, checked before the model's weights load: the
+    pictures readable, the model folder a vision-language model's with its processor, one
+    image placeholder in the prompt per picture. ([], None) without --image."""
+    from .explain.explainer import IMAGE_TEXT_FAMILIES
+
+    if not args.image:
+        if args.image_region is not None:
+            raise UsageError("--image-region needs --image (a picture for a vision-language "
+                             "model)")
+        return [], None
+    families = ", ".join(sorted(IMAGE_TEXT_FAMILIES))
+    if args.model is None:
+        raise UsageError(f"--image needs a vision-language model folder ({families}) given "
+                         "with --model; the bundled SmolLM2 is a text-only model")
+    images = read_images(args.image)
+    name = model_class_name(args.model)
+    if name not in IMAGE_TEXT_FAMILIES:
+        what = f"{name} is a text-only model" if name else "it names no model class"
+        raise UsageError(f"--image needs a vision-language model ({families}), but --model "
+                         f"{args.model}: {what}")
+    processor = load_processor(args.model)
+    placeholder = getattr(processor, "image_token", None) or "<image>"
+    found = args.prompt.count(placeholder)
+    if found != len(images):
+        raise UsageError(f"the prompt holds {found} image placeholder(s) {placeholder!r} but "
+                         f"{len(images)} --image were given: put {placeholder} where each "
+                         f"picture goes, e.g. --prompt '{placeholder} What is this?'")
+    return images, processor
 
 
 # ----------------------------------------------------------------------------------- main
@@ -280,6 +446,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
     from .explain import AtManExplainer, save_png, to_html, to_terminal
     from .explain.explainer import model_kind
+    from .explain.render import headline
 
     args.prompt = _read_prompt(args)
     if args.target == "":
@@ -290,29 +457,46 @@ def run_explain(args: argparse.Namespace) -> int:
         if args.delimiter == "":
             raise UsageError("--delimiter is empty: give the string to cut the prompt at")
         delimiter = args.delimiter.replace("\\n", "\n").replace("\\t", "\t")
+    _check_backend(args.backend)
+    _check_outputs(args)
+    if args.quiet:  # third-party logs and bars too ("Loading weights", warnings)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, args.dtype)
+    images, processor = _image_inputs(args)
+    model, tokenizer = load_model(args.model, args.dtype, processor=processor)
     try:
         kind = model_kind(model)
     except TypeError as exc:
         raise UsageError(str(exc)) from exc
-    if args.target is None and kind != "causal_lm":
+    if kind == "image_text" and not images:
+        raise UsageError(f"{type(model).__name__} is a vision-language model: give the "
+                         "picture(s) with --image PATH")
+    if args.target is None and kind not in ("causal_lm", "image_text"):
         raise UsageError(f"--target is required for a {kind.replace('_', ' ')} model: give the "
                          "label name or class index to explain")
     max_memory = None if args.max_memory_mb is None else args.max_memory_mb * 2**20
-    explainer = AtManExplainer(
-        model, tokenizer, factor=args.factor, conceptual_threshold=args.conceptual_threshold,
-        mode=args.mode, batch_size=args.batch_size, max_memory=max_memory,
-        prefix_reuse=not args.no_prefix_reuse, progress=not args.quiet, layers=args.layers,
-        postprocess=args.postprocess, normalize=args.normalize, backend=args.backend,
-    )
+    try:
+        explainer = AtManExplainer(
+            model, tokenizer, factor=args.factor,
+            conceptual_threshold=args.conceptual_threshold, mode=args.mode,
+            batch_size=args.batch_size, max_memory=max_memory,
+            prefix_reuse=not args.no_prefix_reuse, progress=not args.quiet, layers=args.layers,
+            postprocess=args.postprocess, normalize=args.normalize, backend=args.backend,
+        )
+    except (TypeError, ValueError) as exc:  # e.g. --layers outside the model
+        raise UsageError(str(exc)) from exc
     start = time.perf_counter()
     try:
         target = None if args.target is None else _target_for(kind, args.target)
-        expl = explainer.explain(args.prompt, target, granularity=args.granularity,
+        inputs = (args.prompt, images) if images else args.prompt
+        expl = explainer.explain(inputs, target, granularity=args.granularity,
                                  delimiter=delimiter, spans=args.spans,
                                  max_new_tokens=args.max_new_tokens,
+                                 image_region=args.image_region,
                                  contrast=None if args.contrast is None else
                                  _target_for(kind, args.contrast))
     except (ValueError, NotImplementedError) as exc:  # bad input / model, named by the callee
@@ -326,16 +510,20 @@ def run_explain(args: argparse.Namespace) -> int:
         save_png(expl, args.png)
     if not args.quiet:
         color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        made = "generated target" if expl.settings.get("generated") else "target"
-        print(f"AtMan explanation of {made} {expl.target!r} ({type(model).__name__}, "
+        made = " (generated)" if expl.settings.get("generated") else ""
+        print(f"AtMan: {headline(expl)}{made} [{_model_name(model)}, "
               f"{len(expl.spans)} {expl.settings.get('granularity', 'token')} units, "
-              f"{expl.settings.get('forwards')} forwards, {seconds:.2f} s)")
+              f"{expl.settings.get('forwards')} forwards, {seconds:.2f} s]")
         print(to_terminal(expl, color=color))
         print(f"top {min(args.top, len(expl.spans))} units (score = rise of the target's "
               "cross-entropy in nats; positive = supports the target):")
         for rank, (_, span, score) in enumerate(expl.top(args.top), start=1):
-            where = f"chars {span.start}-{span.end}" if span.start is not None else (
-                f"{span.source} position {span.positions[0]}")
+            if span.start is not None:
+                where = f"chars {span.start}-{span.end}"
+            elif span.box is not None:
+                where = "box {:.0f},{:.0f}-{:.0f},{:.0f}".format(*span.box)
+            else:
+                where = f"{span.source} position {span.positions[0]}"
             print(f"  {rank:2d}. {_short(span.text)!r:<32} {where:<18} {score:+.5f}")
         for label, path in (("json", args.json), ("html", args.html), ("png", args.png)):
             if path is not None:

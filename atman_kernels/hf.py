@@ -43,7 +43,7 @@ does it, and where the bias would go relative to the cap is not defined).
 
 Keys are matched to factors by absolute position: with a KV cache the key tensor covers
 positions 0 .. Nk-1 and the queries are the last Nq positions, so factors given for the whole
-sequence keep working when only a suffix is fed (ATMAN.md section 5).
+sequence keep working when only a suffix is fed (docs/semantics.md, exact prefix reuse).
 
 Exact or refused. Every call is checked before any work, and a refusal names the model (once
 :func:`atman_attention` ran; else the module class and ``model_type``) and the argument:
@@ -696,6 +696,14 @@ def atman_attention_forward(
         scaling = query.shape[-1] ** -0.5
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    head_v = value.shape[-1]
+    if head_v != query.shape[-1]:
+        # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): values have a head size of
+        # their own. Zero columns change no score (q . k) and no output column: pad q, k, v to
+        # one size (the scale was fixed above) and cut the output back.
+        width = max(head_v, query.shape[-1])
+        query, key, value = (torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+                             for t in (query, key, value))
 
     if attention_mask is None:
         plan = _plan_without_mask(len_q, len_k, bool(is_causal), query.device)
@@ -757,7 +765,7 @@ def atman_attention_forward(
             sinks=sinks,
         )
         out = out.expand(batch, *out.shape[1:])
-    return out.transpose(1, 2).contiguous(), None
+    return out[..., :head_v].transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, atman_attention_forward)
@@ -1012,6 +1020,13 @@ def _configs_of(model: PreTrainedModel) -> list:
             if sub is not None:
                 stack.append(sub)
     return list(seen.values())
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise (naming the model and the reason) unless "atman" can be switched into ``model``:
+    what :func:`atman_attention` checks first, for callers that want the refusal before any
+    other work."""
+    _check_supported(model)
 
 
 def _check_supported(model: torch.nn.Module) -> None:

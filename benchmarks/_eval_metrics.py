@@ -15,7 +15,7 @@ Conventions (the same for every method):
 - Top-1 accuracy (document task, one relevant sentence): 1 when the first-ranked unit is
   relevant, else 0; :func:`relevant_rank` gives the 1-based rank of the best-ranked relevant
   unit (with one relevant unit, AP = 1 / that rank).
-- Mass precision and recall (the paper's image metrics, ATMAN.md section 6), with
+- Mass precision and recall (the paper's image metrics, docs/semantics.md), with
   x = max(score, 0): precision = sum(x*y) / sum(x), recall = sum((x / max x) * y) / sum(y).
   Both are 0 when no score is positive.
 """

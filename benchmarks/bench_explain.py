@@ -158,7 +158,9 @@ def granularity_benchmark(args: argparse.Namespace) -> None:
     runs = {}
     for granularity in ("sentence", "token"):
         times, loads = [], [os.getloadavg()[0]]
-        for _ in range(args.repeats):
+        repeats = args.token_repeats if granularity == "token" and args.token_repeats else (
+            args.repeats)
+        for _ in range(repeats):
             start = time.perf_counter()
             expl = explainer.explain(prompt, target, granularity=granularity)
             times.append(time.perf_counter() - start)
@@ -223,7 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--granularity-doc", action="store_true",
                         help="token vs sentence granularity on a ~300-token document "
                              "(conceptual off); --repeats runs each (median)")
+    parser.add_argument("--token-repeats", type=int, default=None,
+                        help="--granularity-doc: timed runs at token granularity (default "
+                             "--repeats; the token run is the long one)")
     args = parser.parse_args(argv)
+    if args.token_repeats is not None and args.token_repeats < 1:
+        parser.error(f"--token-repeats must be >= 1, got {args.token_repeats}")
     if args.repeats < 1 or args.threads < 1:
         parser.error(f"--repeats and --threads must be >= 1, got {args.repeats}, "
                      f"{args.threads}")

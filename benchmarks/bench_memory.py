@@ -24,6 +24,14 @@ over every position of prompt + target[:-1]):
   per prompt token (plus the unperturbed one), one at a time, full logits;
 - ``chefer``: attention x gradient in Chefer's style (eager attention, probabilities retained).
 
+Image-text rows (``llava-1b-random``: a random LLaVA with a CLIP-L/14 tower at 336 pixels,
+576 image tokens, and the ``llama-1b-random`` language model; ``llava-tiny`` for tests): one
+picture and a question through the model's processor, the length fixed by the picture. Methods
+``forward`` / ``forward-nocache`` (vision tower included), ``atman`` (every image and text token
+a variant), ``atman-region4`` (``image_region=4``: 4 x 4 patches per variant) and ``ig-10``
+(Captum IntegratedGradients over the merged input embeddings: the vision tower runs once
+without gradients, the path goes through the language model, where AtMan suppresses).
+
 Gradient methods run with the model's parameters frozen (``requires_grad_(False)``): autograd
 then keeps only what the input gradient needs, the most favourable setting for them.
 
@@ -47,6 +55,9 @@ Usage::
     python benchmarks/bench_memory.py                      # default sweep (~25 min, 2 cores)
     python benchmarks/bench_memory.py --models smollm2-135m --lengths 128 256 --methods atman ig-10
     python benchmarks/bench_memory.py --plot               # redraw PNG + MEMORY.md from the CSV
+    python benchmarks/bench_memory.py --models llava-1b-random --threads 1 \
+        --full-image-text forward forward-nocache atman-region4 --timeout 2700 \
+        --csv benchmarks/results/memory_image_text_cpu.csv   # image-text rows (~20 min)
 
 Rows of a run replace the rows with the same (model, method, n) in the CSV; the others stay.
 """
@@ -74,12 +85,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _harness import machine_stamp, peak_rss, reset_peak_rss, run_isolated, write_csv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ["forward", "forward-nocache", "atman", "atman-reference", "ig-10", "ig-50", "ixg",
-           "feature-ablation", "chefer"]
-MODELS = ["smollm2-135m", "llama-1b-random", "tiny"]
+METHODS = ["forward", "forward-nocache", "atman", "atman-region4", "atman-reference", "ig-10",
+           "ig-50", "ixg", "feature-ablation", "chefer"]
+MODELS = ["smollm2-135m", "llama-1b-random", "tiny", "llava-1b-random", "llava-tiny"]
+# Vision-language models (a prompt with one picture) and the methods that run on them.
+IMAGE_TEXT_MODELS = ("llava-1b-random", "llava-tiny")
+IMAGE_TEXT_METHODS = ["forward", "forward-nocache", "atman", "atman-region4", "ig-10"]
+TEXT_METHODS = [m for m in METHODS if m != "atman-region4"]
 # Forward calls a partial run makes before it stops (the steady peak is reached by then).
 PARTIAL_CALLS = {"atman": 3, "atman-reference": 3, "ig-10": 3, "ig-50": 3,
                  "feature-ablation": 3}
+# The same for the vision-language rows: AtMan as for text (the unsuppressed forward with the
+# vision tower, then 2 chunks); IG over the merged embeddings has no preliminary layer
+# evaluations, so 1 internal batch with its backward (the steady peak) and the stop.
+IMAGE_TEXT_PARTIAL_CALLS = {"atman": 3, "atman-region4": 3, "ig-10": 1}
+IMAGE_TEXT_PROMPT = "USER: <image>\nWhich city is shown in this picture? ASSISTANT:"
 TARGET_TEXT = " Paris"
 PASSAGE = (
     "Paris is the capital and largest city of France. It lies on the Seine river in the north "
@@ -207,7 +227,213 @@ def load_model(name: str):
                              tie_word_embeddings=False)
         config._attn_implementation = "sdpa"
         return random_llama(config), tokenizer
+    if name in IMAGE_TEXT_MODELS:
+        return random_llava(name), image_text_processor(name)
     raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+
+
+# ------------------------------------------------------------------- vision-language models
+def image_text_processor(name: str):
+    """A LlavaProcessor (CLIP image processor + a tokenizer with an ``<image>`` token), offline.
+
+    ``llava-1b-random``: SmolLM2's tokenizer (as for ``llama-1b-random``, so the language model
+    is that row's Llama), CLIP-L/14 at 336 pixels: 24 x 24 = 576 image tokens per picture.
+    ``llava-tiny``: the passage's word-level tokenizer, 112 pixels: 8 x 8 image tokens.
+    """
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    if name == "llava-1b-random":
+        from transformers import AutoTokenizer
+
+        from atman_kernels.models import default_cache_dir, load_smollm2
+
+        if not (default_cache_dir() / "tokenizer.json").is_file():
+            load_smollm2()  # converts the GGUF once into the cache
+        tokenizer = AutoTokenizer.from_pretrained(default_cache_dir(), local_files_only=True)
+        side = 336
+    elif name == "llava-tiny":
+        tokenizer, side = tiny_tokenizer(), 112
+    else:
+        raise ValueError(f"image-text model must be one of {IMAGE_TEXT_MODELS}, got {name!r}")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = CLIPImageProcessor(size={"shortest_edge": side},
+                                crop_size={"height": side, "width": side})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)
+
+
+def random_llava(name: str, seed: int = 0):
+    """A LlavaForConditionalGeneration with random weights, built on the meta device.
+
+    ``llava-1b-random``: a CLIP-L/14 vision tower (24 layers, hidden 1024, 16 heads, 336
+    pixels, patch 14: 576 image tokens), LLaVA-1.5's 2-layer MLP projector, and the
+    ``llama-1b-random`` language model (hidden 2048, 16 layers, 32 heads / 8 KV heads,
+    intermediate 5632, SmolLM2's 49152-token vocabulary + ``<image>``); 1.2B parameters.
+    Matrices normal(0, 0.02), norm weights 1, biases 0.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    tokenizer = image_text_processor(name).tokenizer
+    if name == "llava-1b-random":
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14,
+                                  projection_dim=768)
+        text = LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                           num_key_value_heads=8, intermediate_size=5632,
+                           vocab_size=len(tokenizer), max_position_embeddings=4096,
+                           tie_word_embeddings=False)
+    else:
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, image_size=112, patch_size=14,
+                                  projection_dim=32)
+        text = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64,
+                           vocab_size=len(tokenizer), max_position_embeddings=4096,
+                           tie_word_embeddings=False)
+    grid = vision.image_size // vision.patch_size
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=grid * grid)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() > 1 or pname.endswith("class_embedding"):
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.fill_(0.0 if pname.endswith("bias") else 1.0)
+        # buffers computed in __init__ were left empty by to_empty
+        for bname, buf in model.named_buffers():
+            if bname.endswith("position_ids"):  # CLIP's [1, patches + 1] position ids
+                buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+    model.model.language_model.rotary_emb = LlamaRotaryEmbedding(config.text_config)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def test_picture(height: int = 480, width: int = 640):
+    """A deterministic [H, W, 3] uint8 picture (colour gradients and noise)."""
+    import numpy as np
+
+    ys, xs = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(0).integers(0, 40, (height, width, 3))
+    rgb = np.stack([xs * 255 // width, ys * 255 // height, (xs + ys) * 255 // (width + height)],
+                   axis=-1)
+    return np.clip(rgb + noise, 0, 255).astype(np.uint8)
+
+
+def build_image_text_case(processor) -> dict[str, Any]:
+    """The one picture and question of the image-text rows, through the processor."""
+    inputs = dict(processor(text=IMAGE_TEXT_PROMPT, images=[test_picture()],
+                            return_tensors="pt"))
+    inputs.pop("attention_mask", None)
+    ids = inputs["input_ids"][0].tolist()
+    target = processor.tokenizer.encode(TARGET_TEXT, add_special_tokens=False)
+    return {"inputs": inputs, "prompt_ids": ids, "target_ids": target, "image_text": True,
+            "image_tokens": sum(t == processor.tokenizer.convert_tokens_to_ids("<image>")
+                                for t in ids),
+            "seq": ids + target[:-1], "target_text": TARGET_TEXT}
+
+
+def merged_embeddings(model, inputs: dict[str, Any], ids: torch.Tensor) -> torch.Tensor:
+    """[1, N, H] what LLaVA's language model receives: the token embeddings of ``ids`` with
+    the projected image features in place of the image tokens (vision tower run once)."""
+    config = model.config
+    features = model.get_image_features(
+        pixel_values=inputs["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+    embeds = model.get_input_embeddings()(ids).clone()
+    mask = ids == config.image_token_id
+    embeds[mask] = torch.cat(list(features)).to(embeds.dtype)
+    return embeds
+
+
+def image_text_integrated_gradients(model, inputs: dict[str, Any], ids: torch.Tensor,
+                                    target_ids: torch.Tensor, *, n_steps: int,
+                                    internal_batch_size: int, baseline_id: int) -> torch.Tensor:
+    """Captum IntegratedGradients over LLaVA's merged input embeddings: scores [N].
+
+    The vision tower and projector run once without gradients; the path goes from the
+    embedding of ``baseline_id`` at every position (image positions too) to the merged
+    embeddings, through the language model only (as AtMan's suppression acts in the language
+    model only), n_steps forwards + backwards in internal batches.
+    """
+    from _baselines import target_log_prob_fn
+    from captum.attr import IntegratedGradients
+
+    with torch.no_grad():
+        embeds = merged_embeddings(model, inputs, ids)
+        base = model.get_input_embeddings().weight[baseline_id].expand_as(embeds).clone()
+    ig = IntegratedGradients(target_log_prob_fn(model, target_ids))
+    attr = ig.attribute(embeds, baselines=base, n_steps=n_steps,
+                        internal_batch_size=internal_batch_size)
+    return attr.sum(-1)[0].detach()
+
+
+def make_image_text_runner(method: str, model, processor, case: dict, batch: int
+                           ) -> tuple[Callable[[], Any], Callable[[CallBudget], int] | None, str]:
+    """:func:`make_runner` for the vision-language rows (inputs: the processor's output)."""
+    inputs = case["inputs"]
+    ids = torch.tensor(case["seq"])[None]
+    target = torch.tensor(case["target_ids"])
+    n_target = len(case["target_ids"])
+    if method in ("forward", "forward-nocache"):
+        use_cache = method == "forward"
+        batched = {"input_ids": ids.expand(batch, -1),
+                   "pixel_values": inputs["pixel_values"].expand(batch, -1, -1, -1)}
+
+        def run():
+            with torch.inference_mode():
+                return model(**batched, use_cache=use_cache, logits_to_keep=n_target).logits
+
+        return run, None, f"batch {batch}, use_cache={use_cache}, vision tower included"
+    if method in ("atman", "atman-region4"):
+        from atman_kernels.explain import AtManExplainer
+
+        region = 4 if method == "atman-region4" else None
+        explainer = AtManExplainer(model, processor, batch_size=batch, progress=False)
+        store: dict = {}
+
+        def run():
+            with capture_first_positions(store):
+                expl = explainer.explain(inputs, case["target_ids"], image_region=region)
+            store["units"] = len(expl.spans)
+            return expl.scores
+
+        def total(budget: CallBudget) -> int:
+            return len(atman_plan_tokens(store["first"], len(case["seq"]), batch))
+
+        run.store = store
+        what = "image_region=4: 4 x 4 patches per variant" if region else "every token a variant"
+        return run, total, f"{batch} variants per forward, prefix reuse, {what}"
+    if method.startswith("ig-"):
+        steps = int(method.split("-")[1])
+        tok = processor.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+        def run():
+            return image_text_integrated_gradients(model, inputs, ids, target, n_steps=steps,
+                                                   internal_batch_size=batch, baseline_id=pad)
+
+        run.store = {}
+
+        def total(budget: CallBudget) -> int:
+            return -(-steps // batch)  # the internal batches, each a forward + backward
+
+        return run, total, (f"IntegratedGradients over the merged embeddings, n_steps={steps}, "
+                            f"internal_batch_size={batch}")
+    raise ValueError(f"method must be one of {IMAGE_TEXT_METHODS} for an image-text model, "
+                     f"got {method!r}")
 
 
 def build_case(tokenizer, n: int) -> dict[str, Any]:
@@ -349,6 +575,11 @@ def estimate_seconds(method: str, run, budget: CallBudget, total_calls: int, ela
         return elapsed + rate * rest, (
             f"measured {done} of {len(plan)} forwards; the rest at the measured seconds per "
             "token-forward of the measured chunks")
+    if method.startswith("ig-") and case.get("image_text"):
+        run.store = {"ig_prelim_s": elapsed - sum(d), "ig_batch_s": d[-1]}
+        return elapsed + d[-1] * (total_calls - done), (
+            f"measured {done} of {total_calls} internal batches (forward + backward) after the "
+            "vision tower; the rest at the measured internal batch's time")
     if method.startswith("ig-"):
         run.store = {"ig_prelim_s": sum(d[:-1]), "ig_batch_s": d[-1]}
         return elapsed + d[-1] * (total_calls - done), (
@@ -388,19 +619,34 @@ def measure_one(row: dict, *, mem_cap: bool = True) -> dict:
     model.requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
     out = {**row, "params_m": f"{params / 1e6:.0f}"}
-    # Warm-up on a short prompt through the same code path (library loading, lazy init).
-    warm_case = build_case(tokenizer, 16)
-    warm, _, _ = make_runner(method, model, tokenizer, warm_case, batch)
-    budget = CallBudget(model, PARTIAL_CALLS.get(method))
+    image_text = row["model"] in IMAGE_TEXT_MODELS
+    if image_text:
+        # The picture fixes the length (its image tokens), so the warm-up runs the measured
+        # case itself, up to its first forward call (vision tower included).
+        make, partial_calls = make_image_text_runner, IMAGE_TEXT_PARTIAL_CALLS
+        warm_case = build_image_text_case(tokenizer)
+        warm_calls = 1
+    else:
+        # Warm-up on a short prompt through the same code path (library loading, lazy init).
+        make, partial_calls = make_runner, PARTIAL_CALLS
+        warm_case = build_case(tokenizer, 16)
+        warm_calls = PARTIAL_CALLS.get(method)
+    warm, _, _ = make(method, model, tokenizer, warm_case, batch)
+    budget = CallBudget(model, warm_calls)
     with contextlib.suppress(BudgetReached):
         warm()
     budget.remove()
 
-    case = build_case(tokenizer, n)
-    run, total_fn, note = make_runner(method, model, tokenizer, case, batch)
+    case = build_image_text_case(tokenizer) if image_text else build_case(tokenizer, n)
+    if image_text and len(case["prompt_ids"]) != n:
+        raise ValueError(f"row n={n} but the image-text prompt has {len(case['prompt_ids'])} "
+                         "tokens")
+    run, total_fn, note = make(method, model, tokenizer, case, batch)
     full = bool(row.get("full"))
-    budget = CallBudget(model, None if full else PARTIAL_CALLS.get(method))
+    budget = CallBudget(model, None if full else partial_calls.get(method))
     out.update(seq_len=len(case["seq"]), n_target=len(case["target_ids"]), note=note)
+    if image_text:
+        out["image_tokens"] = case["image_tokens"]
     del warm, warm_case
     gc.collect()
     if mem_cap and row.get("mem_budget_gib"):
@@ -425,6 +671,8 @@ def measure_one(row: dict, *, mem_cap: bool = True) -> dict:
     budget.remove()
     out.update(status=status, peak_mib=f"{peak / 2**20:.1f}", calls=len(budget.times),
                loadavg=f"{(load0 + os.getloadavg()[0]) / 2:.1f}")
+    if "first" in getattr(run, "store", {}):  # AtMan: one earliest position per variant
+        out["units"] = int(run.store["first"].numel())
     if status == "ok":
         out["measured_s"] = _num(elapsed)
     elif status == "partial":
@@ -557,7 +805,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4,
                     help="AtMan variants per forward = forward yardstick batch = IG "
                          "internal_batch_size")
-    ap.add_argument("--batch-1b", type=int, default=1, help="--batch for llama-1b-random")
+    ap.add_argument("--batch-1b", type=int, default=1,
+                    help="--batch for llama-1b-random and llava-1b-random")
     ap.add_argument("--full-upto", type=int, default=128,
                     help="run complete explanations up to this prompt length ...")
     ap.add_argument("--full-models", nargs="*", default=["smollm2-135m", "tiny"],
@@ -566,25 +815,41 @@ def main() -> None:
     ap.add_argument("--mem-budget-gib", type=float, default=12.0,
                     help="address space a row may add above the loaded model (out of memory "
                          "beyond it)")
+    ap.add_argument("--full-image-text", nargs="*", default=["forward", "forward-nocache"],
+                    help="methods run to the end on the image-text models (llava-*); the "
+                         "others stop early (partial); its prompt length is fixed by the "
+                         "picture (576 image tokens + the question on llava-1b-random)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
-    ap.add_argument("--csv", type=Path, default=RESULTS / "memory_cpu.csv")
+    ap.add_argument("--csv", type=Path, default=RESULTS / "memory_cpu.csv",
+                    help="the CSV; its PNG beside it, and its table in MEMORY.md for the "
+                         "default CSV, else in a .md file beside the CSV")
     ap.add_argument("--plot", action="store_true", help="only redraw PNG and MEMORY.md")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_one(json.loads(args.one))), flush=True)
         return
-    png, md = args.csv.with_suffix(".png"), args.csv.parent / "MEMORY.md"
+    png = args.csv.with_suffix(".png")
+    md = (args.csv.parent / "MEMORY.md" if args.csv.name == "memory_cpu.csv"
+          else args.csv.with_suffix(".md"))
     rows = read_csv(args.csv)
     if not args.plot:
         stamp = machine_stamp()
         stamp["threads"] = str(args.threads)
         new: list[dict] = []
         for model in args.models:
-            lengths = args.lengths_1b if model == "llama-1b-random" else args.lengths
+            image_text = model in IMAGE_TEXT_MODELS
+            if image_text:  # the picture fixes the length
+                lengths = [len(build_image_text_case(image_text_processor(model))["prompt_ids"])]
+            else:
+                lengths = args.lengths_1b if model == "llama-1b-random" else args.lengths
+            methods = [m for m in args.methods
+                       if m in (IMAGE_TEXT_METHODS if image_text else TEXT_METHODS)]
             for n in lengths:
-                for method in args.methods:
-                    full = n <= args.full_upto and model in args.full_models
-                    batch = args.batch_1b if model == "llama-1b-random" else args.batch
+                for method in methods:
+                    full = (method in args.full_image_text if image_text
+                            else n <= args.full_upto and model in args.full_models)
+                    batch = (args.batch_1b if model in ("llama-1b-random", "llava-1b-random")
+                             else args.batch)
                     row = {"model": model, "method": method, "n": n, "batch": batch,
                            "threads": args.threads, "full": int(full),
                            "mem_budget_gib": args.mem_budget_gib}
@@ -660,9 +925,11 @@ def markdown_report(rows: list[dict]) -> str:
             if any(c != "not run" for c in cells):
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+        regions = any(r["method"] == "atman-region4" for r in sel)
         lines.append("| N | atman / forward | atman / forward-nocache | atman / ig-10 | "
-                     "atman-reference / forward |")
-        lines.append("|---|---|---|---|---|")
+                     + ("atman-region4 / forward | atman-region4 / ig-10 |" if regions
+                        else "atman-reference / forward |"))
+        lines.append("|---|---|---|---|---|" + ("---|" if regions else ""))
         for n in lengths:
             get = {r["method"]: _f(r, "peak_mib") for r in sel if int(r["n"]) == n
                    and r["status"] in ("ok", "partial")}
@@ -671,9 +938,11 @@ def markdown_report(rows: list[dict]) -> str:
                 x, y = get.get(a), get.get(b)
                 return f"{x / y:.2f}" if x is not None and y else "-"
 
+            last = (f"{ratio('atman-region4', 'forward')} | {ratio('atman-region4', 'ig-10')}"
+                    if regions else ratio('atman-reference', 'forward'))
             lines.append(f"| {n} | {ratio('atman', 'forward')} | "
                          f"{ratio('atman', 'forward-nocache')} | {ratio('atman', 'ig-10')} | "
-                         f"{ratio('atman-reference', 'forward')} |")
+                         f"{last} |")
         lines.append("")
     stamp = rows[0] if rows else {}
     lines.append(f"Machine: {stamp.get('device', '?')}, {stamp.get('threads', '?')} threads, "

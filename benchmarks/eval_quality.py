@@ -1,7 +1,7 @@
 """Explanation quality of AtMan and baselines on SmolLM2-135M-Instruct (issue 6).
 
-The paper's SQuAD protocol, scaled down to a model that runs on a laptop CPU (ATMAN.md
-section 6), plus deletion/insertion faithfulness:
+The paper's SQuAD protocol, scaled down to a model that runs on a laptop CPU (docs/semantics.md,
+the paper's numbers), plus deletion/insertion faithfulness:
 
 1. **Evidence retrieval** (task ``qa``): templated contexts of 4-6 one-fact sentences and a
    question whose answer stands in exactly one of them (``_eval_items.py``); items the model
@@ -81,6 +81,8 @@ SMOKE = {"items": 2, "sentiment_items": 1, "doc_items": 1, "methods": ["atman_pa
 MAX_TRIES_PER_ITEM = 6  # generate at most this many candidates per wanted item
 RANKING_METRICS = ("ap", "ar", "precision", "recall")
 DOC_METRICS = ("top1", "evidence_rank")
+# one variant per token, or 10 integrated-gradient steps: the doc task's costly methods
+SLOW_DOC_METHODS = ("atman_token_sum", "atman_token_sum_cs", "ig_sum")
 CURVE_METRICS = ("deletion_auc", "insertion_auc")
 REMOVAL = ("delete", "replace")
 
@@ -314,10 +316,8 @@ def evaluate_doc_item(model: Any, tokenizer: Any, item: PreparedDoc, method_name
     return rows
 
 
-def _order(method: str) -> int:
-    names = list(methods_mod.METHODS) + [m for m in methods_mod.DOC_METHODS
-                                         if m not in methods_mod.METHODS]
-    return names.index(method)
+def _order(task: str, method: str) -> int:
+    return list(methods_mod.DOC_METHODS if task == "doc" else methods_mod.METHODS).index(method)
 
 
 def summarise(rows: list[dict[str, Any]], counts: dict[str, tuple[int, int]],
@@ -325,7 +325,7 @@ def summarise(rows: list[dict[str, Any]], counts: dict[str, tuple[int, int]],
     """Per (task, method): mean and standard error of each metric, item counts, the stamp."""
     out = []
     keys = sorted({(r["task"], r["method"]) for r in rows},
-                  key=lambda k: (TASKS.index(k[0]), _order(k[1])))
+                  key=lambda k: (TASKS.index(k[0]), _order(*k)))
     for task, method in keys:
         sel = [r for r in rows if r["task"] == task and r["method"] == method]
         generated, kept = counts[task]
@@ -443,6 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=None,
                    help="doc task methods, comma-separated; default all: "
                         + ",".join(methods_mod.DOC_METHODS))
+    p.add_argument("--doc-slow-items", type=_non_negative, default=None,
+                   help="run the costly doc methods (" + ", ".join(SLOW_DOC_METHODS)
+                        + ") on the first N doc items only (default: on all)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="doc task: evaluate no new item after this many minutes of the run "
                         "(the summary counts the items evaluated)")
@@ -530,7 +533,10 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
             stopped = f"stopped after {n - 1 - len(qa) - len(senti)} doc items (--max-minutes)"
             print(stopped, flush=True)
             break
-        rows += evaluate_doc_item(model, tokenizer, doc, args.doc_methods, args.seed)
+        chosen = [m for m in args.doc_methods if m not in SLOW_DOC_METHODS
+                  or args.doc_slow_items is None or len(rows_done(rows)) < args.doc_slow_items]
+        rows += [{**r, "n_generated": doc_generated, "n_kept": len(docs)}
+                 for r in evaluate_doc_item(model, tokenizer, doc, chosen, args.seed)]
         _write_csv(args.items_out, rows)  # so far: a stopped run keeps its items
         print(f"  doc item {n}/{total} ({time.perf_counter() - wall:.0f} s, load "
               f"{os.getloadavg()[0]:.1f})", flush=True)
@@ -547,6 +553,11 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
     return summary, rows
 
 
+def rows_done(rows: list[dict[str, Any]]) -> set[int]:
+    """Doc items that ran the slow methods so far."""
+    return {r["item"] for r in rows if r["task"] == "doc" and r["method"] in SLOW_DOC_METHODS}
+
+
 def _warm_up(model: Any, tokenizer: Any) -> None:
     """One small AtMan explanation first, so one-time set-up is not timed in the first item."""
     from atman_kernels import AtManExplainer
@@ -557,7 +568,52 @@ def _warm_up(model: Any, tokenizer: Any) -> None:
                                                             granularity="sentence")
 
 
+def merge(item_files: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Summarise the doc rows of per-item CSVs of several runs (e.g. one per method group, run
+    side by side) into ``out``; the per-item rows are concatenated beside it."""
+    rows: list[dict[str, Any]] = []
+    stamps: list[dict[str, str]] = []
+    for path in item_files:
+        with open(path, newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r["task"] != "doc":
+                    continue
+                row: dict[str, Any] = dict(r)
+                for key in ("top1", "ap", "seconds", "load_avg_1m"):
+                    row[key] = float(r[key])
+                for key in ("item", "evidence_rank", "n_generated", "n_kept"):
+                    row[key] = int(r[key])
+                rows.append(row)
+        summary_path = path.with_name(path.name.replace("_items.csv", ".csv"))
+        if summary_path.exists() and summary_path != path:
+            with open(summary_path, newline="") as fh:
+                stamps += list(csv.DictReader(fh))[:1]
+    if not rows:
+        raise SystemExit(f"no doc rows in {[str(p) for p in item_files]}")
+    seen = {(r["item"], r["method"]) for r in rows}
+    if len(seen) != len(rows):
+        raise SystemExit("the merged files hold the same (item, method) twice")
+    counts = {"doc": (max(r["n_generated"] for r in rows), max(r["n_kept"] for r in rows))}
+    stamp: dict[str, Any] = {"merged_from": " + ".join(p.name for p in item_files)}
+    for key in ("model", "seed", "threads", "date", "torch", "wall_s", "cpu_s",
+                "load_avg_1m_start", "load_avg_1m_end", "note"):
+        stamp[key] = " | ".join(s.get(key, "") for s in stamps)
+    summary = summarise(rows, counts, stamp)
+    _write_csv(out, summary)
+    _write_csv(out.with_name(out.stem + "_items.csv"), rows)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--merge":
+        # --merge OUT ITEMS.csv [ITEMS.csv ...]
+        if len(argv) < 3:
+            raise SystemExit("usage: eval_quality.py --merge OUT.csv A_items.csv [B_items.csv ..]")
+        summary = merge([Path(p) for p in argv[2:]], Path(argv[1]))
+        print(markdown_table(summary))
+        return 0
     args = parse_args(argv)
     summary, _ = run(args)
     print(markdown_table(summary))

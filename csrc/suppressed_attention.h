@@ -1,4 +1,4 @@
-// Fused suppressed attention for CPU tensors (AtMan, ../shared/ATMAN.md section 2).
+// Fused suppressed attention for CPU tensors (AtMan, docs/semantics.md, suppression formulas).
 //
 // Shapes: q [Bq, Hq, Nq, D], k and v [Bk, Hkv, Nk, D], Bq and Bk in {1, B} (a 1 is read by every
 // variant, never copied), Hq a multiple of Hkv (query head h reads kv head h / (Hq / Hkv)).
@@ -16,29 +16,34 @@
 // Algorithm: one work item = (variant b, query head h, block of BQ query rows); items run in
 // parallel (at::parallel_for, OpenMP), each on one thread from start to end, and every output
 // row is computed by the same sequence of operations whatever the thread count or partition
-// (bit-identical reruns).
+// (bit-identical reruns on one instruction-set level).
 // Per item, with K = the keys the block may see (causal: keys past the block's last row are
-// never touched, which skips every future key tile):
-//   1. S[BQ, K] = scale * Q K^T with one single-threaded BLAS GEMM (MKL sgemm/dgemm from
-//      libtorch_cpu) into a per-thread buffer;
-//   2. per row, vectorised loops: masked row minimum (paper mode), the transform, the masked
-//      row maximum, exp(s' - max) (an inline polynomial exp for fp32, exact 0 for -inf) and the
-//      row sum, written back in place as P;
-//   3. O[BQ, D] = P V with a second GEMM, scaled by 1 / rowsum and stored in the output dtype.
-// This is the "keep the row block's scores" scheme: the scores of the block are computed once,
-// so paper mode costs exactly the FLOPs of plain attention (2 * Nq * K * D for QK^T plus the same
-// for PV, per variant and head; no recomputation for the row minimum, no online rescaling),
-// plus O(Nq * K) elementwise work. Memory: BQ * K scores per thread (no [N, N] buffer): BQ is
-// 64 rows, halved while BQ * K exceeds 256K elements (1 MiB in fp32) down to 8 rows, so it stays
-// cache-sized up to K = 32768 and grows only linearly in K beyond.
+// never touched, which skips every future key tile), cut into tiles of 256 keys:
+//   1. tile by tile, S[:, tile] = scale * Q K_tile^T with a single-threaded BLAS GEMM (MKL
+//      sgemm/dgemm from libtorch_cpu) into a per-thread buffer, and each row's statistics over
+//      the tile while it is in cache (row minimum for paper mode, row maxima);
+//   2. per row, the softmax shift: the exact max of s' (log mode, no factors) or, in paper mode
+//      (whose s' needs the row minimum, known only now), an upper bound of it;
+//   3. tile by tile, P = exp(s' - shift) for the block's rows (a vector polynomial exp; exact 0
+//      for hidden or removed keys) into a tile buffer and O += P V_tile with a second GEMM;
+//   4. O / rowsum, stored. A paper-mode row whose bound overshoots its exact max by more than
+//      40 (exp's range would lose it) is redone with the exact max (rare).
+// The scores of the block are computed once, so paper mode costs the FLOPs of plain attention
+// (2 * Nq * K * D for QK^T plus the same for PV, per variant and head; no second QK^T for the
+// row minimum), plus O(Nq * K) elementwise work. Memory: BQ * K scores per thread (no [N, N]
+// buffer): BQ is 64 rows, halved while BQ * K exceeds 1M elements, down to 8 rows.
+//
+// Instruction sets: steps 1-4 (attention_kernel_impl.h) are compiled once per level (default,
+// avx2 = x86-64-v3, avx512 = x86-64-v4) and the level is chosen at run time (cpu_isa.h:
+// CPUID, ATEN_CPU_CAPABILITY); everything else is built for the baseline.
 //
 // Shared inputs: when every variant reads the same q and k (batch 1 or expanded, as in the first
 // layer of an AtMan run), a work item takes a chunk of variants and computes their common
-// QK^T once, so the chunk costs one QK^T GEMM plus one PV GEMM per variant.
+// QK^T once for the chunk, so the chunk costs one QK^T GEMM plus one PV GEMM per variant.
 //
 // Precision: fp32 math for fp32/fp16/bf16 (fp16/bf16 q, k, v are converted to fp32 copies once
-// per call, i.e. twice their size in extra memory; the output is rounded once at the end), fp64
-// math for fp64.
+// per call, i.e. twice their size in extra memory; the output is computed in fp32 and rounded
+// once at the end), fp64 math for fp64.
 //
 // BLAS: sgemm_/dgemm_ are declared weak and resolved from libtorch_cpu (MKL in the x86 wheels);
 // without them, or with ATMAN_CPP_DISABLE_BLAS=1 in the environment, plain loops do the GEMMs

@@ -66,7 +66,7 @@ AttentionMaskInterface.register(
 
 
 def _plain_factors(n, explained, c, emb=None, kappa=None):
-    """[V, n] factors, written as loops over the definition (ATMAN.md section 4)."""
+    """[V, n] factors, written as loops over the definition (docs/semantics.md)."""
     rows = []
     for j in explained:
         row = [1.0] * n

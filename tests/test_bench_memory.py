@@ -24,7 +24,7 @@ def row(method: str, full: bool) -> dict:
             "full": int(full), "mem_budget_gib": 2.0}
 
 
-@pytest.mark.parametrize("method", bm.METHODS)
+@pytest.mark.parametrize("method", bm.TEXT_METHODS)
 def test_every_method_completes_a_full_row(method):
     res = bm.measure_one(row(method, True), mem_cap=False)
     assert res["status"] == "ok", res
@@ -145,3 +145,68 @@ def test_report_and_plot_from_rows(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 1000
     merged = bm.merge_rows(rows, [{**rows[0], "peak_mib": "11"}])
     assert len(merged) == 3 and merged[0]["peak_mib"] == "11"
+
+
+# ------------------------------------------------------------------ vision-language rows
+def image_text_row(method: str, full: bool, batch: int = 4) -> dict:
+    processor = bm.image_text_processor("llava-tiny")
+    n = len(bm.build_image_text_case(processor)["prompt_ids"])
+    return {"model": "llava-tiny", "method": method, "n": n, "batch": batch, "threads": 1,
+            "full": int(full), "mem_budget_gib": 2.0}
+
+
+@pytest.mark.parametrize("method", bm.IMAGE_TEXT_METHODS)
+def test_every_image_text_method_completes_a_full_row(method):
+    res = bm.measure_one(image_text_row(method, True), mem_cap=False)
+    assert res["status"] == "ok", res
+    assert float(res["measured_s"]) > 0 and float(res["peak_mib"]) >= 0
+    assert res["image_tokens"] == 64 and res["seq_len"] == res["n"]
+    if method == "atman-region4":  # 8 x 8 patches in 2 x 2 regions of 4 x 4
+        full = bm.measure_one(image_text_row("atman", True), mem_cap=False)
+        assert full["units"] - res["units"] == 64 - 4
+
+
+@pytest.mark.parametrize("method", ["atman", "atman-region4", "ig-10"])
+def test_image_text_partial_row_stops_early_and_estimates_time(method):
+    res = bm.measure_one(image_text_row(method, False, batch=1), mem_cap=False)
+    assert res["status"] == "partial", res
+    assert res["calls"] == bm.IMAGE_TEXT_PARTIAL_CALLS[method] < res["calls_total"]
+    assert "measured_s" not in res and float(res["est_s"]) > 0 and res["est_how"]
+
+
+def test_merged_embeddings_are_what_the_language_model_receives():
+    model, processor = bm.load_model("llava-tiny")
+    case = bm.build_image_text_case(processor)
+    ids = torch.tensor(case["seq"])[None]
+    seen = {}
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=case["inputs"]["pixel_values"])
+            merged = bm.merged_embeddings(model, case["inputs"], ids)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(merged, seen["inputs_embeds"], rtol=0, atol=0)
+
+
+def test_image_text_integrated_gradients_is_complete():
+    """IG's attributions sum to f(input) - f(baseline) (completeness), up to the Riemann
+    error of n_steps: it is IG over the merged embeddings, through the language model."""
+    model, processor = bm.load_model("llava-tiny")
+    model.requires_grad_(False)
+    case = bm.build_image_text_case(processor)
+    ids = torch.tensor(case["seq"])[None]
+    target = torch.tensor(case["target_ids"])
+    pad = processor.tokenizer.pad_token_id
+    scores = bm.image_text_integrated_gradients(model, case["inputs"], ids, target,
+                                                n_steps=64, internal_batch_size=16,
+                                                baseline_id=pad)
+    assert scores.shape == (ids.shape[1],)
+    f = _baselines.target_log_prob_fn(model, target)
+    with torch.no_grad():
+        merged = bm.merged_embeddings(model, case["inputs"], ids)
+        base = model.get_input_embeddings().weight[pad].expand_as(merged)
+        gap = float(f(merged) - f(base))
+    assert abs(gap) > 1e-3, "degenerate test: the input and baseline predict alike"
+    assert float(scores.sum()) == pytest.approx(gap, rel=0.05, abs=1e-3)

@@ -53,7 +53,8 @@ def test_explain_end_to_end_writes_json_html_png(model_dir, tmp_path, capsys):
                  "--png", str(out_png), "--batch-size", "2", "--no-color", "--top", "3"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "target 'paris city'" in printed and "top 3 units" in printed
+    assert "why 'paris city' (p = " in printed and "top 3 units" in printed
+    assert model_dir.name in printed  # the model's own name, not its class
     assert "france[" in printed  # --no-color: token[score] for every token
     expl = Explanation.from_json(out_json)
     data = json.loads(out_json.read_text())
@@ -118,7 +119,8 @@ def test_help_documents_every_option():
     text = build_parser().format_help()
     for option in ("--prompt", "--target", "--model", "--html", "--png", "--json", "--mode",
                    "--factor", "--conceptual-threshold", "--batch-size", "--no-prefix-reuse",
-                   "--quiet", "--layers", "--postprocess", "--normalize"):
+                   "--quiet", "--layers", "--postprocess", "--normalize", "--image",
+                   "--image-region"):
         assert option in text, option
     run = subprocess.run([sys.executable, "-m", "atman_kernels.cli", "--help"],
                          capture_output=True, text=True, timeout=120)
@@ -132,3 +134,172 @@ def test_bad_option_values_are_rejected(capsys):
             build_parser().parse_args(["explain", "--prompt", "a", "--target", "b", *bad])
         assert exc.value.code == 2
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------- vision-language models
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    """A tiny random LLaVA saved with its processor, as a user's model folder would be."""
+    from test_image_text import tiny_llava
+
+    path = tmp_path_factory.mktemp("tiny_llava")
+    model, processor = tiny_llava(21)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def picture_file(tmp_path_factory):
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("pictures") / "street.png"
+    rng = np.random.default_rng(3)
+    Image.fromarray((rng.random((50, 80, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def test_explain_image_end_to_end(llava_dir, picture_file, tmp_path, capsys):
+    from test_image_text import PROMPT, tiny_llava
+
+    from atman_kernels.explain import AtManExplainer
+
+    out_json, out_html, out_png = tmp_path / "e.json", tmp_path / "e.html", tmp_path / "e.png"
+    code = main(["explain", "--model", str(llava_dir), "--image", str(picture_file),
+                 "--prompt", PROMPT, "--target", "a dog ?", "--image-region", "2",
+                 "--json", str(out_json), "--html", str(out_html), "--png", str(out_png),
+                 "--no-color", "--top", "3", "--batch-size", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert llava_dir.name in printed  # the model's own name
+    assert "image 0, whole view (4 x 4 cells):" in printed
+    expl = Explanation.from_json(out_json)
+    assert expl.kind == "image_text" and expl.settings["image_region"] == 2
+    regions = [s for s in expl.spans if s.source == "image"]
+    assert len(regions) == 4 and all(s.box is not None for s in regions)
+    # the same numbers as the library on the same model, picture and prompt
+    model, processor = tiny_llava(21)
+    with Image.open(picture_file) as im:
+        picture = im.convert("RGB")
+    direct = AtManExplainer(model, processor, progress=False).explain(
+        (PROMPT, [picture]), "a dog ?", image_region=2)
+    torch.testing.assert_close(expl.scores, direct.scores.double(), rtol=1e-5, atol=1e-7)
+    assert [s.box for s in regions] == [s.box for s in direct.spans if s.source == "image"]
+    assert "box " in printed or all(s.source != "image" for _, s, _ in direct.top(3))
+    page = out_html.read_text()
+    assert page.count("data:image/png;base64,") == 1
+    with Image.open(out_png) as img:
+        assert img.format == "PNG" and img.size[0] == 800
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--image", "{missing}", "--prompt", "<image> what"], "cannot read --image"),
+        (["--image", "{not_a_picture}", "--prompt", "<image> what"], "cannot read --image"),
+        (["--image", "{picture}", "--prompt", "what is this ?"],
+         "holds 0 image placeholder(s) '<image>' but 1 --image"),
+        (["--image", "{picture}", "--image", "{picture}", "--prompt", "<image> what"],
+         "holds 1 image placeholder(s) '<image>' but 2 --image"),
+        (["--image-region", "2", "--prompt", "<image> what"], "--image-region needs --image"),
+    ],
+)
+def test_image_input_errors_exit_2_before_the_model_loads(llava_dir, picture_file, tmp_path,
+                                                          monkeypatch, capsys, extra, message):
+    import atman_kernels.cli as cli
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    paths = {"missing": tmp_path / "nope.png", "not_a_picture": bad, "picture": picture_file}
+    argv = [a.format(**paths) for a in extra]
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", str(llava_dir), "--target", "a", "--quiet", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_image_with_a_text_only_model_exits_2_before_loading(model_dir, picture_file,
+                                                            monkeypatch, capsys):
+    import atman_kernels.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", str(model_dir), "--image", str(picture_file),
+              "--prompt", "<image> the capital", "--target", "paris"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "--image needs a vision-language model" in err
+    assert "LlamaForCausalLM is a text-only model" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--image", str(picture_file), "--prompt", "<image> a", "--target", "b"])
+    assert exc.value.code == 2 and "bundled SmolLM2 is a text-only" in capsys.readouterr().err
+
+
+def test_image_region_below_one_is_rejected(capsys):
+    for bad in ("0", "-3", "x"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["explain", "--prompt", "a", "--image-region", bad])
+        assert exc.value.code == 2
+        assert "--image-region: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_vision_language_model_without_image_exits_2(llava_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", str(llava_dir), "--prompt", "<image> what is this ?",
+              "--target", "a", "--quiet"])
+    assert exc.value.code == 2
+    assert "vision-language model: give the picture(s) with --image" in capsys.readouterr().err
+
+
+def test_image_without_target_explains_the_generated_answer(llava_dir, picture_file, tmp_path):
+    from test_image_text import PROMPT
+
+    out = tmp_path / "g.json"
+    assert main(["explain", "--model", str(llava_dir), "--image", str(picture_file),
+                 "--prompt", PROMPT, "--max-new-tokens", "2", "--quiet",
+                 "--json", str(out)]) == 0
+    expl = Explanation.from_json(out)
+    assert expl.kind == "image_text" and expl.settings["generated"] is True
+    assert 1 <= len(expl.target_tokens) <= 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads: expected an integer >= 1"),
+    (["--max-memory-mb", "0"], "--max-memory-mb: expected an integer >= 1"),
+    (["--top", "-3"], "--top: expected an integer >= 0"),
+    (["--backend", "triton"], "--backend triton needs a CUDA GPU"),
+    (["--html", "/proc/x.html"], "--html /proc/x.html: cannot write"),
+    (["--layers", "99"], "layers: 99 is not a layer of this model"),
+])
+def test_cli_failures_are_one_line_exit_2_and_write_nothing(model_dir, tmp_path, capsys,
+                                                             monkeypatch, argv, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "e.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", str(model_dir), "--prompt", "the capital of france is",
+              "--target", "paris", "--json", str(out), *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3  # usage + one line
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_module_and_package_import_without_torch():
+    """`atman --help` stays quick: neither the CLI nor the package imports torch up front."""
+    code = ("import sys, atman_kernels, atman_kernels.cli; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))[:3]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_quiet_prints_nothing(model_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["explain", "--model", str(model_dir), "--prompt", "the capital of france is",
+                 "--target", "paris", "--json", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "" and out.exists()

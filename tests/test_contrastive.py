@@ -136,3 +136,16 @@ def test_cli_contrast(tmp_path, tok):  # noqa: F811
                  "--quiet"]) == 0
     expl = Explanation.from_json(out)
     assert expl.contrast == " Paris." and expl.contrast_per_target is not None
+
+
+def test_contrastive_output_says_why_this_rather_than_that(tmp_path):
+    from atman_kernels.explain import save_png, to_html
+
+    expl = AtManExplainer(tiny_llama(5), progress=False).explain(PROMPT, TARGET, contrast=FOIL)
+    expl.settings.update(target=" Paris", contrast=" Lyon")
+    page = to_html(expl)
+    assert "why &#x27; Paris&#x27; rather than &#x27; Lyon&#x27;" in page
+    assert "supports &#x27; Lyon&#x27;" in page and "supports &#x27; Paris&#x27;" in page
+    assert "log-odds over the foil" in page
+    w, h = save_png(expl, tmp_path / "c.png")
+    assert w == 800 and h > 60

@@ -3,12 +3,20 @@
 Accuracy rule (tests/_tolerance.py): the kernel's max error against the float64 reference is
 at most 2x the error of plain PyTorch computing in the same dtype, plus a small floor. Every run
 writes into an output poisoned with NaN, so an element the kernel forgets to write fails.
+
+The kernel is compiled once per instruction-set level ("default", "avx2", "avx512"): the
+correctness tests run on every level this CPU supports (the ``isa`` fixture forces each in
+turn), and subprocess tests check that ``ATEN_CPU_CAPABILITY`` picks the level as ATen does.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +34,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+ISAS = cpp_backend.supported_isas() if cpp_backend.extension_error() is None else ("default",)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test on one compiled instruction-set level (every level this CPU supports)."""
+    before = cpp_backend._C._set_isa(request.param)
+    assert cpp_backend.isa() == request.param
+    yield request.param
+    cpp_backend._C._set_isa("")
+    assert cpp_backend.isa() == before
 
 
 def run_poisoned(q, k, v, factors, mask, *, causal=False, mode="paper", scale=None):
@@ -67,34 +87,72 @@ CASES = {
         dict(causal=True, shared_qkv=True, factor_kind="single"),
     ),
     "no-factors": (2, 2, 1, 70, 70, 40, dict(causal=True, factor_kind="none", padding=True)),
+    # several key tiles (256 keys each), ragged last tile, padding, causal with Nq < Nk
+    "tiles-suffix-pad-gqa": (2, 6, 2, 300, 601, 24, dict(causal=True, padding=True)),
+    "tiles-zero-and-big": (1, 2, 1, 513, 513, 64, dict(causal=False, factor_kind="zero_and_big")),
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# fp16 / bf16 run the fp32 kernel (converted before, rounded after, in level-independent code):
+# every dtype on the best level, the two compute types on the others.
+DTYPE_ISA = [(dtype, ISAS[-1]) for dtype in DTYPES] + [
+    (dtype, level) for level in ISAS[:-1] for dtype in (torch.float64, torch.float32)
+]
+
+
+@pytest.mark.parametrize(("dtype", "level"), DTYPE_ISA, ids=lambda x: str(x).split(".")[-1])
 @pytest.mark.parametrize("mode", ["paper", "log"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(case, mode, dtype):
+def test_matches_float64_reference(case, mode, dtype, level):
+    cpp_backend._C._set_isa(level)
+    try:
+        _reference_case(case, mode, dtype, level)
+    finally:
+        cpp_backend._C._set_isa("")
+
+
+def _reference_case(case, mode, dtype, isa):
     b, hq, hkv, nq, nk, d, opts = CASES[case]
     opts = dict(opts)
     causal = opts.pop("causal")
     q, k, v, factors, mask = make_inputs(b, hq, hkv, nq, nk, d, dtype=dtype, seed=7, **opts)
-    check_case(q, k, v, factors, mask, causal=causal, mode=mode, what=f"cpp {case} {mode}")
+    check_case(q, k, v, factors, mask, causal=causal, mode=mode, what=f"cpp {isa} {case} {mode}")
 
 
-def test_long_keys_use_smaller_row_blocks():
-    # Nk = 8200: the per-thread score buffer caps the row block at 16 rows (70 = 4 x 16 + 6).
-    q, k, v, factors, mask = make_inputs(1, 2, 1, 70, 8200, 32, padding=True, seed=3)
+def test_long_keys_use_smaller_row_blocks(isa):
+    # Nk = 33000: the per-thread score buffer caps the row block at 16 rows (70 = 4 x 16 + 6);
+    # 129 key tiles, the last one ragged.
+    q, k, v, factors, mask = make_inputs(1, 2, 1, 70, 33000, 32, padding=True, seed=3)
     check_case(q, k, v, factors, mask, causal=True, mode="paper")
     check_case(q, k, v, factors, mask, causal=False, mode="log")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_plain_loop_gemm_fallback(dtype, monkeypatch):
+def test_plain_loop_gemm_fallback(dtype, monkeypatch, isa):
     # The GEMM used where the torch build exports no BLAS; forced through the env switch.
     monkeypatch.setenv("ATMAN_CPP_DISABLE_BLAS", "1")
     q, k, v, factors, mask = make_inputs(2, 4, 2, 37, 53, 40, dtype=dtype, padding=True, seed=5)
     for mode in ("paper", "log"):
         check_case(q, k, v, factors, mask, causal=True, mode=mode)
+
+
+@pytest.mark.parametrize("big_factor", [False, True], ids=["argmax-suppressed", "f-above-1"])
+def test_paper_mode_far_off_shift_bound_is_redone_exactly(big_factor, isa):
+    # Paper mode shifts each row by an upper bound of its transformed scores (the row minimum is
+    # known only after the last key tile). Here the bound overshoots by far more than exp's
+    # range: for query row 30 of head 0 one key scores ~160 above the rest but is suppressed
+    # (f = 0.01), or a low key has f = 50. The kernel must notice and redo such rows with the
+    # exact maximum (else every term of the row underflows and the row comes out 0).
+    q, k, v, _, _ = make_inputs(2, 2, 1, 40, 300, 16, factor_kind="none", seed=11)
+    k[:, 0, 5] = q[:, 0, 30] * 40  # scale 1/4: q_30 . k_5 / 4 = 10 |q_30|^2, about 160
+    factors = torch.ones(2, 300)
+    if big_factor:
+        factors[:, 7] = 50.0
+        factors[:, 5] = 0.2
+    else:
+        factors[:, 5] = 0.01
+    for mode in ("paper", "log"):
+        check_case(q, k, v, factors, None, causal=True, mode=mode, what=f"{isa} {mode}")
 
 
 def test_fully_padded_row_and_removed_keys_give_exact_zeros():
@@ -139,7 +197,7 @@ def test_strided_and_expanded_inputs_match_contiguous(dtype):
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-variant-qkv", "shared-qkv"])
-def test_reruns_are_bit_identical_for_any_thread_count(shared):
+def test_reruns_are_bit_identical_for_any_thread_count(shared, isa):
     # shared q/k/v: the variants of a work item reuse one QK^T, and how many share it depends
     # on the thread count; the result must not
     q, k, v, factors, mask = make_inputs(
@@ -157,7 +215,7 @@ def test_reruns_are_bit_identical_for_any_thread_count(shared):
         assert torch.equal(runs[0], other)
 
 
-def test_shared_qkv_equals_per_variant_copies():
+def test_shared_qkv_equals_per_variant_copies(isa):
     q, k, v, factors, mask = make_inputs(9, 4, 2, 70, 90, 40, padding=True, shared_qkv=True)
     for mode in ("paper", "log"):
         shared = run_poisoned(q, k, v, factors, mask, causal=True, mode=mode)
@@ -225,7 +283,7 @@ def test_op_rejects_bad_arguments_by_name():
     batch=st.integers(1, 3),
     group=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]),
     len_q=st.integers(1, 40),
-    len_k=st.integers(1, 90),
+    len_k=st.integers(1, 600),
     head_dim=st.sampled_from([8, 16, 24, 40, 64]),
     causal=st.booleans(),
     mode=st.sampled_from(["paper", "log"]),
@@ -233,8 +291,21 @@ def test_op_rejects_bad_arguments_by_name():
     padding=st.booleans(),
     shared=st.booleans(),
     seed=st.integers(0, 2**16),
+    level=st.sampled_from(ISAS),
 )
 def test_hypothesis_shapes_factors_modes(
+    batch, group, len_q, len_k, head_dim, causal, mode, factor_kind, padding, shared, seed, level
+):
+    cpp_backend._C._set_isa(level)
+    try:
+        _hypothesis_case(
+            batch, group, len_q, len_k, head_dim, causal, mode, factor_kind, padding, shared, seed
+        )
+    finally:
+        cpp_backend._C._set_isa("")
+
+
+def _hypothesis_case(
     batch, group, len_q, len_k, head_dim, causal, mode, factor_kind, padding, shared, seed
 ):
     hq, hkv = group
@@ -282,3 +353,116 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(block, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(q, k, v, factors, mask), block(q, k, v, factors, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which instruction-set level runs (csrc/cpu_isa.h)
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter from the repository root with ``env`` added."""
+    base = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY",)}
+    base.pop("ATMAN_CPU_ISA_LIMIT", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**base, "PYTHONPATH": str(ROOT), **env},
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc
+
+
+REPORT_ISA = """
+    import torch
+    from atman_kernels.ops import cpp_backend
+    print(cpp_backend.isa(), torch.backends.cpu.get_cpu_capability().lower())
+"""
+
+
+def test_isa_is_one_this_cpu_supports():
+    assert cpp_backend.isa() in cpp_backend.supported_isas()
+    assert cpp_backend.supported_isas()[0] == "default"
+    if "ATEN_CPU_CAPABILITY" not in os.environ:
+        assert cpp_backend.isa() == cpp_backend.supported_isas()[-1]
+    with pytest.raises(ValueError, match="isa must be"):
+        cpp_backend._C._set_isa("sse9")
+
+
+@pytest.mark.parametrize("asked", ["default", "avx2", "avx512"])
+def test_aten_cpu_capability_picks_the_level_as_aten_does(asked):
+    # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 host must run the avx2 kernel, and ATen's own
+    # kernels (SDPA) must agree; a level the CPU lacks falls back to the best it has.
+    best = ISAS[-1]
+    expected = asked if asked in ISAS else best
+    mine, aten = _run_python(REPORT_ISA, ATEN_CPU_CAPABILITY=asked).stdout.split()
+    assert mine == expected
+    if asked in ISAS:
+        assert aten == asked
+
+
+def test_aten_cpu_capability_unset_takes_the_best_level():
+    mine, aten = _run_python(REPORT_ISA).stdout.split()
+    assert mine == ISAS[-1]
+    assert mine == aten or aten not in cpp_backend.ISA_LEVELS
+
+
+def test_invalid_aten_cpu_capability_is_ignored_with_a_warning():
+    proc = _run_python(REPORT_ISA, ATEN_CPU_CAPABILITY="avx9000")
+    assert proc.stdout.split()[0] == ISAS[-1]
+    assert "ignoring invalid value for ATEN_CPU_CAPABILITY: avx9000" in proc.stderr
+
+
+@pytest.mark.skipif(ISAS[-1] == "default", reason="this CPU or build has only the default level")
+def test_level_above_the_cpu_falls_back_instead_of_crashing():
+    # ATMAN_CPU_ISA_LIMIT makes this host look like one without AVX-512 (or AVX2): asking for
+    # avx512 must then run the best level left, warn, and compute the right numbers.
+    limit = "avx2" if ISAS[-1] == "avx512" else "default"
+    code = """
+    import sys, torch
+    sys.path.insert(0, "tests")
+    from _tolerance import assert_close_to_reference, make_inputs, reference_pair
+    from atman_kernels.ops import cpp_backend
+    from atman_kernels.ops._checks import check_call
+    q, k, v, f, m = make_inputs(2, 4, 2, 70, 300, 24, padding=True, seed=2)
+    for mode in ("paper", "log"):
+        call = check_call(q, k, v, f, True, None, mode, m)
+        out = cpp_backend.run(q, k, v, f, m, call)
+        exact, plain = reference_pair(q, k, v, f, m, causal=True, mode=mode)
+        assert_close_to_reference(out, exact, plain, what=mode)
+    try:
+        cpp_backend._C._set_isa("avx512")
+    except ValueError as e:
+        print("refused", e, file=sys.stderr)
+    print(cpp_backend.isa(), cpp_backend.supported_isas()[-1])
+    """
+    proc = _run_python(code, ATEN_CPU_CAPABILITY="avx512", ATMAN_CPU_ISA_LIMIT=limit)
+    assert proc.stdout.split() == [limit, limit]
+    assert f"asks for more than this CPU (or build) supports; using {limit}" in proc.stderr
+    assert "refused" in proc.stderr and "is not supported here" in proc.stderr
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU or build has no avx2 level")
+def test_suite_case_under_aten_cpu_capability_avx2():
+    # The avx2 path chosen through the environment, as on an AVX2-only host, against the
+    # reference: GQA, causal with Nq < Nk, padding, factors 0 and > 1, both modes, fp32 + bf16.
+    code = """
+    import sys, torch
+    sys.path.insert(0, "tests")
+    from _tolerance import assert_close_to_reference, make_inputs, reference_pair
+    from atman_kernels.ops import cpp_backend
+    from atman_kernels.ops._checks import check_call
+    assert cpp_backend.isa() == "avx2", cpp_backend.isa()
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, f, m = make_inputs(3, 6, 2, 97, 333, 40, dtype=dtype, padding=True,
+                                    factor_kind="zero_and_big", seed=5)
+        for mode in ("paper", "log"):
+            call = check_call(q, k, v, f, True, None, mode, m)
+            out = cpp_backend.run(q, k, v, f, m, call)
+            exact, plain = reference_pair(q, k, v, f, m, causal=True, mode=mode)
+            assert_close_to_reference(out, exact, plain, what=f"{dtype} {mode}")
+    print("ok", cpp_backend.isa())
+    """
+    assert _run_python(code, ATEN_CPU_CAPABILITY="avx2").stdout.split() == ["ok", "avx2"]

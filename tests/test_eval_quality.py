@@ -347,6 +347,34 @@ def test_doc_atman_methods_match_the_explainer(smollm2):
     assert sentence[1] > sentence[0]  # the evidence sentence matters more than the distractor
 
 
+def test_merge_summarises_doc_item_files(tmp_path):
+    import eval_quality as eq
+
+    fields = ["task", "item", "method", "seconds", "load_avg_1m", "top1", "ap",
+              "evidence_rank", "n_generated", "n_kept"]
+
+    def write(name, rows):
+        with open(tmp_path / name, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(fields)
+            writer.writerows(rows)
+        return tmp_path / name
+
+    a = write("a_items.csv", [["doc", 1, "atman_sentence", 2.0, 5.0, 1.0, 1.0, 1, 9, 3],
+                              ["doc", 4, "atman_sentence", 4.0, 5.0, 0.0, 0.5, 2, 9, 3]])
+    b = write("b_items.csv", [["doc", 1, "ig_sum", 8.0, 5.0, 0.0, 0.25, 4, 9, 3]])
+    summary = eq.merge([a, b], tmp_path / "m.csv")
+    by = {r["method"]: r for r in summary}
+    assert [r["method"] for r in summary] == ["atman_sentence", "ig_sum"]
+    assert by["atman_sentence"]["n_items"] == 2 and by["atman_sentence"]["top1"] == 0.5
+    assert by["atman_sentence"]["ap"] == 0.75 and by["atman_sentence"]["top1_sem"] == 0.5
+    assert by["ig_sum"]["evidence_rank"] == 4 and by["ig_sum"]["n_kept"] == 3
+    assert (tmp_path / "m_items.csv").exists() and "| atman_sentence | 2 | 50.0" in (
+        eq.markdown_table(summary))
+    with pytest.raises(SystemExit, match="same \\(item, method\\) twice"):
+        eq.merge([a, a], tmp_path / "m2.csv")
+
+
 def test_cli_rejects_bad_arguments(capsys):
     import eval_quality as eq
 

@@ -344,3 +344,13 @@ def test_cli_prompt_source_errors(model_dir, tmp_path, capsys, make_args, messag
     with pytest.raises(SystemExit) as exc:
         main(["explain", "--model", str(model_dir), *make_args(bad)])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_special_tokens_written_in_the_prompt_are_not_explained(tok):
+    model = tiny_llama(9, vocab=VOCAB)
+    text = "</s> " + TEXT  # a special token typed into the text (e.g. a chat marker)
+    expl = AtManExplainer(model, tok, progress=False).explain(text, TARGET)
+    ids = tok(text)["input_ids"]
+    marked = [i for i, t in enumerate(ids) if t in tok.all_special_ids]
+    assert len(marked) == 2  # BOS added by the tokenizer and the typed </s>
+    assert not {p for s in expl.spans for p in s.positions} & set(marked)

@@ -2,7 +2,7 @@
 
 Ground truth for suppressed runs is an independent eager attention defined here: it takes
 transformers' *eager* masks (additive float, always materialised for causal models), builds the
-scores itself and applies ATMAN.md section 2 with factors looked up by absolute key position.
+scores itself and applies docs/semantics.md with factors looked up by absolute key position.
 It soft-caps the scaled scores before the mask (``softcap=``, Gemma 2's order) and appends sink
 logits (``s_aux=`` / ``sinks=``, GPT-OSS) as one more softmax column that it drops after.
 """
@@ -373,7 +373,7 @@ def _cache_kw(model, cache):
 
 @pytest.mark.parametrize("mode", ["paper", "log"])
 def test_prefix_reuse_equals_full_recompute(mode):
-    """ATMAN.md section 5: a variant whose first suppressed position is p can reuse the
+    """docs/semantics.md: a variant whose first suppressed position is p can reuse the
     unsuppressed cache of positions < p; feeding only positions >= p gives the same logits."""
     model = build("llama")
     batch, n, p = 3, 12, 5

@@ -32,7 +32,7 @@ def inputs(batch: int, len_q: int, len_k: int, batch_first: bool, seed: int = 1,
 
 
 def independent(mha: nn.MultiheadAttention, q, k, v, factors, mode, visible, batch_first):
-    """Suppressed MHA from torch's own projection weights, float64, written from ATMAN.md."""
+    """Suppressed MHA from torch's own projection weights, float64, per docs/semantics.md."""
     if not batch_first:
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     w = mha.in_proj_weight.double()

@@ -106,7 +106,7 @@ def test_png_image_heatmap_sizes(tmp_path):
 
 def test_terminal_rendering():
     expl = text_explanation()
-    coloured = to_terminal(expl)
+    coloured = to_terminal(expl, color=True)
     assert coloured.count("\x1b[48;2;") == len(TOKENS) and coloured.endswith("\x1b[0m")
     plain = to_terminal(expl, color=False)
     assert "\x1b" not in plain and "capital</b>[2.2]" in plain
@@ -153,3 +153,23 @@ def test_format_1_files_still_load_and_newer_versions_are_refused():
     assert [s.positions for s in back.spans] == [(0,), (1,)]
     with pytest.raises(ValueError, match="newer than this package reads"):
         Explanation.from_dict({**old, "format_version": 99})
+
+
+def test_terminal_colour_follows_the_terminal_and_no_color(monkeypatch):
+    expl = text_explanation()
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True, raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert "\x1b[" in to_terminal(expl)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\x1b" not in to_terminal(expl)
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
+    assert "\x1b" not in to_terminal(expl)  # a file or a pipe gets no escapes
+
+
+def test_notebook_repr_and_per_target_heatmap():
+    expl = text_explanation()  # two target tokens
+    page = expl._repr_html_()
+    assert page.startswith("<!DOCTYPE html>") and "Per target token" in page
+    assert page.count("<tr><th>") >= 2  # one heatmap row per target token
+    assert "chars" in page or "position" in page  # where each top unit is

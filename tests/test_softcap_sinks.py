@@ -3,9 +3,9 @@ the materialised fallback against the reference, and which backend takes such a 
 
 The formulas follow transformers' own eager attentions (read in 5.24): Gemma 2 caps the scaled
 scores, ``c * tanh(s / c)``, before adding the mask; GPT-OSS appends the per-head sink logit
-as one more softmax column and drops that column after the softmax. The suppression (ATMAN.md
-section 2) comes after the cap and never touches the sink; paper mode's row minimum is taken
-over the capped scores of the visible keys only. The Triton kernel's tests are in
+as one more softmax column and drops that column after the softmax. The suppression
+(docs/semantics.md) comes after the cap and never touches the sink; paper mode's row minimum
+is taken over the capped scores of the visible keys only. The Triton kernel's tests are in
 ``test_triton.py`` (they need the interpreter), the models' in ``test_hf.py``.
 """
 

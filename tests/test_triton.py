@@ -32,7 +32,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 BF16_SKIP = pytest.mark.skipif(
     INTERPRETED,
-    reason="bfloat16 gives garbage in Triton's CPU interpreter (ATMAN.md section 8); "
+    reason="bfloat16 gives garbage in Triton's CPU interpreter (docs/settings.md, backends); "
     "checked on CUDA and by the ahead-of-time compile in test_triton_aot.py",
 )
 # log mode computes log2(0) = -inf on purpose (f = 0 removes a key); numpy warns about it.

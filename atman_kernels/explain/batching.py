@@ -76,6 +76,29 @@ def _cfg(config: Any, *names: str, default: int) -> int:
     return default
 
 
+def _layer_configs(config: Any) -> list[Any] | None:
+    """One config per layer of a heterogeneous config (transformers' ``per_layer_config``:
+    Gemma 4, dots3), else None.
+
+    Such a config refuses to give a per-layer attribute (``head_dim``, ``num_key_value_heads``,
+    ...) globally (``AmbiguousGlobalPerLayerAttributeError``); each layer's view holds the
+    layer's own values and every global one.
+    """
+    if not getattr(config, "is_heterogeneous", False):
+        return None
+    return list(config.per_layer_config)
+
+
+def _attention_sizes(config: Any) -> tuple[int, int, int, int, int]:
+    """(hidden, heads, kv heads, head dim, MLP intermediate) of one layer's config."""
+    hidden = _cfg(config, "hidden_size", "n_embd", "d_model", default=1024)
+    heads = _cfg(config, "num_attention_heads", "n_head", default=16)
+    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
+    head_dim = _cfg(config, "head_dim", default=max(1, hidden // heads))
+    inter = _cfg(config, "intermediate_size", "n_inner", default=4 * hidden)
+    return hidden, heads, kv_heads, head_dim, inter
+
+
 def bytes_per_variant(
     config: Any,
     *,
@@ -90,17 +113,27 @@ def bytes_per_variant(
     cache), transient activations of one layer (hidden states, MLP intermediate), the
     materialised fp32 attention scores of one layer (the reference backend's [H, Nq, Nk] and
     a few temporaries) and the fp32 logits of ``n_logits`` positions (with log-softmax).
+
+    Heterogeneous configs (per-layer head dims, head counts, ...: ``per_layer_config``) are
+    read layer by layer: the KV cache sums each layer's own size, activations and scores take
+    the largest layer.
     """
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     elt = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    hidden = _cfg(config, "hidden_size", "n_embd", "d_model", default=1024)
-    layers = _cfg(config, "num_hidden_layers", "n_layer", "num_layers", default=24)
-    heads = _cfg(config, "num_attention_heads", "n_head", default=16)
-    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
-    head_dim = _cfg(config, "head_dim", default=max(1, hidden // heads))
-    inter = _cfg(config, "intermediate_size", "n_inner", default=4 * hidden)
-    vocab = _cfg(config, "vocab_size", "num_labels", default=32000)
-    kv_cache = 2 * 2 * layers * kv_heads * head_dim * len_k * elt
+    per_layer = _layer_configs(config)
+    if per_layer:
+        sizes = [_attention_sizes(c) for c in per_layer]
+        first = per_layer[0]
+    else:
+        layers = _cfg(config, "num_hidden_layers", "n_layer", "num_layers", default=24)
+        sizes = [_attention_sizes(config)] * layers
+        first = config
+    hidden = max(s[0] for s in sizes)
+    heads = max(s[1] for s in sizes)
+    inter = max(s[4] for s in sizes)
+    vocab = _cfg(first, "vocab_size", "num_labels", default=32000)
+    kv_cache = sum(2 * 2 * kv_heads * head_dim * len_k * elt
+                   for _, _, kv_heads, head_dim, _ in sizes)
     activations = len_q * (8 * hidden + 3 * inter) * elt
     scores = 4 * heads * len_q * len_k * 4
     logits = 3 * n_logits * vocab * 4

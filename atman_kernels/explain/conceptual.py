@@ -1,4 +1,4 @@
-"""Suppression factors for AtMan variants, plain and conceptual (``ATMAN.md`` section 4).
+"""Suppression factors for AtMan variants, plain and conceptual (docs/semantics.md).
 
 Conceptual suppression: tokens that carry the same concept leak it back when only one of them
 is suppressed, so suppressing position j also lowers the positions whose layer-0 input

@@ -10,7 +10,7 @@ is the same loop, and this module is its only copy:
    earliest suppressed position and cut into chunks;
 3. each chunk runs as one batched forward under :func:`atman_kernels.suppression`; a task that
    supports prefix reuse recomputes only the positions from the chunk's earliest suppressed
-   position on (every earlier hidden state is unchanged, ``ATMAN.md`` section 5);
+   position on (every earlier hidden state is unchanged, docs/semantics.md, exact prefix reuse);
 4. the result is the rise of every target row's cross-entropy for every variant, [V, T].
 
 Chunks that run out of memory are split and retried (:func:`.batching.run_chunked`).

@@ -1,4 +1,4 @@
-"""AtMan explanations of transformers models (``ATMAN.md`` sections 3-5).
+"""AtMan explanations of transformers models (``docs/semantics.md``).
 
 For every explained position j the explainer runs the model with the attention *to* j
 suppressed (in every layer and head, or in ``layers``) and records how much the
@@ -132,6 +132,12 @@ class AtManExplainer:
         backend: str = "auto",
     ) -> None:
         self.kind = model_kind(model)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise TypeError(
+                f"unsupported model class {type(model).__name__}: an encoder-decoder model's "
+                "decoder attends to the encoder's positions (cross-attention, or self and "
+                "cross keys merged in one call), which per-position suppression of one "
+                "sequence does not cover exactly")
         self.model = model
         # a vision-language model takes its processor here (its tokenizer reads the text)
         self.processor = tokenizer if hasattr(tokenizer, "image_processor") else None
@@ -235,9 +241,11 @@ class AtManExplainer:
         only: the template's tokens (system prompt, role markers) are neither explained nor
         suppressed; ``spans`` then count characters from the start of the message.
         """
-        from ..hf import atman_attention
+        from ..hf import atman_attention, check_supported
 
         _check_unit_arguments(granularity, delimiter, spans)
+        # a model "atman" cannot reach is refused before any input is prepared
+        check_supported(self.model.get_decoder() if self.kind == "image_text" else self.model)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
             max_new_tokens < 1
         ):
@@ -391,7 +399,12 @@ class AtManExplainer:
         return out
 
     def _vocab_size(self) -> int | None:
-        emb = self.model.get_input_embeddings() if self.kind != "image" else None
+        if self.kind == "image":
+            return None
+        try:
+            emb = self.model.get_input_embeddings()
+        except (NotImplementedError, AttributeError):  # a model without a token embedding
+            return None
         return getattr(emb, "num_embeddings", None)
 
     def _token_strings(self, ids: Sequence[int]) -> list[str]:
@@ -415,8 +428,10 @@ class AtManExplainer:
         if isinstance(prompt, str):
             enc = self._encode(prompt, name, add_special_tokens=True)
             ids = enc["input_ids"]
+            # special: added by the tokenizer (BOS), or written in the text (chat markers)
+            special = set() if unit_args["special_tokens"] else self._special_ids()
             eligible = [i for i, sp in enumerate(enc["special"])
-                        if unit_args["special_tokens"] or not sp]
+                        if unit_args["special_tokens"] or not (sp or ids[i] in special)]
             if enc["offsets"] is None:
                 if coarse:
                     raise ValueError(
@@ -462,9 +477,11 @@ class AtManExplainer:
         enc = self._encode(text, name, add_special_tokens=False)
         if enc["offsets"] is None:
             raise ValueError("chat=True needs character offsets (a fast tokenizer)")
+        specials = self._special_ids()
         eligible = [i for i, ((a, b), special) in enumerate(zip(enc["offsets"], enc["special"],
                                                                 strict=True))
-                    if a < end and b > start and b > a and not special]
+                    if a < end and b > start and b > a and not special
+                    and enc["input_ids"][i] not in specials]
         spans = unit_args["spans"]
         if spans is not None:
             bad = [sp for sp in spans if not (0 <= sp[0] and sp[1] <= len(message))]
@@ -683,7 +700,14 @@ class AtManExplainer:
             raise TypeError(f"unsupported model class {type(self.model).__name__}: image models "
                             "need ViT-style base_model.embeddings.patch_embeddings")
         patches = patch_module(pixels)  # [1, n_patches, hidden]
-        seq_len = embeddings_module(pixels).shape[1]
+        embedded = embeddings_module(pixels)
+        if not isinstance(patches, torch.Tensor) or not isinstance(embedded, torch.Tensor):
+            raise TypeError(
+                f"unsupported model class {type(self.model).__name__}: its patch embedding "
+                "returns more than the patch sequence (hierarchical vision models such as "
+                "Swin attend within shifting windows, whose keys are not the image's patch "
+                "sequence the factors index)")
+        seq_len = embedded.shape[1]
         n_patches = patches.shape[1]
         n_prefix = seq_len - n_patches
         patch = getattr(self.model.config, "patch_size", None)

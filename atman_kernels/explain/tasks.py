@@ -53,9 +53,16 @@ def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     layers = getattr(cache, "layers", None)
     if not layers:
         return None
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if type(cache) is not DynamicCache:
+        return None
     out = []
     for layer in layers:
-        if getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None:
+        # exactly a plain full-attention layer: subclasses carry state of their own (the conv
+        # and recurrent states of linear-attention hybrids) that a rebuilt prefix would drop
+        if type(layer) is not DynamicLayer or getattr(layer, "is_sliding", False) or getattr(
+                layer, "keys", None) is None:
             return None
         out.append((layer.keys, layer.values))
     return out

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .._constants import MODES
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MODES = ("paper", "log")
 
 
 @dataclass(frozen=True)

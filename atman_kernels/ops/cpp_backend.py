@@ -1,10 +1,10 @@
 """The C++ CPU backend: a fused, tiled kernel registered as ``torch.ops.atman_kernels``.
 
 The kernel (``csrc/suppressed_attention.cpp``, built by ``setup.py`` into ``atman_kernels._C``)
-is parallel over variants x heads x blocks of query rows; per block it computes the scores with
-one BLAS GEMM into a cache-sized per-thread buffer, applies masks, factors and the softmax with
-vectorised loops, and multiplies by V with a second GEMM. Paper mode costs the FLOPs of plain
-attention (the block's scores are kept, so the row minimum needs no second QK^T); memory is
+is parallel over variants x heads x blocks of query rows; per block and tile of 256 keys it
+computes the scores with one BLAS GEMM into a per-thread buffer, applies masks, factors and the
+softmax with vector loops, and multiplies by V with a second GEMM. Paper mode costs the FLOPs
+of plain attention (the block's scores are kept, so the row minimum needs no second QK^T); memory is
 O(rows per block x Nk) per thread, never [N, N]. fp32 math for fp32/fp16/bf16, fp64 for fp64.
 
 Ops (importing ``atman_kernels._C`` registers them; this module adds their fake kernels so
@@ -13,6 +13,11 @@ Ops (importing ``atman_kernels._C`` registers them; this module adds their fake 
 - ``suppressed_attention(q, k, v, factors, key_padding_mask, causal, scale, suppression_mode)``
   ``-> Tensor``;
 - ``suppressed_attention_out(..., suppression_mode, out) -> None`` (writes into ``out``).
+
+One build runs on any CPU of its architecture: the inner kernel is compiled per instruction-set
+level ("default", "avx2" = x86-64-v3, "avx512" = x86-64-v4) and the level is chosen at run time
+from CPUID, or from ``ATEN_CPU_CAPABILITY`` as ATen's own kernels choose theirs (a level the CPU
+cannot run is lowered to the best it can); :func:`isa` says which level runs.
 
 The extension is imported here and nowhere else. If it is missing (built with
 ``ATMAN_SKIP_CPP_BUILD=1``, or not built at all) the import does not fail: ``unsupported_reason``
@@ -30,9 +35,12 @@ from ._checks import AttentionCall
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
+ISA_LEVELS = ("default", "avx2", "avx512")  # lowest first
+
 _IMPORT_ERROR: str | None
+_C = None
 try:  # loading the library registers torch.ops.atman_kernels.*
-    importlib.import_module("atman_kernels._C")
+    _C = importlib.import_module("atman_kernels._C")
 except ImportError as exc:  # the package must keep working through the reference backend
     _IMPORT_ERROR = (
         f"the C++ extension atman_kernels._C is not built ({exc}); build it with "
@@ -54,6 +62,25 @@ def _warn_once(reason: str) -> None:
 def extension_error() -> str | None:
     """Why the extension could not be imported, or None when it is loaded."""
     return _IMPORT_ERROR
+
+
+def isa() -> str:
+    """The instruction-set level the kernel runs: "default", "avx2" or "avx512".
+
+    The best the CPU supports, unless ``ATEN_CPU_CAPABILITY`` (read once, as ATen reads it)
+    names a lower one. Raises :class:`RuntimeError` when the extension is not built.
+    """
+    if _C is None:
+        raise RuntimeError(_IMPORT_ERROR)
+    return _C.isa()
+
+
+def supported_isas() -> tuple[str, ...]:
+    """Every level this CPU and this build can run, lowest first (tests run each)."""
+    if _C is None:
+        raise RuntimeError(_IMPORT_ERROR)
+    best = _C.supported_isa()
+    return ISA_LEVELS[: ISA_LEVELS.index(best) + 1]
 
 
 def _batch(q: torch.Tensor, k: torch.Tensor, factors: torch.Tensor | None) -> int:

@@ -1,7 +1,7 @@
 """Plain PyTorch reference of suppressed attention: the ground truth for every test.
 
 Materialises the [B, Hq, Nq, Nk] score matrix, so it is short and obviously right, and costs
-B * Hq * Nq * Nk floats of memory. Semantics (``../shared/ATMAN.md`` section 2):
+B * Hq * Nq * Nk floats of memory. Semantics (``docs/semantics.md``, suppression formulas):
 
 - visible set V_i: keys j that row i may see (causal, bottom-right aligned: query row i sits at
   absolute position Nk - Nq + i; and ``key_padding_mask``);

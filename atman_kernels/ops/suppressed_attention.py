@@ -42,8 +42,8 @@ def choose_backend(q: torch.Tensor, call) -> tuple[str, str | None]:
 def _interpreter_refusal(q: torch.Tensor) -> str | None:
     """Why Triton's CPU interpreter must not take this call, or None.
 
-    bfloat16 under ``TRITON_INTERPRET=1`` returns wrong numbers without raising (ATMAN.md
-    section 8; measured again in tests/test_op_api.py), so the dispatch refuses it.
+    bfloat16 under ``TRITON_INTERPRET=1`` returns wrong numbers without raising (see
+    docs/settings.md, backends; measured again in tests/test_op_api.py), so the dispatch refuses it.
     """
     if q.dtype == torch.bfloat16 and triton_backend._interpreter_on():
         return (

@@ -31,7 +31,7 @@ Modes (constexpr):
   pass), else B. The attention kernel then runs the online softmax on f (s - m), which has the
   softmax of s' (a row constant does not change a softmax): two operations per score more than
   plain attention. FLOPs with per-variant q/k: 1.5x plain attention's matmul FLOPs, for any
-  factors (the one-pass alternative of ATMAN.md section 2 needs a second PV product, twice the
+  factors (the one-pass alternative in docs/semantics.md needs a second PV product, twice the
   exponentials and two-valued factors). Scores are kept in base 2 (log2(e) folded into the
   scale); the min-shift is linear, so it commutes with the change of base.
 

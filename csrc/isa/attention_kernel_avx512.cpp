@@ -1,0 +1,6 @@
+// The inner CPU kernel at the "avx512" instruction-set level (setup.py gives this file its flags).
+#define ATMAN_ISA_TABLE kTableAvx512
+#define ATMAN_ISA_NAME "avx512"
+#define ATMAN_ISA_VECTOR_BYTES 64
+#define ATMAN_ISA_KEY_TILE 256
+#include "../attention_kernel_impl.h"
