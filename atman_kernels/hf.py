@@ -55,6 +55,8 @@ Exact or refused. Every call is checked before any work, and a refusal names the
   refused as well;
 - a decoder's self-attention that declares ``is_causal=False`` while the mask function skipped
   the causal mask (bigbird_pegasus: future tokens would leak);
+- a module that appends compressed summaries of token blocks to its keys (a ``compressor``,
+  DeepSeek-V4): no factor reaches a token's share of a summary;
 - a model class without ``_supports_attention_backend = True``: :func:`atman_attention`
   refuses it at once; a sub-model without it (an audio tower) at its first call.
   transformers 5.24 itself never reads the flag for a registered implementation
@@ -454,6 +456,19 @@ def _sinks_from_kwargs(module, kwargs: dict, query: torch.Tensor, key) -> torch.
     return sinks.detach()
 
 
+def _check_compressed_keys(module: torch.nn.Module) -> None:
+    """Keys that summarise blocks of tokens (DeepSeek-V4's CSA/HCA ``compressor``: compressed
+    entries appended to the key axis) are no token position, so no factor can suppress a token
+    inside them: the token would leak back through its block's summary."""
+    if getattr(module, "compressor", None) is not None:
+        raise NotImplementedError(
+            f"{_where(module)} appends compressed keys ({type(module.compressor).__name__}: "
+            "summaries of blocks of tokens) to its attention's key axis; suppressing a token "
+            "cannot reach its share of those summaries, so the 'atman' attention cannot "
+            "compute the suppression exactly and refuses"
+        )
+
+
 def _short(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"<tensor {tuple(value.shape)} {value.dtype}>"
@@ -676,6 +691,7 @@ def atman_attention_forward(
     if refusal is not None:
         raise NotImplementedError(f"{_where(module)}: {refusal}")
     _check_kwargs(module, kwargs)
+    _check_compressed_keys(module)
     if dropout:
         raise NotImplementedError(
             f"atman attention runs inference only, got attention dropout {dropout} in "

@@ -152,6 +152,17 @@ def test_bad_softcap_and_sinks_arguments_are_errors_naming_the_module():
         _call(s_aux=torch.tensor([0.0, float("nan")]))
 
 
+def test_compressed_keys_are_refused():
+    """DeepSeek-V4's compressed layers append summaries of token blocks to the keys (its
+    sinks alone would now be taken): no factor reaches a token inside a summary."""
+    module = _Attn()
+    module.compressor = nn.Identity()
+    with pytest.raises(NotImplementedError, match=r"_Attn appends compressed keys \(Identity"):
+        _call(module, s_aux=torch.zeros(2))
+    module.compressor = None  # a sliding-only layer of the same model: no compressed keys
+    _call(module, s_aux=torch.zeros(2))
+
+
 def test_unknown_kwarg_is_an_error():
     with pytest.raises(NotImplementedError, match=r"_Attn passes alibi=<tensor \(2, 5\).*"
                        r"does not know"):
