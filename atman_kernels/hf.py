@@ -33,6 +33,14 @@ Mistral, GPT-2, BERT). Models without it (ViT, CLIP) get ``module._atman_layer_i
 by :func:`assign_layer_indices` (called by :func:`atman_attention`): the position of the module
 among the model's interface-routed attention modules in ``model.modules()`` order.
 
+Soft-capping and sinks. ``softcap=`` (Gemma 2, VaultGemma, T5Gemma; also accepted under the
+config's name ``attn_logit_softcapping=``) caps the scaled scores to c * tanh(s / c) before the
+mask and the suppression; ``s_aux=`` (GPT-OSS, Granite SWA, MiMo-V2-Flash, DeepSeek-V4) or
+``sinks=`` adds per-head sink logits to the softmax denominator, never suppressed. Both go to
+the fused op; sinks with one logit per head *and row* ([B, H, Nq, 1], Inkling 2) go to the
+materialised fallback. Soft-capping together with a ``position_bias`` is refused (no model
+does it, and where the bias would go relative to the cap is not defined).
+
 Keys are matched to factors by absolute position: with a KV cache the key tensor covers
 positions 0 .. Nk-1 and the queries are the last Nq positions, so factors given for the whole
 sequence keep working when only a suffix is fed (docs/semantics.md, exact prefix reuse).
@@ -43,10 +51,12 @@ Exact or refused. Every call is checked before any work, and a refusal names the
 - a keyword argument that is not None must be implemented here (``position_bias``,
   ``sliding_window`` when the mask encodes it, the ``atman_*`` ones) or listed in
   :data:`HARMLESS_ATTENTION_KWARGS` with the reason; :data:`REFUSED_ATTENTION_KWARGS` says why
-  the known others (soft-capping, sinks, sparse ``indices``, flash varlen) are refused, and any
-  unknown one is refused as well;
+  the known others (sparse ``indices``, flash varlen) are refused, and any unknown one is
+  refused as well;
 - a decoder's self-attention that declares ``is_causal=False`` while the mask function skipped
   the causal mask (bigbird_pegasus: future tokens would leak);
+- a module that appends compressed summaries of token blocks to its keys (a ``compressor``,
+  DeepSeek-V4): no factor reaches a token's share of a summary;
 - a model class without ``_supports_attention_backend = True``: :func:`atman_attention`
   refuses it at once; a sub-model without it (an audio tower) at its first call.
   transformers 5.24 itself never reads the flag for a registered implementation
@@ -216,6 +226,15 @@ class _PlanCache:
 _PLANS = _PlanCache()
 
 
+def _materialised_plan(plan: _MaskPlan, len_q: int, len_k: int, device) -> _MaskPlan:
+    """The same visibility as ``plan``, as an explicit mask for the materialised fallback."""
+    if not plan.fused:
+        return plan
+    visible = visible_keys(len_q, plan.key_len, plan.causal, plan.key_padding, device)
+    visible = torch.nn.functional.pad(visible, (0, len_k - plan.key_len), value=False)
+    return _MaskPlan(fused=False, visible=visible, bias=plan.bias)
+
+
 def _plan_without_mask(len_q: int, len_k: int, is_causal: bool, device) -> _MaskPlan:
     """sdpa's conventions for a None mask: causal only when Nq > 1, aligned top-left."""
     causal = len_q > 1 and is_causal
@@ -288,6 +307,10 @@ _IMPLEMENTED_KWARGS = frozenset(
         "position_bias",  # additive score bias (T5-style): joins the scores exactly
         "sliding_window",  # checked per call: the mask must encode the window (_check_window)
         "output_attentions",  # False is harmless; True is refused (no weights are returned)
+        "softcap",  # soft-capping c * tanh(s / c) of the scaled scores (Gemma 2): in the op
+        "attn_logit_softcapping",  # the same under the config's name
+        "s_aux",  # per-head sink logits (GPT-OSS): in the op
+        "sinks",  # the same under another name; per-row sinks run the materialised fallback
     }
 )
 
@@ -317,10 +340,6 @@ HARMLESS_ATTENTION_KWARGS: Mapping[str, str] = MappingProxyType(
 
 REFUSED_ATTENTION_KWARGS: Mapping[str, str] = MappingProxyType(
     {
-        "softcap": "attention logit soft-capping (s -> c * tanh(s / c), Gemma 2)",
-        "attn_logit_softcapping": "attention logit soft-capping (s -> c * tanh(s / c))",
-        "s_aux": "attention sinks (per-head logits joining the softmax denominator, GPT-OSS)",
-        "sinks": "attention sinks (per-head logits joining the softmax denominator)",
         "indices": "sparse attention (each query attends only to the indexed keys, "
         "DeepSeek-V3.2 style); 'atman' computes dense attention",
         "block_indices": "block-sparse attention (each query block attends only to the "
@@ -366,6 +385,87 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
         raise NotImplementedError(
             f"{_where(module)}: output_attentions=True asks for attention weights, which the "
             "'atman' attention does not return; call the model without output_attentions"
+        )
+
+
+def _softcap_from_kwargs(module, kwargs: dict, position_bias) -> float | None:
+    """The soft-capping value from ``softcap=`` or ``attn_logit_softcapping=``, or None."""
+    given = {
+        name: kwargs[name]
+        for name in ("softcap", "attn_logit_softcapping")
+        if kwargs.get(name) is not None
+    }
+    if not given:
+        return None
+    values = {float(v) if isinstance(v, (int, float)) else v for v in given.values()}
+    if len(values) > 1:
+        raise ValueError(
+            f"{_where(module)} passes softcap= and attn_logit_softcapping= with different "
+            f"values ({given}); expected one soft-capping value"
+        )
+    name, value = next(iter(given.items()))
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise NotImplementedError(
+            f"{_where(module)} passes {name}={_short(value)}; the 'atman' attention takes a "
+            "soft-capping value that is one number > 0"
+        )
+    if position_bias is not None:
+        raise NotImplementedError(
+            f"{_where(module)} passes both {name}= and position_bias= to its attention: "
+            "whether the bias is added before or after the soft cap is not defined, so the "
+            "'atman' attention refuses rather than guess"
+        )
+    return float(value)
+
+
+def _sinks_from_kwargs(module, kwargs: dict, query: torch.Tensor, key) -> torch.Tensor | None:
+    """Sink logits from ``s_aux=`` or ``sinks=``: [Hq] (per head: the fused op takes them) or
+    broadcastable to [B, Hq, Nq, 1] (per head and row: the materialised fallback); None."""
+    given = {name: kwargs[name] for name in ("s_aux", "sinks") if kwargs.get(name) is not None}
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(
+            f"{_where(module)} passes both s_aux= and sinks=; expected one set of sink logits"
+        )
+    name, sinks = next(iter(given.items()))
+    batch, heads, len_q = max(query.shape[0], key.shape[0]), query.shape[1], query.shape[2]
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        raise NotImplementedError(
+            f"{_where(module)} passes {name}={_short(sinks)}; the 'atman' attention takes sink "
+            "logits as a floating tensor"
+        )
+    per_head = sinks.dim() == 1 and sinks.shape[0] == heads
+    per_row = (
+        sinks.dim() == 4
+        and sinks.shape[0] in (1, batch)
+        and sinks.shape[1] == heads
+        and sinks.shape[2] in (1, len_q)
+        and sinks.shape[3] == 1
+    )
+    if not (per_head or per_row):
+        raise NotImplementedError(
+            f"{_where(module)} passes {name}={_short(sinks)}; the 'atman' attention takes sink "
+            f"logits of shape [{heads}] (one per query head) or [1 or {batch}, {heads}, 1 or "
+            f"{len_q}, 1] (per head and row)"
+        )
+    if sinks.device != query.device:
+        sinks = sinks.to(query.device)
+    return sinks.detach()
+
+
+def _check_compressed_keys(module: torch.nn.Module) -> None:
+    """Keys that summarise blocks of tokens (DeepSeek-V4's CSA/HCA ``compressor``: compressed
+    entries appended to the key axis) are no token position, so no factor can suppress a token
+    inside them: the token would leak back through its block's summary."""
+    if getattr(module, "compressor", None) is not None:
+        raise NotImplementedError(
+            f"{_where(module)} appends compressed keys ({type(module.compressor).__name__}: "
+            "summaries of blocks of tokens) to its attention's key axis; suppressing a token "
+            "cannot reach its share of those summaries, so the 'atman' attention cannot "
+            "compute the suppression exactly and refuses"
         )
 
 
@@ -571,15 +671,17 @@ def atman_attention_forward(
         is_causal: overrides ``module.is_causal`` when the mask is None.
         kwargs: ``atman_factors`` / ``atman_mode`` / ``atman_layers`` (see module docstring),
             ``position_bias`` (additive), ``sliding_window`` (only as encoded by the mask),
-            the arguments in :data:`HARMLESS_ATTENTION_KWARGS`; any other argument that is not
-            None is refused (:data:`REFUSED_ATTENTION_KWARGS` says why for the known ones).
+            ``softcap`` / ``attn_logit_softcapping`` and ``s_aux`` / ``sinks`` (module
+            docstring), the arguments in :data:`HARMLESS_ATTENTION_KWARGS`; any other
+            argument that is not None is refused (:data:`REFUSED_ATTENTION_KWARGS` says why
+            for the known ones).
 
     Returns:
         (attn_output [B, Nq, Hq, D] contiguous, None).
 
     Raises:
         NotImplementedError: at the first call of a module the attention cannot compute
-            exactly: an unimplemented argument (soft-capping, sinks, sparse ``indices``, ...),
+            exactly: an unimplemented argument (sparse ``indices``, varlen, ...),
             a model class without ``_supports_attention_backend``, a decoder self-attention
             that declares ``is_causal=False`` while the mask function skipped the causal
             mask, or a sliding window the mask does not encode. The message names the model
@@ -589,6 +691,7 @@ def atman_attention_forward(
     if refusal is not None:
         raise NotImplementedError(f"{_where(module)}: {refusal}")
     _check_kwargs(module, kwargs)
+    _check_compressed_keys(module)
     if dropout:
         raise NotImplementedError(
             f"atman attention runs inference only, got attention dropout {dropout} in "
@@ -602,6 +705,9 @@ def atman_attention_forward(
     len_q, len_k = query.shape[2], key.shape[2]
     _check_window(module, kwargs.get("sliding_window"), attention_mask, len_k)
     _check_causal(module, attention_mask, len_q, is_causal)
+    position_bias = kwargs.get("position_bias")
+    softcap = _softcap_from_kwargs(module, kwargs, position_bias)
+    sinks = _sinks_from_kwargs(module, kwargs, query, key)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if is_causal is None:
@@ -621,16 +727,12 @@ def atman_attention_forward(
     else:
         plan = _PLANS.get(attention_mask)
         key_offset = getattr(attention_mask, _KV_OFFSET_ATTR, 0)
-    position_bias = kwargs.get("position_bias")
     if position_bias is not None:
-        visible = plan.visible
-        if plan.fused:
-            visible = visible_keys(
-                len_q, plan.key_len, plan.causal, plan.key_padding, query.device
-            )
-            visible = torch.nn.functional.pad(visible, (0, len_k - plan.key_len), value=False)
+        plan = _materialised_plan(plan, len_q, len_k, query.device)
         bias = position_bias if plan.bias is None else plan.bias + position_bias
-        plan = _MaskPlan(fused=False, visible=visible, bias=bias)
+        plan = _MaskPlan(fused=False, visible=plan.visible, bias=bias)
+    if sinks is not None and sinks.dim() != 1:  # one sink per head and row: materialised
+        plan = _materialised_plan(plan, len_q, len_k, query.device)
 
     state = _suppression_from_kwargs(kwargs) or current_suppression()
     if state is not None and _is_cross_attention(module):
@@ -657,6 +759,8 @@ def atman_attention_forward(
             mode=mode or "paper",
             key_padding_mask=plan.key_padding,
             backend=current_backend(),
+            softcap=softcap,
+            sinks=sinks,
         )
     else:
         factors = mode = None
@@ -673,6 +777,8 @@ def atman_attention_forward(
             mode=mode or "paper",
             visible=plan.visible,
             bias=plan.bias,
+            softcap=softcap,
+            sinks=sinks,
         )
         out = out.expand(batch, *out.shape[1:])
     return out[..., :head_v].transpose(1, 2).contiguous(), None

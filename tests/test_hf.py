@@ -3,6 +3,8 @@
 Ground truth for suppressed runs is an independent eager attention defined here: it takes
 transformers' *eager* masks (additive float, always materialised for causal models), builds the
 scores itself and applies docs/semantics.md with factors looked up by absolute key position.
+It soft-caps the scaled scores before the mask (``softcap=``, Gemma 2's order) and appends sink
+logits (``s_aux=`` / ``sinks=``, GPT-OSS) as one more softmax column that it drops after.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from transformers import (
     BertConfig,
     BertModel,
     DynamicCache,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -27,6 +33,8 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    VaultGemmaConfig,
+    VaultGemmaForCausalLM,
     ViTConfig,
     ViTModel,
 )
@@ -76,6 +84,9 @@ def independent_eager(module, query, key, value, attention_mask, scaling=None, d
     k = key.double().repeat_interleave(hq // hkv, dim=1)
     v = value.double().repeat_interleave(hq // hkv, dim=1)
     s = (q @ k.transpose(-1, -2)) * scale
+    cap = kw.get("softcap")
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
     if attention_mask is None:
         visible = torch.ones(1, 1, nq, nk, dtype=torch.bool)
     else:
@@ -91,7 +102,13 @@ def independent_eager(module, query, key, value, attention_mask, scaling=None, d
         else:
             s = s + torch.log(f)
     s = s.masked_fill(~visible, float("-inf"))
-    w = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    sinks = kw.get("s_aux") if kw.get("s_aux") is not None else kw.get("sinks")
+    if sinks is None:
+        w = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    else:  # one more column per row, dropped after the softmax
+        column = sinks.double().reshape(1, hq, 1, 1) if sinks.dim() == 1 else sinks.double()
+        column = column.expand(s.shape[0], hq, nq, 1)
+        w = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1]
     out = (w @ v).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
@@ -533,3 +550,160 @@ def test_attention_backend_context_reaches_every_layer(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         with atman_kernels.attention_backend("cuda"):
             pass
+
+
+# ----------------------------------------------------------------------------- soft-capping
+# and sinks: Gemma 2 and VaultGemma pass softcap= (and have sliding-window layers), GPT-OSS
+# passes s_aux= (and has sliding-window layers). Small configs where the cap and the sinks bite:
+# a cap of 2 on scores of a few units (query_pre_attn_scalar = head dim), sinks of a few units.
+def _gemma2_softcap(cap=2.0):
+    return Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+            max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=cap,
+            initializer_range=0.5,
+        )
+    )
+
+
+def _vaultgemma_softcap(cap=2.0):
+    return VaultGemmaForCausalLM(
+        VaultGemmaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+            max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=cap,
+            initializer_range=0.5,
+        )
+    )
+
+
+def _gpt_oss_sinks():
+    model = GptOssForCausalLM(
+        GptOssConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+            num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
+            initializer_range=0.5,
+            # YaRN as GPT-OSS ships it, scaled to 64 positions (no mismatch warning)
+            rope_parameters=dict(rope_type="yarn", factor=2.0, beta_fast=32.0, beta_slow=1.0,
+                                 truncate=False, original_max_position_embeddings=32,
+                                 rope_theta=150000.0),
+        )
+    )
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.randn(4, generator=g) * 2.0)
+    return model
+
+
+CAPPED = {"gemma2": _gemma2_softcap, "vaultgemma": _vaultgemma_softcap, "gpt_oss": _gpt_oss_sinks}
+# The argument each family's attention receives, and a build of the same weights without it.
+CAPPED_ARG = {"gemma2": "softcap", "vaultgemma": "softcap", "gpt_oss": "s_aux"}
+WITHOUT_FEATURE = {
+    "gemma2": lambda: _gemma2_softcap(cap=None),
+    "vaultgemma": lambda: _vaultgemma_softcap(cap=None),
+    "gpt_oss": _gpt_oss_sinks,  # sinks set to -1e4 (no weight) by build_capped
+}
+
+
+def build_capped(family: str, without_feature: bool = False) -> PreTrainedModel:
+    torch.manual_seed(0)
+    model = (WITHOUT_FEATURE if without_feature else CAPPED)[family]().eval()
+    if without_feature and family == "gpt_oss":
+        with torch.no_grad():  # sinks far below every score: no weight
+            for layer in model.model.layers:
+                layer.self_attn.sinks.fill_(-1e4)
+    return model
+
+
+@pytest.mark.parametrize("family", list(CAPPED))
+def test_softcap_and_sink_models_without_factors_match_eager(family):
+    """transformers' own eager attention (sdpa where the model allows it) against "atman",
+    with no suppression and with factors all 1; sliding-window layers included (seq 10 >
+    window 4)."""
+    model = build_capped(family)
+    assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
+    inputs = make_inputs(family, batch=3)
+    valid = valid_positions(inputs)
+    eager = run(model, inputs, "eager")
+    with atman_attention(model):
+        got = run(model, inputs, "atman")
+        with atman_kernels.suppression(torch.ones(3, 10)):
+            ones = run(model, inputs, "atman")
+    assert_close(got, eager, valid, atol=1e-5)
+    assert_close(ones, eager, valid, atol=1e-5)
+    if type(model)._supports_sdpa:
+        assert_close(got, run(model, inputs, "sdpa"), valid, atol=1e-5)
+    # the cap / the sinks change the model's output: ignoring them would fail above
+    other = run(build_capped(family, without_feature=True), inputs, "eager")
+    assert float((other - eager).abs().amax(-1)[valid].max()) > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("family", list(CAPPED))
+def test_softcap_and_sink_models_with_factors_match_independent_eager(family, mode):
+    model = build_capped(family)
+    inputs = make_inputs(family, batch=4)
+    factors = random_factors(4, seq_len(inputs))
+    plain = run(model, inputs, "eager")
+    with atman_kernels.suppression(factors, mode=mode):
+        expected = run(model, inputs, CHECK)
+        with atman_attention(model):
+            got = run(model, inputs, "atman")
+    valid = valid_positions(inputs)
+    assert_close(got, expected, valid, atol=1e-4)
+    assert float((got - plain).abs().amax(dim=-1)[1:][valid[1:]].max()) > 1e-3
+    assert_close(got[:1], plain[:1], valid[:1], atol=1e-5)  # factor-1 variant untouched
+
+
+@pytest.mark.parametrize("family", list(CAPPED))
+def test_softcap_and_sinks_reach_the_fused_op_and_the_window_fallback(family, monkeypatch):
+    """Full-attention layers run the fused op with the cap / sinks, sliding-window layers (a
+    mask that is no causal/padding pattern) the materialised fallback with them; every layer
+    is reached and suppressed."""
+    seen = []
+    real_op = atman_hf.suppressed_attention
+    real_fallback = atman_hf.materialised_suppressed_attention
+
+    def op(*args, **kwargs):
+        seen.append(("fused", kwargs["softcap"], kwargs["sinks"]))
+        return real_op(*args, **kwargs)
+
+    def fallback(*args, **kwargs):
+        seen.append(("materialised", kwargs["softcap"], kwargs["sinks"]))
+        return real_fallback(*args, **kwargs)
+
+    monkeypatch.setattr(atman_hf, "suppressed_attention", op)
+    monkeypatch.setattr(atman_hf, "materialised_suppressed_attention", fallback)
+    model = build_capped(family)
+    inputs = make_inputs(family, batch=3)
+    with atman_attention(model), torch.no_grad(), atman_hf.count_attention_calls() as counts:
+        with atman_kernels.suppression(random_factors(3, seq_len(inputs))):
+            model(**inputs)
+    atman_hf.check_layers_routed(model, counts, layers=range(2), suppressed=True)
+    assert [path for path, _, _ in seen] == ["materialised", "fused"]  # sliding, then full
+    for _, cap, sinks in seen:
+        if CAPPED_ARG[family] == "softcap":
+            assert cap == model.config.attn_logit_softcapping and sinks is None
+        else:
+            assert cap is None and sinks is not None and tuple(sinks.shape) == (4,)
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_softcap_and_sink_models_cached_decoding_equals_full_recompute(family, mode):
+    """Prefill + decode through the model's cache (sliding-window layers keep only their
+    window) under suppression equals recomputing the whole sequence at every step."""
+    model = build_capped(family)
+    batch, prompt = 3, 7
+    ids = torch.randint(0, VOCAB, (batch, prompt + 4), generator=torch.Generator().manual_seed(3))
+    factors = random_factors(batch, ids.shape[1])
+    with torch.no_grad(), atman_attention(model), atman_kernels.suppression(factors, mode=mode):
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :prompt], **_cache_kw(model, cache), use_cache=True)
+        for step in range(prompt, ids.shape[1]):
+            full = model(ids[:, : step + 1]).logits[:, -1]
+            out = model(ids[:, step : step + 1], **_cache_kw(model, cache))
+            torch.testing.assert_close(out.logits[:, -1], full, atol=1e-5, rtol=1e-5)

@@ -1,9 +1,11 @@
 """The "atman" attention refuses what it cannot compute exactly, and the call counter proves
 that suppression reached every decoder layer.
 
-Each refusal is shown on a real transformers model where one exists (Gemma 2 soft-capping,
-GPT-OSS sinks, bigbird_pegasus's non-causal decoder, git's hand-computed text attention) and
-on a direct call of the attention function for the arguments no small model reaches.
+Each refusal is shown on a real transformers model where one exists (DeepSeek-V3.2's sparse
+``indices``, bigbird_pegasus's non-causal decoder, git's hand-computed text attention) and on a
+direct call of the attention function for the arguments no small model reaches. Soft-capping
+and sinks, refused until the op computed them, are now taken (their checks are here; the
+models against eager are in test_hf.py).
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ from transformers import (
     BertModel,
     BigBirdPegasusConfig,
     BigBirdPegasusForCausalLM,
-    Gemma2Config,
-    Gemma2ForCausalLM,
+    DeepseekV32Config,
+    DeepseekV32ForCausalLM,
     GitConfig,
     GitForCausalLM,
-    GptOssConfig,
-    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
@@ -98,6 +98,71 @@ def test_refused_kwarg_is_an_error_naming_module_and_argument(name):
     torch.testing.assert_close(_call(**{name: None}), _call(), rtol=0, atol=0)
 
 
+def test_softcap_and_sinks_are_taken_not_refused():
+    """Soft-capping (softcap= or the config's name attn_logit_softcapping=) and sinks (s_aux=
+    or sinks=) reach the op: the result equals the op's reference with them."""
+    assert not {"softcap", "attn_logit_softcapping", "s_aux", "sinks"} & set(
+        REFUSED_ATTENTION_KWARGS
+    )
+    q, k, v = _qkv()
+    sinks = torch.tensor([0.5, -1.0])
+
+    def expected(**kw):
+        out = atman_kernels.suppressed_attention(q, k, v, causal=True, scale=0.3,
+                                                 backend="reference", **kw)  # fmt: skip
+        return out.transpose(1, 2)
+
+    torch.testing.assert_close(_call(softcap=0.7), expected(softcap=0.7))
+    torch.testing.assert_close(_call(attn_logit_softcapping=0.7), expected(softcap=0.7))
+    torch.testing.assert_close(_call(s_aux=sinks), expected(sinks=sinks))
+    torch.testing.assert_close(_call(sinks=sinks), expected(sinks=sinks))
+    torch.testing.assert_close(_call(softcap=0.7, s_aux=sinks), expected(softcap=0.7, sinks=sinks))
+    assert float((_call(softcap=0.7) - _call()).abs().max()) > 1e-3
+    # per head and row ([B, H, Nq, 1]): the materialised fallback, against the op per row
+    rows = torch.linspace(-2, 2, 5)
+    per_row = sinks[None, :, None, None] + rows[None, None, :, None]
+    got = _call(sinks=per_row)
+    for i in range(5):
+        row = expected(sinks=sinks + rows[i])[:, i]
+        torch.testing.assert_close(got[:, i], row)
+
+
+def test_bad_softcap_and_sinks_arguments_are_errors_naming_the_module():
+    with pytest.raises(ValueError, match=r"_Attn passes softcap= and attn_logit_softcapping= "
+                       r"with different values"):  # fmt: skip
+        _call(softcap=0.7, attn_logit_softcapping=0.8)
+    torch.testing.assert_close(_call(softcap=0.7, attn_logit_softcapping=0.7),
+                               _call(softcap=0.7))  # fmt: skip
+    with pytest.raises(ValueError, match="_Attn passes both s_aux= and sinks="):
+        _call(s_aux=torch.zeros(2), sinks=torch.zeros(2))
+    with pytest.raises(NotImplementedError, match=r"_Attn passes s_aux=<tensor \(3,\).*shape "
+                       r"\[2\]"):  # fmt: skip
+        _call(s_aux=torch.zeros(3))
+    with pytest.raises(NotImplementedError, match=r"_Attn passes sinks=<tensor \(1, 2, 5, 2\)"):
+        _call(sinks=torch.zeros(1, 2, 5, 2))
+    with pytest.raises(NotImplementedError, match="_Attn passes s_aux=.*floating tensor"):
+        _call(s_aux=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="_Attn passes softcap='50'.*one number > 0"):
+        _call(softcap="50")
+    with pytest.raises(NotImplementedError, match="both softcap= and position_bias="):
+        _call(softcap=0.7, position_bias=torch.zeros(1, 2, 5, 5))
+    with pytest.raises(ValueError, match="softcap must be finite and > 0"):
+        _call(softcap=-1.0)
+    with pytest.raises(ValueError, match="sinks must be finite"):
+        _call(s_aux=torch.tensor([0.0, float("nan")]))
+
+
+def test_compressed_keys_are_refused():
+    """DeepSeek-V4's compressed layers append summaries of token blocks to the keys (its
+    sinks alone would now be taken): no factor reaches a token inside a summary."""
+    module = _Attn()
+    module.compressor = nn.Identity()
+    with pytest.raises(NotImplementedError, match=r"_Attn appends compressed keys \(Identity"):
+        _call(module, s_aux=torch.zeros(2))
+    module.compressor = None  # a sliding-only layer of the same model: no compressed keys
+    _call(module, s_aux=torch.zeros(2))
+
+
 def test_unknown_kwarg_is_an_error():
     with pytest.raises(NotImplementedError, match=r"_Attn passes alibi=<tensor \(2, 5\).*"
                        r"does not know"):
@@ -145,31 +210,22 @@ def test_non_causal_decoder_self_attention_without_mask_is_refused():
 
 
 # ----------------------------------------------------------------------------- real models
-def _gemma2():
+def _deepseek_v32():
     torch.manual_seed(0)
-    return Gemma2ForCausalLM(
-        Gemma2Config(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            max_position_embeddings=64,
-        )
-    ).eval()
-
-
-def _gpt_oss():
-    torch.manual_seed(0)
-    return GptOssForCausalLM(
-        GptOssConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
-            num_experts_per_tok=2, max_position_embeddings=64,
+    return DeepseekV32ForCausalLM(
+        DeepseekV32Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
+            topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, index_n_heads=2,
+            index_head_dim=16, index_topk=4, max_position_embeddings=64,
         )
     ).eval()
 
 
 @pytest.mark.parametrize(
-    "build, model_name, arg",
-    [(_gemma2, "Gemma2ForCausalLM", "softcap"), (_gpt_oss, "GptOssForCausalLM", "s_aux")],
+    "build, model_name, arg", [(_deepseek_v32, "DeepseekV32ForCausalLM", "indices")]
 )
 def test_model_with_unimplemented_argument_fails_at_its_first_attention_call(
     build, model_name, arg

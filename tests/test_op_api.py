@@ -200,6 +200,21 @@ def _bad_cases():
     yield "v -inf", dict(v=_poisoned(v, float("-inf"))), ValueError, "v must be finite"
     yield "k nan shared", dict(k=_poisoned(k[:1], float("nan")), v=v[:1]), ValueError, \
         "k must be finite"
+    yield "softcap 0", dict(softcap=0.0), ValueError, "softcap must be finite and > 0"
+    yield "softcap negative", dict(softcap=-50.0), ValueError, "softcap must be finite and > 0"
+    yield "softcap inf", dict(softcap=float("inf")), ValueError, "softcap must be finite"
+    yield "softcap nan", dict(softcap=float("nan")), ValueError, "softcap must be finite"
+    yield "softcap bool", dict(softcap=True), TypeError, "softcap must be a float > 0 or None"
+    yield "softcap str", dict(softcap="50"), TypeError, "softcap must be a float > 0 or None"
+    sinks = torch.zeros(4)
+    yield "sinks shape", dict(sinks=sinks[:3]), ValueError, r"sinks must have shape \[4\]"
+    yield "sinks rank", dict(sinks=sinks[None]), ValueError, r"sinks must have shape \[4\]"
+    yield "sinks int", dict(sinks=sinks.long()), TypeError, "sinks must be a floating tensor"
+    yield "sinks nan", dict(sinks=sinks.index_fill(0, torch.tensor([2]), float("nan"))), \
+        ValueError, "sinks must be finite"
+    yield "sinks inf", dict(sinks=sinks - float("inf")), ValueError, "sinks must be finite"
+    yield "sinks device", dict(sinks=sinks.to("meta")), ValueError, "sinks must be on q's device"
+    yield "sinks list", dict(sinks=[0.0] * 4), TypeError, "sinks must be a torch.Tensor"
 
 
 def _poisoned(t, value):

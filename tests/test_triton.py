@@ -283,6 +283,82 @@ def test_log_mode_whole_tile_of_removed_keys_first():
     assert bool((out[:, :, :64] == 0).all()), "rows that see only removed keys must be zeros"
 
 
+# ---------------------------------------------------------------- soft-capping and sinks
+# Both are constexpr paths of the kernels (no cost when off). Cases cover GQA / MQA, causal
+# with Nq < Nk and Nq > Nk, padding (a fully padded variant too), factors 0 and > 1, no factors,
+# an odd (padded) head dim, and lengths that give whole and diagonal tiles.
+SOFTCAP_SINK_CASES = [
+    ("d40_gqa_causal_short_q", dict(args=(2, 4, 2, 7, 13, 40), padding=True,
+                                    factor_kind="zero_and_big"), True),
+    ("d16_mqa_causal_whole_tiles", dict(args=(2, 2, 1, 33, 150, 16)), True),
+    ("q_longer_than_k_causal", dict(args=(2, 2, 1, 9, 5, 16)), True),
+    ("full_padding_row", dict(args=(3, 2, 2, 20, 70, 32), fully_padded_row=True), False),
+    ("no_factors", dict(args=(2, 2, 1, 17, 70, 16), factor_kind="none", padding=True), True),
+]  # fmt: skip
+FEATURES = {"softcap": (1.5, False), "sinks": (None, True), "both": (2.0, True)}
+
+
+def _sinks(heads: int) -> torch.Tensor:
+    return (torch.randn(heads, generator=torch.Generator().manual_seed(3)) * 2).to(DEVICE)
+
+
+def _capped_yardstick(q, k, v, factors, mask, *, causal, mode, softcap, sinks):
+    """(float64 reference, plain PyTorch at q's precision) with soft-capping and sinks."""
+    from atman_kernels.ops.reference import reference_attention
+
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    f64 = None if factors is None else factors.double()
+    s64 = None if sinks is None else sinks.double()
+    extra = dict(softcap=softcap, sinks=s64)
+    call64 = check_call(q64, k64, v64, f64, causal, None, mode, mask, **extra)
+    exact = reference_attention(q64, k64, v64, f64, mask, call64, sinks=s64)
+    call = check_call(q, k, v, factors, causal, None, mode, mask, softcap=softcap, sinks=sinks)
+    plain = reference_attention(q, k, v, factors, mask, call, sinks=sinks, upcast=False)
+    return exact, plain
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("name,inputs,causal", SOFTCAP_SINK_CASES,
+                         ids=[c[0] for c in SOFTCAP_SINK_CASES])  # fmt: skip
+def test_softcap_and_sinks_match_float64_reference(name, inputs, causal, feature, mode):
+    inputs = dict(inputs)
+    args = inputs.pop("args")
+    dtypes = [torch.float32] + ([torch.float16] if feature == "both" else [])
+    softcap, with_sinks = FEATURES[feature]
+    for dtype in dtypes:
+        q, k, v, factors, mask = make_inputs(*args, dtype=dtype, device=DEVICE, seed=7, **inputs)
+        q = q * 2  # scores of a few units: a cap of 1.5..2 bites
+        sinks = _sinks(q.shape[1]) if with_sinks else None
+        call = check_call(q, k, v, factors, causal, None, mode, mask, softcap=softcap,
+                          sinks=sinks)  # fmt: skip
+        out = torch.full((call.batch, call.heads_q, call.len_q, call.head_dim), float("nan"),
+                         dtype=dtype, device=DEVICE)  # fmt: skip
+        triton_backend.run(q, k, v, factors, mask, call, sinks=sinks, out=out)
+        exact, plain = _capped_yardstick(q, k, v, factors, mask, causal=causal, mode=mode,
+                                         softcap=softcap, sinks=sinks)  # fmt: skip
+        assert_close_to_reference(out, exact, plain, what=f"triton {name} {feature} {dtype}")
+        # the feature changed the result: a kernel ignoring it would fail above
+        without, _ = _capped_yardstick(q, k, v, factors, mask, causal=causal, mode=mode,
+                                       softcap=None, sinks=None)  # fmt: skip
+        assert float((exact - without).abs().max()) > 1e-3
+        if inputs.get("fully_padded_row"):
+            assert bool((out[-1] == 0).all()), "every key padded: zeros, sinks or not"
+
+
+def test_public_op_passes_softcap_and_sinks_to_triton():
+    q, k, v, factors, mask = make_inputs(2, 4, 2, 9, 9, 16, device=DEVICE, padding=True)
+    sinks = _sinks(4)
+    got = suppressed_attention(q, k, v, factors, causal=True, key_padding_mask=mask,
+                               softcap=1.5, sinks=sinks, backend="triton")  # fmt: skip
+    expected = suppressed_attention(q, k, v, factors, causal=True, key_padding_mask=mask,
+                                    softcap=1.5, sinks=sinks, backend="reference")  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    call = check_call(q, k, v, factors, True, None, "paper", mask, softcap=1.5, sinks=sinks)
+    with pytest.raises(ValueError, match="sinks must be given exactly when"):
+        triton_backend.run(q, k, v, factors, mask, call)
+
+
 def _variant_layouts(batch, q, k, v):
     """q/k/v of batch 1 seen three ways: batch 1, expanded to B (stride 0), copied to B."""
     expand = tuple(t.expand(batch, *t.shape[1:]) for t in (q, k, v))

@@ -35,6 +35,14 @@ Default: every (head dim, dtype) per architecture in the heaviest variant (paper
 factors, padding mask), plus log mode and plain attention for a few head dims, plus the tile
 comparison set. Set ``ATMAN_AOT_FULL=1`` for the full matrix (both modes x causal on/off x
 mask on/off).
+
+Soft-capping and sinks are constexpr paths. On sm_80 and sm_90 the heaviest variant is also
+compiled with both on (no spill allowed), and the tile set holds them one at a time beside the
+same kernel with both off: sinks (they only seed the online softmax) add no instruction and no
+MUFU per key tile; soft-capping adds two MUFU (exp2, reciprocal) and at most
+``SOFTCAP_PER_SCORE`` instructions per score a thread holds. With both off the kernel is the
+one compiled before they existed (per-tile counts measured equal, instruction for
+instruction, at every tile config).
 """
 
 from __future__ import annotations
@@ -67,8 +75,13 @@ MMA_KIND = {"float16": r"\.F32(\s|$)", "bfloat16": r"\.F32\.BF16", "float32": r"
 FULL = os.environ.get("ATMAN_AOT_FULL", "") not in ("", "0")
 
 
+# Soft-capping and sinks on, heaviest variant: these head dims on sm_80 and sm_90, every dtype.
+FEATURE_HEAD_DIMS = (16, 40, 64, 128, 256)
+
+
 def configs(arch: int) -> list[dict]:
-    """The (head_dim, dtype, mode, causal, has_factors, has_mask) configs compiled for arch."""
+    """The (head_dim, dtype, mode, causal, has_factors, has_mask[, softcap, sinks]) configs
+    compiled for arch."""
     out = []
     heavy = dict(mode="paper", causal=True, has_factors=True, has_mask=True)
     head_dims = HEAD_DIMS if FULL else ARCH_HEAD_DIMS[arch]
@@ -91,6 +104,12 @@ def configs(arch: int) -> list[dict]:
                             has_factors=True, has_mask=False))  # fmt: skip
             out.append(dict(arch=arch, head_dim=hd, dtype="bfloat16", mode="paper", causal=False,
                             has_factors=False, has_mask=False))  # fmt: skip
+    if arch in (80, 90):
+        for hd, dt in itertools.product(FEATURE_HEAD_DIMS, DTYPES):
+            out.append(dict(arch=arch, head_dim=hd, dtype=dt, **heavy, softcap=True, sinks=True))
+        for hd in (64, 128):
+            out.append(dict(arch=arch, head_dim=hd, dtype="float16", mode="log", causal=True,
+                            has_factors=True, has_mask=True, softcap=True, sinks=True))  # fmt: skip
     return out
 
 
@@ -109,21 +128,46 @@ TILE_RATIO = 1.25
 # regression fails; they are not the target.
 PAPER_RATIO = {False: 1.30, True: 1.36}  # without / with a padding mask
 ROW_MIN_RATIO = 0.7
+# Soft-capping's instructions per score (tanh as 1 - 2 / (1 + exp2): FMUL, EX2, FADD, RCP,
+# FFMA); measured 4.9-5.1 at the tile configs (with a full-range division it was 8 and spilled).
+SOFTCAP_PER_SCORE = 6
+# Sinks only seed the online softmax: the per-tile loops may differ by scheduling noise only.
+SINKS_SLACK = 4
+# (softcap, sinks) variants of the tile set beside the off path: fp16, no padding mask.
+TILE_FEATURES = ((True, False), (False, True))
 
 
 def tile_configs(arch: int) -> list[dict]:
     if arch not in (80, 90):
         return []
-    return [
+    off = [
         dict(arch=arch, head_dim=hd, dtype=dt, mode=mode, causal=True, has_factors=True,
              has_mask=mask, tiles=True)
         for hd, dt, (mode, mask) in itertools.product(TILE_HEAD_DIMS, TILE_DTYPES, TILE_VARIANTS)
     ]  # fmt: skip
+    features = [
+        dict(arch=arch, head_dim=hd, dtype="float16", mode=mode, causal=True, has_factors=True,
+             has_mask=False, tiles=True, softcap=cap, sinks=sinks)
+        for hd, mode, (cap, sinks) in itertools.product(TILE_HEAD_DIMS, ("log", "paper"),
+                                                         TILE_FEATURES)
+    ]  # fmt: skip
+    return off + features
+
+
+def _features(cfg: dict) -> tuple[bool, bool]:
+    return bool(cfg.get("softcap")), bool(cfg.get("sinks"))
+
+
+def _off_path(cfg: dict) -> dict:
+    """The same config with soft-capping and sinks off."""
+    return {key: val for key, val in cfg.items() if key not in ("softcap", "sinks")}
 
 
 def config_id(cfg: dict, kernel: str = "") -> str:
     factors = cfg["mode"] if cfg["has_factors"] else "plain"
     flags = ("-causal" if cfg["causal"] else "") + ("-mask" if cfg["has_mask"] else "")
+    softcap, sinks = _features(cfg)
+    flags += ("-softcap" if softcap else "") + ("-sinks" if sinks else "")
     suffix = f":{kernel}" if kernel else ""
     return f"sm{cfg['arch']}-d{cfg['head_dim']}-{cfg['dtype']}-{factors}{flags}{suffix}"
 
@@ -283,9 +327,11 @@ def _inspect(cfg: dict, bindir: str) -> list[dict]:
     from atman_kernels.ops import triton_backend
 
     dtype = getattr(torch, cfg["dtype"])
-    block = vars(triton_backend.kernel_config(cfg["head_dim"], dtype, cfg["arch"]))
+    block = vars(triton_backend.kernel_config(cfg["head_dim"], dtype, cfg["arch"],
+                                              softcap=bool(cfg.get("softcap"))))  # fmt: skip
     args = {key: cfg[key] for key in ("arch", "head_dim", "mode", "causal", "has_factors",
                                       "has_mask")}  # fmt: skip
+    args["softcap"], args["has_sinks"] = _features(cfg)
     rows = []
     for kernel in kernels_of(cfg):
         start = time.perf_counter()
@@ -293,7 +339,7 @@ def _inspect(cfg: dict, bindir: str) -> list[dict]:
         seconds = round(time.perf_counter() - start, 2)
         row = dict(cfg, kernel=kernel, seconds=seconds, config=block)
         rows.append(dict(row, **_resources(compiled, bindir)))
-    if cfg.get("tiles"):
+    if cfg.get("tiles") and not any(_features(cfg)):  # the yardstick of the off path only
         compiled = _compile_plain(cfg["arch"], cfg["head_dim"], cfg["dtype"], block)
         rows.append(dict(cfg, kernel="plain", config=block, **_resources(compiled, bindir)))
     return rows
@@ -351,7 +397,8 @@ def compiled() -> dict[str, dict]:
 
 
 ALL_CONFIGS = [cfg for arch in ARCHS for cfg in configs(arch)]
-TILE_CONFIGS = [cfg for arch in ARCHS for cfg in tile_configs(arch)]
+TILE_CONFIGS = [cfg for arch in ARCHS for cfg in tile_configs(arch) if not any(_features(cfg))]
+FEATURE_TILE_CONFIGS = [cfg for arch in ARCHS for cfg in tile_configs(arch) if any(_features(cfg))]
 
 
 @pytest.mark.slow
@@ -388,8 +435,9 @@ def test_every_head_dim_and_dtype_compiled_per_arch(compiled):
 
 
 def _tile_rows(cfg: dict, compiled: dict) -> dict[str, dict]:
-    return {kernel: compiled[config_id(cfg, kernel) + "+tiles"]
-            for kernel in (*kernels_of(cfg), "plain")}  # fmt: skip
+    rows = {kernel: compiled[config_id(cfg, kernel) + "+tiles"] for kernel in kernels_of(cfg)}
+    rows["plain"] = compiled[config_id(_off_path(cfg), "plain") + "+tiles"]
+    return rows
 
 
 @pytest.mark.slow
@@ -426,6 +474,40 @@ def test_instructions_per_key_tile_near_plain_flash_attention(cfg, compiled):
         )
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", FEATURE_TILE_CONFIGS, ids=config_id)
+def test_softcap_and_sinks_cost_per_key_tile(cfg, compiled):
+    """Sinks: no instruction per key tile beyond scheduling noise, no MUFU. Soft-capping: two
+    MUFU and at most SOFTCAP_PER_SCORE instructions per score a thread holds."""
+    softcap, _ = _features(cfg)
+    on = compiled[config_id(cfg, "attention") + "+tiles"]
+    off = compiled[config_id(_off_path(cfg), "attention") + "+tiles"]
+    block = on["config"]
+    scores = block["block_m"] * block["block_n"] // (32 * block["num_warps"])
+    where = f"{config_id(cfg)} {block}"
+    assert on["stack"] == 0 and on["n_local_ops"] == 0, f"{where}: spill"
+    assert len(on["loops"]) == 2 == len(off["loops"]), f"{where}: expected 2 key loops"
+    for stage, mine, base in zip(("whole", "diagonal"), on["loops"], off["loops"], strict=True):
+        extra, extra_mufu = mine["instructions"] - base["instructions"], mine["mufu"] - base["mufu"]
+        if softcap:
+            assert extra_mufu <= 2 * scores, f"{where} {stage}: {extra_mufu} more MUFU per tile"
+            assert extra <= SOFTCAP_PER_SCORE * scores, (
+                f"{where} {stage}: soft-capping adds {extra} instructions per key tile, "
+                f"{extra / scores:.2f} per score (limit {SOFTCAP_PER_SCORE})"
+            )
+        else:
+            assert extra_mufu == 0, f"{where} {stage}: sinks add {extra_mufu} MUFU per tile"
+            assert abs(extra) <= SINKS_SLACK, (
+                f"{where} {stage}: sinks change the key tile by {extra} instructions"
+            )
+    if "row_min" in kernels_of(cfg):  # the cap of the minimum is taken once per row
+        row_on = compiled[config_id(cfg, "row_min") + "+tiles"]["loops"]
+        row_off = compiled[config_id(_off_path(cfg), "row_min") + "+tiles"]["loops"]
+        assert [loop["instructions"] for loop in row_on][:1] == [
+            loop["instructions"] for loop in row_off
+        ][:1], f"{where}: the row-minimum pass's whole tiles changed"
+
+
 def test_key_loops_reads_backward_branches():
     """The SASS reader on a hand-written listing: one loop with an MMA, one without."""
     listing = "\n".join(
@@ -451,7 +533,7 @@ def _table() -> None:
     """Print instructions per key tile, registers and spills of the tile comparison set."""
     results = _compile_all(archs=(80, 90), tiles_only=True)
     print("config | kernel | regs | spill | whole | diagonal | x plain (whole, diagonal)")
-    for cfg in TILE_CONFIGS:
+    for cfg in TILE_CONFIGS + FEATURE_TILE_CONFIGS:
         rows = _tile_rows(cfg, results)
         plain = rows["plain"]["loops"]
         for kernel, row in rows.items():

@@ -32,6 +32,10 @@ class AttentionCall:
     scale: float
     causal: bool
     mode: str
+    # Attention logit soft-capping c (s -> c * tanh(s / c) on the scaled scores), or None.
+    softcap: float | None = None
+    # Whether per-head sink logits [Hq] join every row's softmax denominator.
+    has_sinks: bool = False
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -49,6 +53,9 @@ def check_call(
     scale: float | None,
     mode: str,
     key_padding_mask: torch.Tensor | None,
+    *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> AttentionCall:
     """Validate the arguments of ``suppressed_attention``; raise ValueError/TypeError if bad."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -143,9 +150,46 @@ def check_call(
         scale = float(scale)
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be finite and > 0, got {scale}")
+    softcap = _check_softcap(softcap)
+    if sinks is not None:
+        _check_sinks(sinks, hq, q.device)
     if not torch.compiler.is_compiling():
         check_finite(q, k, v)
-    return AttentionCall(batch, hq, hkv, nq, nk, d, scale, causal, mode)
+    return AttentionCall(
+        batch, hq, hkv, nq, nk, d, scale, causal, mode, softcap=softcap,
+        has_sinks=sinks is not None,
+    )
+
+
+def _check_softcap(softcap: object) -> float | None:
+    """None, or the cap as a float: finite and > 0 (Gemma 2 uses 50.0)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(
+            f"softcap must be a float > 0 or None (no capping), got {type(softcap).__name__}"
+        )
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be finite and > 0 (s -> c * tanh(s / c)), got {softcap}")
+    return softcap
+
+
+def _check_sinks(sinks: object, heads_q: int, device: torch.device) -> None:
+    """Per-head sink logits: a floating [Hq] tensor on q's device, finite."""
+    sinks = _check_tensor("sinks", sinks)
+    if sinks.dim() != 1 or sinks.shape[0] != heads_q:
+        raise ValueError(
+            f"sinks must have shape [{heads_q}] (one logit per query head), "
+            f"got {tuple(sinks.shape)}"
+        )
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating tensor, got {sinks.dtype}")
+    if sinks.device != device:
+        raise ValueError(f"sinks must be on q's device {device}, got {sinks.device}")
+    if not torch.compiler.is_compiling() and sinks.device.type != "meta":
+        if not bool(torch.isfinite(sinks).all()):
+            raise ValueError("sinks must be finite, got NaN or inf")
 
 
 def check_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -113,6 +113,10 @@ def unsupported_reason(q: torch.Tensor, call: AttentionCall) -> str | None:
         return f"needs CPU tensors, got {q.device}"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64 are)"
+    if call.softcap is not None:
+        return "softcap (attention logit soft-capping) is not implemented in the C++ kernel"
+    if call.has_sinks:
+        return "sinks (per-head attention sink logits) are not implemented in the C++ kernel"
     return None
 
 

@@ -5,9 +5,15 @@ B * Hq * Nq * Nk floats of memory. Semantics (``docs/semantics.md``, suppression
 
 - visible set V_i: keys j that row i may see (causal, bottom-right aligned: query row i sits at
   absolute position Nk - Nq + i; and ``key_padding_mask``);
+- scores s_ij = scale * q_i . k_j, soft-capped when ``call.softcap`` = c is set:
+  s_ij <- c * tanh(s_ij / c) (Gemma 2's order: after the scale, before the mask and before the
+  suppression, so paper mode's minimum is taken over the capped scores);
 - ``paper`` mode: m_i = min_{j in V_i} s_ij, s'_ij = m_i + f_bj * (s_ij - m_i);
 - ``log`` mode: s'_ij = s_ij + log f_bj (f = 0 removes the key);
-- softmax over V_i; a row with no visible key (or, in log mode, only removed keys) gives zeros.
+- softmax over V_i, plus, with ``sinks``, one more logit z_h per query head h that joins the
+  denominator only (GPT-OSS: an extra column dropped after the softmax); the sink is never
+  suppressed and is no part of the row minimum;
+- a row with no visible key (or, in log mode, only removed keys) gives zeros, sinks or not.
 """
 
 from __future__ import annotations
@@ -39,9 +45,13 @@ def reference_attention(
     key_padding_mask: torch.Tensor | None,
     call: AttentionCall,
     *,
+    sinks: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Suppressed attention from materialised scores. Returns [B, Hq, Nq, D] in q's dtype.
+
+    ``sinks``: [Hq] sink logits (the call says whether there must be some); soft-capping is
+    read from ``call.softcap``.
 
     ``upcast=True`` computes in float32 (float64 for float64 inputs); ``upcast=False`` computes
     in the input dtype throughout, which tests use as the error yardstick of a low precision.
@@ -56,6 +66,8 @@ def reference_attention(
     kc = k.to(dtype).repeat_interleave(group, dim=1)
     vc = v.to(dtype).repeat_interleave(group, dim=1)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * call.scale  # [B or 1, Hq, Nq, Nk]
+    if call.softcap is not None:
+        scores = call.softcap * torch.tanh(scores / call.softcap)
     visible = visible_keys(call.len_q, call.len_k, call.causal, key_padding_mask, q.device)
     if factors is not None:
         f = factors.to(dtype)[:, None, None, :]
@@ -65,11 +77,18 @@ def reference_attention(
             scores = row_min + f * (scores - row_min)
         else:
             scores = scores + torch.log(f)
+    if call.has_sinks != (sinks is not None):
+        raise ValueError("sinks must be given exactly when the validated call has sinks")
     scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
+    if sinks is not None:
+        sink = sinks.to(dtype)[None, :, None, None]  # [1, Hq, 1, 1]
+        row_max = torch.maximum(row_max, sink)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.exp(sink - row_max)
     out = torch.matmul(weights, vc) / torch.where(denom > 0, denom, torch.ones_like(denom))
     batch_shape = (call.batch, call.heads_q, call.len_q, call.head_dim)
     return out.expand(batch_shape).to(out_dtype).contiguous()

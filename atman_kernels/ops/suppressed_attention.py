@@ -64,6 +64,8 @@ def suppressed_attention(
     mode: str = "paper",
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with a per-variant suppression factor on every key, all variants in one call.
 
@@ -82,21 +84,31 @@ def suppressed_attention(
         key_padding_mask: [B or 1, Nk] bool, True = a real key. Padded keys are never attended
             and never count for the row minimum. A row with no visible key gives zeros.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpp"``.
+        softcap: attention logit soft-capping c > 0 (Gemma 2's ``attn_logit_softcapping``):
+            every scaled score becomes c * tanh(s / c) before the mask and the suppression
+            (paper mode's row minimum is the minimum of the capped scores). None = no cap.
+        sinks: [Hq] per-head sink logits (GPT-OSS's ``sinks``): each joins its head's softmax
+            denominator as one more column whose value row is zero; never suppressed and no
+            part of the row minimum. None = no sinks.
 
     Returns:
         [B, Hq, Nq, D] in q's dtype; accumulation is fp32 (fp64 for float64 inputs).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    call = check_call(q, k, v, factors, causal, scale, mode, key_padding_mask)
+    call = check_call(
+        q, k, v, factors, causal, scale, mode, key_padding_mask, softcap=softcap, sinks=sinks
+    )
     if backend == "auto":
         backend, _ = choose_backend(q, call)
     if backend == "reference":
-        return reference_attention(q, k, v, factors, key_padding_mask, call)
+        return reference_attention(q, k, v, factors, key_padding_mask, call, sinks=sinks)
     module = triton_backend if backend == "triton" else cpp_backend
     reason = module.unsupported_reason(q, call)
     if reason is None and backend == "triton":
         reason = _interpreter_refusal(q)
     if reason is not None:
         raise BackendUnavailable(f"backend={backend!r} cannot run this call: {reason}")
+    if module is triton_backend:
+        return triton_backend.run(q, k, v, factors, key_padding_mask, call, sinks=sinks)
     return module.run(q, k, v, factors, key_padding_mask, call)

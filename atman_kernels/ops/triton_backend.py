@@ -117,14 +117,31 @@ def _load_key_rows(ptrs, offs_n, offs_d, N_K,
         return tl.load(ptrs)
 
 
+def _soft_cap(qk, cap_in, cap_out):
+    """Base-2 soft-capped score of a raw q . k: c * log2(e) * tanh(scale * qk / c), written as
+    cap_out - 2 cap_out / (1 + exp2(cap_in * qk)) with cap_in = 2 scale log2(e) / c and
+    cap_out = c log2(e) (tanh x = 1 - 2 / (1 + e^2x)). Five instructions per score, two of
+    them MUFU: FMUL, EX2, FADD, RCP, FFMA. The reciprocal is the approximate one (2 ulp;
+    ``div.full`` added a range check and rescaling per score, 8 instructions, and spilled
+    registers at sm_80 d64 paper mode with padding); outside its range (1 + e >= 2^126) it
+    gives 0, which is the true value to fp32 precision, and exp2 -> inf gives 0 too: the
+    score is c there; exp2 -> 0 gives -c. Absolute error a few ulp of c. ``tanh.approx``
+    (one MUFU) has a relative error of 2^-11, too coarse for c = 50; libdevice's tanh does not
+    run in Triton's CPU interpreter."""
+    two_cap = 2.0 * cap_out
+    return cap_out - two_cap * tl.fdiv(1.0, 1.0 + tl.exp2(qk * cap_in), approx=True)
+
+
 def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
                   k_base, v_base, bias_base, f_base,
-                  stride_kn, stride_vn, qk_scale, lo, hi, N_K,
+                  stride_kn, stride_vn, qk_scale, cap_in, cap_out, lo, hi, N_K,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAPER: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, HOIST: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, HOIST: tl.constexpr):
     """Online softmax (base 2) over the key tiles in [lo, hi); MASKED = the diagonal/ragged
-    stage (causal and bounds masks), else every key of every tile is visible to every row."""
+    stage (causal and bounds masks), else every key of every tile is visible to every row.
+    SOFTCAP: scores are soft-capped (``_soft_cap``) before the factors, bias and masks."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if HOIST:
@@ -138,6 +155,10 @@ def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             n_ok = offs_n < N_K
+        if SOFTCAP:
+            s = _soft_cap(qk, cap_in, cap_out)
+        else:
+            s = qk * qk_scale
         if PAPER:
             # s' - m = f (s - m): the softmax of a row ignores the row constant m, so the
             # online softmax runs on f (s - m) directly (2 operations per score, 1 vector).
@@ -145,9 +166,7 @@ def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
                 f = tl.load(f_base + offs_n, mask=n_ok, other=1.0)
             else:
                 f = tl.load(f_base + offs_n)
-            s = (qk * qk_scale - row_min[:, None]) * f[None, :]
-        else:
-            s = qk * qk_scale
+            s = (s - row_min[:, None]) * f[None, :]
         if HAS_BIAS:
             # log2(f), -inf for padded keys (log mode), or 0 / -inf (padding only).
             if MASKED:
@@ -180,13 +199,13 @@ def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
 
 
 def _suppressed_attention_fwd(
-    Q, K, V, BIAS, F, ROW_MIN, Out,
+    Q, K, V, BIAS, F, ROW_MIN, SINKS, Out,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_biasb, stride_fb, stride_rb, stride_rh,
     stride_ob, stride_oh, stride_om,
-    qk_scale,
+    qk_scale, cap_in, cap_out,
     N_Q, N_K, H_Q, GROUP,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -195,6 +214,8 @@ def _suppressed_attention_fwd(
     CAUSAL: tl.constexpr,
     PAPER: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HOIST: tl.constexpr,
 ):  # fmt: skip
@@ -203,6 +224,9 @@ def _suppressed_attention_fwd(
     Last-dim strides are 1 (the launcher guarantees it). ``qk_scale`` = scale * log2(e).
     PAPER: F [B, Nk] the factors (fp32), ROW_MIN [1 or B, Hq, Nq] the base-2 row minima from
     ``_row_min_fwd``. HAS_BIAS: BIAS [1 or B, Nk] added to every score (after the factor).
+    SOFTCAP: scores soft-capped with ``cap_in`` / ``cap_out`` (``_soft_cap``). HAS_SINKS:
+    SINKS [Hq] fp32 base-2 sink logits, one extra softmax column per head with a zero value
+    row: the online softmax starts from it (max = the sink, sum = 1) instead of (-inf, 0).
     """
     num_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
@@ -228,23 +252,32 @@ def _suppressed_attention_fwd(
         row_min = tl.load(ROW_MIN + b * stride_rb + h * stride_rh + offs_m, mask=row_ok,
                           other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        # In paper mode the softmax runs on f (s - m): the sink joins as z - m, unscaled.
+        m_i = tl.load(SINKS + h) - row_min
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     bias_base = BIAS + b * stride_biasb
     f_base = F + b * stride_fb
     # Stage 1: whole tiles, no masks. Stage 2: the diagonal and ragged tiles.
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, row_min, row_pos, k_base, v_base, bias_base, f_base,
-        stride_kn, stride_vn, qk_scale, 0, full_end, N_K,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAPER, HAS_BIAS, DOT_PRECISION, HOIST,
+        stride_kn, stride_vn, qk_scale, cap_in, cap_out, 0, full_end, N_K,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAPER, HAS_BIAS, SOFTCAP, DOT_PRECISION,
+        HOIST,
     )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, row_min, row_pos, k_base, v_base, bias_base, f_base,
-        stride_kn, stride_vn, qk_scale, full_end, hi, N_K,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAPER, HAS_BIAS, DOT_PRECISION, HOIST,
+        stride_kn, stride_vn, qk_scale, cap_in, cap_out, full_end, hi, N_K,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAPER, HAS_BIAS, SOFTCAP, DOT_PRECISION,
+        HOIST,
     )
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # l = 0 only where acc = 0: zeros
+    # l = 0 only where acc = 0: zeros (with sinks l >= the sink's share > 0, and a row with
+    # no visible key has acc = 0: zeros too)
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=io_mask)
 
@@ -254,7 +287,7 @@ def _row_min_fwd(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_mb, stride_rb, stride_rh,
-    qk_scale,
+    qk_scale, cap_in, cap_out,
     N_Q, N_K, H_Q, GROUP,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -262,11 +295,14 @@ def _row_min_fwd(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HOIST: tl.constexpr,
 ):  # fmt: skip
     """Paper mode's row minima: ROW_MIN[b, h, i] = qk_scale * min over visible j of q_i . k_j
-    (0 for a row with no visible key). One program per BLOCK_M rows of one (b, h); b runs over
+    (0 for a row with no visible key). SOFTCAP: the soft cap of that minimum (the cap is
+    increasing, so the minimum of the capped scores is the cap of the minimum: one
+    ``_soft_cap`` per row, none per score). One program per BLOCK_M rows of one (b, h); b runs over
     the batch that q, k and the padding mask really have (1 when all three are shared by the
     variants: the minima are then computed once per head and row, not once per variant).
     QK^T and a minimum only: no exponential, no PV product."""
@@ -316,7 +352,10 @@ def _row_min_fwd(
             visible = visible & (real != 0)[None, :]
         row_min = tl.minimum(row_min, tl.min(tl.where(visible, s, float("inf")), 1))
     # No visible key: any finite value works (the row gives zeros); avoid inf - inf.
-    row_min = tl.where(row_min == float("inf"), 0.0, row_min * qk_scale)
+    if SOFTCAP:
+        row_min = tl.where(row_min == float("inf"), 0.0, _soft_cap(row_min, cap_in, cap_out))
+    else:
+        row_min = tl.where(row_min == float("inf"), 0.0, row_min * qk_scale)
     tl.store(ROW_MIN + b * stride_rb + h * stride_rh + offs_m, row_min, mask=row_ok)
 
 
@@ -354,20 +393,30 @@ _CONFIGS = {
 }  # fmt: skip
 _SMALL_SHARED_ARCHS = (86, 89)
 _SMALL_SHARED_CONFIGS = {(4, 256): (32, 32, 4, 1), (2, 128): (64, 32, 4, 2)}
+# With soft-capping on (its exp2 and reciprocal per score hold more registers): the sm_80
+# fp32 d256 tile (64, 16, 8, 2) spilled 40 bytes in the attention kernel; with one stage the
+# row-minimum kernel spilled 8 instead. (64, 32, 8, 1) spills in neither (255 and 128
+# registers, 104 KB of shared memory).
+_SOFTCAP_CONFIGS = {(80, 4, 256): (64, 32, 8, 1)}
 
 
-def kernel_config(head_dim: int, dtype: torch.dtype, arch: int = 80) -> KernelConfig:
+def kernel_config(
+    head_dim: int, dtype: torch.dtype, arch: int = 80, softcap: bool = False
+) -> KernelConfig:
     """Deterministic launch config for a head dim, dtype and compute capability (80 = sm_80).
 
     Architectures from sm_90 up use the sm_90 table, older ones the sm_80 table, except two
     entries for sm_86 / sm_89 (99 KB of shared memory per block, not 163 KB, and a ptxas
-    that spilled the sm_80 tile at 16-bit head dim bucket 128).
+    that spilled the sm_80 tile at 16-bit head dim bucket 128) and, with ``softcap``, the
+    entries of ``_SOFTCAP_CONFIGS``.
     """
     family = 90 if arch >= 90 else 80
     size = 4 if dtype == torch.float32 else 2
     block_d = _block_d(head_dim)
     if arch in _SMALL_SHARED_ARCHS and (size, block_d) in _SMALL_SHARED_CONFIGS:
         return KernelConfig(*_SMALL_SHARED_CONFIGS[(size, block_d)])
+    if softcap and (family, size, block_d) in _SOFTCAP_CONFIGS:
+        return KernelConfig(*_SOFTCAP_CONFIGS[(family, size, block_d)])
     hoist = family == 90 and head_dim == block_d
     return KernelConfig(*_CONFIGS[(family, size)][block_d], hoist=hoist)
 
@@ -385,6 +434,8 @@ def _constexprs(
     has_factors: bool,
     has_mask: bool,
     cfg: KernelConfig,
+    softcap: bool = False,
+    has_sinks: bool = False,
 ) -> dict[str, Any]:
     """Constexpr arguments of ``kernel`` ("attention" or "row_min"): one definition for
     ``run`` and ``compile_kernel``."""
@@ -399,16 +450,18 @@ def _constexprs(
     # fp32 operands: TF32 tensor cores (see the module docstring); no effect on 16-bit ones.
     tail = {"DOT_PRECISION": "tf32"}
     if kernel == "row_min":
-        return {**common, "HAS_MASK": has_mask, **tail}
+        return {**common, "HAS_MASK": has_mask, "SOFTCAP": softcap, **tail}
     paper = mode == "paper" and has_factors
     has_bias = has_mask or (has_factors and not paper)
-    return {**common, "PAPER": paper, "HAS_BIAS": has_bias, **tail}
+    return {**common, "PAPER": paper, "HAS_BIAS": has_bias, "SOFTCAP": softcap,
+            "HAS_SINKS": has_sinks, **tail}  # fmt: skip
 
 
 _KERNEL_SOURCES = {"attention": _suppressed_attention_fwd, "row_min": _row_min_fwd}
 # Plain functions until _triton() runs; the kernels call them by these global names.
 _HELPER_SOURCES = {
-    fn.__name__: fn for fn in (_key_ranges, _key_tile_ptrs, _load_key_rows, _attend_tiles)
+    fn.__name__: fn
+    for fn in (_key_ranges, _key_tile_ptrs, _load_key_rows, _soft_cap, _attend_tiles)
 }
 
 
@@ -511,6 +564,7 @@ def run(
     key_padding_mask: torch.Tensor | None,
     call: AttentionCall,
     *,
+    sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernels on validated inputs; returns [B, Hq, Nq, D] contiguous in q's dtype.
@@ -523,7 +577,8 @@ def run(
         q: [Bq, Hq, Nq, D]; k, v: [Bk, Hkv, Nk, D]; Bq, Bk in {1, B}; any strides.
         factors: [B, Nk] (any float dtype, read as fp32) or None (plain attention).
         key_padding_mask: [1 or B, Nk] bool, True = a real key, or None.
-        call: the validated call from ``check_call``.
+        call: the validated call from ``check_call`` (scale, causal, mode, softcap).
+        sinks: [Hq] sink logits (any float dtype, read as fp32) exactly when ``call.has_sinks``.
         out: optional preallocated [B, Hq, Nq, D] contiguous output in q's dtype (tests pass a
             NaN-filled one to prove every element is written).
     """
@@ -538,19 +593,26 @@ def run(
         )
     elif out.device != q.device:
         raise ValueError(f"out must be on q's device {q.device}, got {out.device}")
+    if call.has_sinks != (sinks is not None):
+        raise ValueError("sinks must be given exactly when the validated call has sinks")
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     qk_scale = call.scale * LOG2E
+    cap_in = cap_out = 0.0  # unread unless SOFTCAP
+    if call.softcap is not None:
+        cap_in, cap_out = 2.0 * qk_scale / call.softcap, call.softcap * LOG2E
+    sinks2 = None if sinks is None else (sinks.to(torch.float32) * LOG2E).contiguous()
     bias, paper_factors = _key_vectors(factors, key_padding_mask, call.mode)
     paper = paper_factors is not None
     arch = 80
     if q.is_cuda:
         major, minor = torch.cuda.get_device_capability(q.device)
         arch = 10 * major + minor
-    cfg = kernel_config(call.head_dim, q.dtype, arch)
+    cfg = kernel_config(call.head_dim, q.dtype, arch, softcap=call.softcap is not None)
     num_m = triton.cdiv(call.len_q, cfg.block_m)
     group = call.heads_q // call.heads_kv
     flags = (call.head_dim, q.dtype, call.mode, call.causal, factors is not None,
-             key_padding_mask is not None, cfg)  # fmt: skip
+             key_padding_mask is not None, cfg,
+             call.softcap is not None, call.has_sinks)  # fmt: skip
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         row_min = None
@@ -568,7 +630,7 @@ def run(
                 _batch_stride(k), k.stride(1), k.stride(2),
                 0 if mask is None else _batch_stride(mask),
                 row_min.stride(0), row_min.stride(1),
-                qk_scale, call.len_q, call.len_k, call.heads_q, group,
+                qk_scale, cap_in, cap_out, call.len_q, call.len_k, call.heads_q, group,
                 **_constexprs("row_min", *flags), **launch,
             )  # fmt: skip
         unused = q  # the pointer passed where a constexpr flag says it is never read
@@ -577,6 +639,7 @@ def run(
             bias if bias is not None else unused,
             paper_factors if paper else unused,
             row_min if paper else unused,
+            sinks2 if sinks2 is not None else unused,
             out,
             _batch_stride(q), q.stride(1), q.stride(2),
             _batch_stride(k), k.stride(1), k.stride(2),
@@ -586,7 +649,7 @@ def run(
             0 if row_min is None else _batch_stride(row_min),
             0 if row_min is None else row_min.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            qk_scale, call.len_q, call.len_k, call.heads_q, group,
+            qk_scale, cap_in, cap_out, call.len_q, call.len_k, call.heads_q, group,
             **_constexprs("attention", *flags), **launch,
         )  # fmt: skip
     return out
@@ -594,7 +657,8 @@ def run(
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Pointer arguments read as fp32 vectors / u8 masks when their flag is on.
-_FP32_POINTERS = {"BIAS": "HAS_BIAS", "F": "PAPER", "ROW_MIN": "PAPER"}
+_FP32_POINTERS = {"BIAS": "HAS_BIAS", "F": "PAPER", "ROW_MIN": "PAPER", "SINKS": "HAS_SINKS"}
+_FP32_SCALARS = ("qk_scale", "cap_in", "cap_out")
 # Strides that hold the head dim (divisible by 16 only when it is) or a length (never assumed).
 _ROW_STRIDES = ("stride_qm", "stride_kn", "stride_vn", "stride_om")
 _LENGTH_STRIDES = ("stride_biasb", "stride_fb", "stride_mb", "stride_rb", "stride_rh")
@@ -610,6 +674,8 @@ def compile_kernel(
     has_mask: bool,
     config: KernelConfig | None = None,
     kernel: str = "attention",
+    softcap: bool = False,
+    has_sinks: bool = False,
 ):
     """Compile ahead of time for ``sm_<arch>`` (no GPU needed) exactly as ``run`` would launch.
 
@@ -619,7 +685,9 @@ def compile_kernel(
     by 16; the row stride (= head dim) divisible by 16 when the head dim is; strides that
     hold a length (key vectors, row minima) not assumed divisible. Returns triton's compiled
     kernel (``.asm["cubin"]``, ``.asm["ptx"]``, ``.metadata``). Works whether or not
-    ``TRITON_INTERPRET`` is set. ``config`` overrides the table (for tuning it).
+    ``TRITON_INTERPRET`` is set. ``config`` overrides the table (for tuning it). ``softcap``
+    and ``has_sinks`` turn on the soft-capping and sink paths (the values stay runtime
+    arguments).
     """
     if mode not in ("paper", "log"):
         raise ValueError(f"mode must be 'paper' or 'log', got {mode!r}")
@@ -635,9 +703,10 @@ def compile_kernel(
     from triton.runtime.jit import JITFunction
 
     fn = JITFunction(_KERNEL_SOURCES[kernel], do_not_specialize=list(_NO_SPECIALIZE))
-    cfg = config if config is not None else kernel_config(head_dim, dtype, arch)
+    cfg = config if config is not None else kernel_config(head_dim, dtype, arch, softcap)
     ty = _TRITON_DTYPE[dtype]
-    constexprs = _constexprs(kernel, head_dim, dtype, mode, causal, has_factors, has_mask, cfg)
+    constexprs = _constexprs(kernel, head_dim, dtype, mode, causal, has_factors, has_mask, cfg,
+                             softcap, has_sinks)  # fmt: skip
     pointers = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "Out": f"*{ty}"}
     for name, flag in _FP32_POINTERS.items():
         pointers[name] = "*fp32" if constexprs.get(flag) else f"*{ty}"
@@ -651,7 +720,7 @@ def compile_kernel(
         elif name in pointers:
             signature[name] = pointers[name]
             attrs[(i,)] = divisible
-        elif name == "qk_scale":
+        elif name in _FP32_SCALARS:
             signature[name] = "fp32"
         elif name.startswith("stride_"):
             signature[name] = "i32"
