@@ -302,14 +302,49 @@ def test_bad_image_text_inputs_are_refused_before_any_work():
 def test_unsupported_vision_language_classes_are_refused_by_name():
     from atman_kernels.explain import model_kind
 
-    class Qwen2VLForConditionalGeneration:  # the name is what is checked
-        pass
-
-    with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration: its multimodal"):
-        model_kind(Qwen2VLForConditionalGeneration())
-
     class PaliGemmaForConditionalGeneration:
         pass
 
     with pytest.raises(TypeError, match="unsupported model class PaliGemma"):
         model_kind(PaliGemmaForConditionalGeneration())
+
+
+def tiny_qwen2_vl(seed=0):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256, "initializer_range": 0.2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}}
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 2,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "in_channels": 3, "initializer_range": 0.2}
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID,
+                        vision_start_token_id=2, vision_end_token_id=3)
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+def test_qwen2_vl_multimodal_rotary_positions_equal_brute_force(mode):
+    """Qwen2-VL: 3-D rotary positions computed inside the model from the image grid; a
+    non-square merged grid (2 x 4 tokens) maps row-major; prefix reuse equals recompute."""
+    model = tiny_qwen2_vl()
+    grid = torch.tensor([[1, 4, 8]])  # 4 x 8 patches, merged 2 x 2 -> 2 x 4 image tokens
+    ids = torch.tensor([[5, 2] + [IMAGE_ID] * 8 + [3, 6, 7, 10]])
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(32, 3 * 2 * 14 * 14),
+              "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE_ID).long()}
+    expl = AtManExplainer(model, progress=False, mode=mode, batch_size=4).explain(
+        inputs, TARGET)
+    assert expl.score_map(0).shape == (2, 4)
+    image_pos = [i for i, t in enumerate(ids[0].tolist()) if t == IMAGE_ID]
+    for cell in (0, 3, 5):
+        unit = next(i for i, s in enumerate(expl.spans) if s.positions == (image_pos[cell],))
+        assert float(expl.score_map(0)[cell // 4, cell % 4]) == float(expl.scores[unit])
+    full = {**inputs, "mm_token_type_ids": torch.nn.functional.pad(
+        inputs["mm_token_type_ids"], (0, len(TARGET) - 1))}
+    expected = brute_vlm(model, full, TARGET, [list(s.positions) for s in expl.spans], mode)
+    _close(expl.per_target, expected)
+    full_recompute = AtManExplainer(model, progress=False, mode=mode, batch_size=4,
+                                    prefix_reuse=False).explain(inputs, TARGET)
+    _close(full_recompute.per_target, expected)

@@ -51,21 +51,16 @@ IMAGE_TEXT_FAMILIES = {
     "LlavaForConditionalGeneration": "llava",
     "Idefics3ForConditionalGeneration": "idefics3",
     "SmolVLMForConditionalGeneration": "idefics3",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
 }
 SUPPORTED_KINDS = (
     "causal LMs (*ForCausalLM, *LMHeadModel), sequence classifiers "
     "(*ForSequenceClassification), ViT-style image classifiers (*ForImageClassification), "
     f"vision-language models ({', '.join(sorted(IMAGE_TEXT_FAMILIES))})"
 )
-# Vision-language models refused with a reason of their own.
-IMAGE_TEXT_REFUSED = {
-    "Qwen2VLForConditionalGeneration": "its multimodal rotary positions are computed from "
-    "the image grid inside the model; exact prefix reuse and the image-token map are not "
-    "implemented for it yet",
-    "Qwen2_5_VLForConditionalGeneration": "its multimodal rotary positions are computed from "
-    "the image grid inside the model; exact prefix reuse and the image-token map are not "
-    "implemented for it yet",
-}
+# Vision-language models refused with a reason of their own (none at present).
+IMAGE_TEXT_REFUSED: dict[str, str] = {}
 
 
 def model_kind(model: Any) -> str:
@@ -772,8 +767,16 @@ class AtManExplainer:
         if image_token is None:
             image_token = getattr(config, "image_token_index", None)
         family = IMAGE_TEXT_FAMILIES[type(self.model).__name__]
+        grids = None
+        if family == "qwen2_vl" and extra.get("image_grid_thw") is not None:
+            merge = int(getattr(config.vision_config, "spatial_merge_size", 2))
+            thw = extra["image_grid_thw"].tolist()
+            if any(int(t) != 1 for t, _, _ in thw):
+                raise NotImplementedError("image_grid_thw with more than one temporal patch "
+                                          "(video) is not supported")
+            grids = [(int(h) // merge, int(w) // merge) for _, h, w in thw]
         views = image_views(family, prompt_ids, int(image_token),
-                            lambda t: self._token_strings([t])[0])
+                            lambda t: self._token_strings([t])[0], grids)
         if "pixel_values" in extra and not views:
             raise ValueError("pixel_values are given but the prompt has no image token "
                              f"(id {image_token}): put the processor's image placeholder in "
@@ -786,6 +789,8 @@ class AtManExplainer:
                 raise ValueError(f"the prompt has {n_images} images' tokens, {len(images)} "
                                  "images were given")
             for i, picture in enumerate(images):
+                if family == "qwen2_vl":  # flattened patches, not frames: no boxes yet
+                    break
                 probe_boxes(self.processor.image_processor, picture_size(picture),
                             [v for v in views if v.image == i])
         # text units over the decoded prompt (image runs shown as a placeholder)
@@ -830,6 +835,11 @@ class AtManExplainer:
         seq = prompt_ids + target_ids[:-1]
         n_prompt, n = len(prompt_ids), len(seq)
         self._check_length(n)
+        # per-token inputs of the prompt (e.g. Qwen2-VL's mm_token_type_ids) cover the target
+        # tokens too: they are text (0)
+        extra = {k: torch.nn.functional.pad(v, (0, n - n_prompt))
+                 if torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, n_prompt)
+                 and not v.is_floating_point() else v for k, v in extra.items()}
         coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
                   or unit_args["spans"] is not None)
         all_units = units + [u for u, _, _ in image_units]

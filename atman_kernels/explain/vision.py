@@ -74,19 +74,34 @@ def _square(n: int, what: str) -> int:
 
 
 def image_views(family: str, ids: Sequence[int], image_token: int,
-                token_text: Callable[[int], str]) -> list[ImageView]:
+                token_text: Callable[[int], str],
+                grids: Sequence[tuple[int, int]] | None = None) -> list[ImageView]:
     """The image views of a prompt.
 
     Args:
-        family: "llava" (one square run per image) or "idefics3" (tiles behind
-            ``<row_r_col_c>`` markers, then a global view).
+        family: "llava" (one square run per image), "idefics3" (tiles behind
+            ``<row_r_col_c>`` markers, then a global view) or "qwen2_vl" (one run per image,
+            row-major over the merged patch grid given by ``grids``).
         ids: the prompt's token ids.
         image_token: the image token id.
         token_text: the text of a token id (to read the tile markers).
+        grids: "qwen2_vl": (rows, cols) of each image's merged patch grid.
     """
     runs = _runs(ids, image_token)
     if not runs:
         return []
+    if family == "qwen2_vl":
+        if grids is None or len(grids) != len(runs):
+            raise ValueError(f"the prompt has {len(runs)} image runs but image_grid_thw gives "
+                             f"{0 if grids is None else len(grids)} grids")
+        views = []
+        for i, ((a, b), (rows, cols)) in enumerate(zip(runs, grids, strict=True)):
+            if rows * cols != b - a:
+                raise ValueError(f"image {i}: {b - a} image tokens, but its grid is "
+                                 f"{rows} x {cols}")
+            views.append(ImageView(i, "whole", (rows, cols), list(range(a, b)),
+                                   [(0, k // cols, k % cols, 0) for k in range(b - a)]))
+        return views
     if family == "llava":
         views = []
         for i, (a, b) in enumerate(runs):
