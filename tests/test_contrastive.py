@@ -7,7 +7,14 @@ import json
 
 import pytest
 import torch
-from _brute import brute_causal_units, brute_classifier_units, tiny_bert, tiny_gpt2, tiny_llama
+from _brute import (
+    _close,
+    brute_causal_units,
+    brute_classifier_units,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from test_granularity import TEXT, VOCAB, _positions_in, tok  # noqa: F401  (tok: a fixture)
 
 import atman_kernels.hf  # noqa: F401  (registers "atman")
@@ -25,13 +32,6 @@ def brute_contrast(model, prompt, target, foil, units, mode="paper"):
                                 mode=mode)
     rise_f = brute_causal_units(model, prompt + foil[:-1], len(prompt), foil, units, mode=mode)
     return rise_t, rise_f
-
-
-def _close(actual, expected, rel=1e-4):
-    peak = float(expected.abs().max())
-    assert peak > 1e-3, f"degenerate test: scores too small ({peak})"
-    err = float((actual.double() - expected.double()).abs().max())
-    assert err <= rel * peak, f"max error {err:.3g} > {rel} x peak {peak:.3g}"
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama_gqa", "gpt2"])

@@ -12,7 +12,14 @@ import json
 
 import pytest
 import torch
-from _brute import brute_causal_units, brute_classifier_units, tiny_bert, tiny_gpt2, tiny_llama
+from _brute import (
+    _close,
+    brute_causal_units,
+    brute_classifier_units,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -69,14 +76,6 @@ def _positions_in(tok, text, ranges, overlap=False):
     return out
 
 
-def _close(actual, expected, rel=1e-5):
-    actual, expected = actual.double(), expected.double()
-    peak = float(expected.abs().max())
-    assert peak > 1e-3, f"degenerate test: scores too small ({peak})"
-    err = float((actual - expected).abs().max())
-    assert err <= rel * peak, f"max error {err:.3g} > {rel} x peak {peak:.3g}"
-
-
 # ------------------------------------------------------------------------------ causal LMs
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama_gqa", "gpt2"])
 @pytest.mark.parametrize("mode", ["paper", "log"])
@@ -94,7 +93,7 @@ def test_sentence_scores_equal_brute_force(tok, make, mode, reuse):
     target_ids = tok(TARGET, add_special_tokens=False)["input_ids"]
     expected = brute_causal_units(model, prompt_ids + target_ids[:-1], len(prompt_ids),
                                   target_ids, units, mode=mode)
-    _close(expl.per_target, expected)
+    _close(expl.per_target, expected, rel=1e-5)
     assert expl.settings["granularity"] == "sentence"
     assert expl.settings["prefix_reuse"] is reuse
     # forwards = the baseline + one per chunk of 2 variants
@@ -114,7 +113,7 @@ def test_explicit_spans_explain_only_those_ranges(tok):
     target_ids = tok(TARGET, add_special_tokens=False)["input_ids"]
     expected = brute_causal_units(model, prompt_ids + target_ids[:-1], len(prompt_ids),
                                   target_ids, units)
-    _close(expl.per_target, expected)
+    _close(expl.per_target, expected, rel=1e-5)
     # only the spans are variants: tokens outside them are never suppressed
     assert expl.settings["units"] == 3
 
@@ -188,7 +187,7 @@ def test_classifier_sentence_units_equal_brute_force(tok):
     assert [s.positions for s in expl.spans] == [tuple(u) for u in units]
     ids = torch.tensor([_enc(tok, TEXT)["input_ids"]])
     expected = brute_classifier_units(model, {"input_ids": ids}, ids.shape[1], units, 2)
-    _close(expl.per_target, expected)
+    _close(expl.per_target, expected, rel=1e-5)
 
 
 # ------------------------------------------------------------------------- generated target

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _brute import BRUTE, _unit_rows
+from _brute import BRUTE, _close, _unit_rows
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
@@ -120,13 +120,6 @@ def brute_vlm(model, inputs, target, units, mode="paper", c=0.1):
         return torch.stack([ce(row) - base for row in _unit_rows(n, units, c)], dim=1)
     finally:
         lm.set_attn_implementation(previous)
-
-
-def _close(actual, expected, rel=1e-4):
-    peak = float(expected.abs().max())
-    assert peak > 1e-3, f"degenerate test: scores too small ({peak})"
-    err = float((actual.double() - expected.double()).abs().max())
-    assert err <= rel * peak, f"max error {err:.3g} > {rel} x peak {peak:.3g}"
 
 
 # --------------------------------------------------------------------------------- parity
