@@ -620,7 +620,7 @@ def build_capped(family: str, without_feature: bool = False) -> PreTrainedModel:
 
 @pytest.mark.parametrize("family", list(CAPPED))
 def test_softcap_and_sink_models_without_factors_match_eager(family):
-    """transformers' own eager attention (sdpa where the model allows it) against "atman",
+    """transformers' own eager attention against "atman",
     with no suppression and with factors all 1; sliding-window layers included (seq 10 >
     window 4)."""
     model = build_capped(family)
@@ -634,8 +634,8 @@ def test_softcap_and_sink_models_without_factors_match_eager(family):
             ones = run(model, inputs, "atman")
     assert_close(got, eager, valid, atol=1e-5)
     assert_close(ones, eager, valid, atol=1e-5)
-    if type(model)._supports_sdpa:
-        assert_close(got, run(model, inputs, "sdpa"), valid, atol=1e-5)
+    # no sdpa comparison: sdpa cannot soft-cap or take sinks (transformers 5.0 still offers
+    # sdpa for Gemma 2 and computes without the cap: 5.7 away from its own eager there)
     # the cap / the sinks change the model's output: ignoring them would fail above
     other = run(build_capped(family, without_feature=True), inputs, "eager")
     assert float((other - eager).abs().amax(-1)[valid].max()) > 1e-2
