@@ -94,31 +94,28 @@ def _with_impl(model, impl, fn):
         model.set_attn_implementation(previous)
 
 
-def brute_causal(model, prompt, target, c=0.1, kappa=None, mode="paper", layers=None):
-    """[T, N] rise of CE per target token, one full forward per suppressed position."""
-    seq = prompt + target[:-1]
-    n, n_p = len(seq), len(prompt)
+def _brute_causal_rows(model, seq, n_prompt, target, rows, mode="paper", layers=None):
+    """[T, V] rise of CE per target token: one full forward per factor row, logits at every
+    position (plain and slow)."""
+    n = len(seq)
     ids = torch.tensor([seq])
     tgt = torch.tensor(target)
-    emb = model.get_input_embeddings().weight[torch.tensor(seq)].detach()
-    factors = _plain_factors(n, range(n), c, emb, kappa)
 
     def ce(factor_row):
-        with suppression(factor_row[None], mode, layers):
-            logits = model(input_ids=ids).logits[0]  # every position: plain and slow
+        with suppression(factor_row[None].to(model.dtype), mode, layers):
+            logits = model(input_ids=ids).logits[0]
         logp = torch.log_softmax(logits.double(), -1)
-        return -logp[torch.arange(n_p - 1, n), tgt]
+        return -logp[torch.arange(n_prompt - 1, n), tgt]
 
     def loop():
         base = ce(torch.ones(n))
-        return torch.stack([ce(factors[j]) - base for j in range(n)], dim=1)
+        return torch.stack([ce(row) - base for row in rows], dim=1)
 
     return _with_impl(model, BRUTE, loop)
 
 
-def brute_classifier(model, model_inputs, explained, seq_len, cls, c=0.1, kappa=None,
-                     emb=None, mode="paper"):
-    factors = _plain_factors(seq_len, explained, c, emb, kappa)
+def _brute_classifier_rows(model, model_inputs, seq_len, rows, cls, mode="paper"):
+    """[1, V] rise of the class's CE: one full forward per factor row."""
 
     def ce(factor_row):
         with suppression(factor_row[None], mode):
@@ -127,9 +124,23 @@ def brute_classifier(model, model_inputs, explained, seq_len, cls, c=0.1, kappa=
 
     def loop():
         base = ce(torch.ones(seq_len))
-        return torch.stack([ce(row) - base for row in factors])[None]
+        return torch.stack([ce(row) - base for row in rows])[None]
 
     return _with_impl(model, BRUTE, loop)
+
+
+def brute_causal(model, prompt, target, c=0.1, kappa=None, mode="paper", layers=None):
+    """[T, N] rise of CE per target token, one full forward per suppressed position."""
+    seq = prompt + target[:-1]
+    emb = model.get_input_embeddings().weight[torch.tensor(seq)].detach()
+    rows = _plain_factors(len(seq), range(len(seq)), c, emb, kappa)
+    return _brute_causal_rows(model, seq, len(prompt), target, rows, mode, layers)
+
+
+def brute_classifier(model, model_inputs, explained, seq_len, cls, c=0.1, kappa=None,
+                     emb=None, mode="paper"):
+    rows = _plain_factors(seq_len, explained, c, emb, kappa)
+    return _brute_classifier_rows(model, model_inputs, seq_len, rows, cls, mode)
 
 
 def _unit_rows(n, units, c):
@@ -145,38 +156,14 @@ def _unit_rows(n, units, c):
 
 def brute_causal_units(model, seq, n_prompt, target, units, c=0.1, mode="paper"):
     """[T, V] rise of CE per target token, one full forward per unit (all its tokens at c)."""
-    n = len(seq)
-    ids = torch.tensor([seq])
-    tgt = torch.tensor(target)
-    rows = _unit_rows(n, units, c)
-
-    def ce(factor_row):
-        with suppression(factor_row[None].to(model.dtype), mode):
-            logits = model(input_ids=ids).logits[0]
-        logp = torch.log_softmax(logits.double(), -1)
-        return -logp[torch.arange(n_prompt - 1, n), tgt]
-
-    def loop():
-        base = ce(torch.ones(n))
-        return torch.stack([ce(row) - base for row in rows], dim=1)
-
-    return _with_impl(model, BRUTE, loop)
+    return _brute_causal_rows(model, seq, n_prompt, target, _unit_rows(len(seq), units, c),
+                              mode)
 
 
 def brute_classifier_units(model, model_inputs, seq_len, units, cls, c=0.1, mode="paper"):
     """[1, V] rise of the class's CE, one full forward per unit."""
-    rows = _unit_rows(seq_len, units, c)
-
-    def ce(factor_row):
-        with suppression(factor_row[None], mode):
-            logits = model(**model_inputs).logits[0]
-        return -torch.log_softmax(logits.double(), -1)[cls]
-
-    def loop():
-        base = ce(torch.ones(seq_len))
-        return torch.stack([ce(row) - base for row in rows])[None]
-
-    return _with_impl(model, BRUTE, loop)
+    return _brute_classifier_rows(model, model_inputs, seq_len,
+                                  _unit_rows(seq_len, units, c), cls, mode)
 
 
 # --------------------------------------------------------------------------------- models

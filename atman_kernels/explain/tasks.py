@@ -144,7 +144,6 @@ class CausalLMTask:
     def run(self, batch: int, start: int) -> torch.Tensor:
         assert self._base is not None, "baseline() runs first"
         n, t = self.seq_len, self.n_targets
-        start = start if self.reuse else 0
         keep = n - max(self.n_prompt - 1, start)  # target positions this chunk recomputes
         past = prefix_cache(self._kv, start, batch) if start > 0 else None
         logits, _ = self._logits(self._variant_inputs(batch, start), past, keep, False)
@@ -218,7 +217,6 @@ class ContrastiveLMTask(CausalLMTask):
     def run(self, batch: int, start: int) -> torch.Tensor:
         if self._plain:
             return self._whole_sequences(batch)
-        start = start if self.reuse else 0
         past = prefix_cache(self._kv, start, batch) if start > 0 else None
         ce, _ = self._prompt_and_continuations(batch, start, past)
         return ce
