@@ -21,6 +21,11 @@ Exact prefix reuse (causal LMs): a variant whose earliest suppressed position is
 hidden state before p unchanged, so the unsuppressed sequence runs once with a KV cache and each
 chunk of variants (sorted by p) recomputes only positions >= the chunk's smallest p on top of the
 cached prefix, expanded over the chunk. The scores equal a full recompute up to rounding.
+
+Data flows one way: a front end per kind of model (:mod:`.front`) turns the inputs into a task
+and its units; :func:`.conceptual.unit_factors` makes one factor row per unit; the engine
+(:mod:`.engine`) runs the rows in chunks; :meth:`AtManExplainer._finish` builds the
+:class:`.explanation.Explanation` that the renderers (:mod:`.render`) read.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,19 +45,13 @@ from .batching import ChunkPolicy
 from .conceptual import check_factor, check_threshold, cosine_similarity_matrix, unit_factors
 from .engine import EngineResult, run_variants
 from .explanation import POSTPROCESS, Explanation, combine_scores
-from .tasks import CausalLMTask, ClassificationTask, ContrastiveLMTask, VisionLanguageTask
-from .units import GRANULARITIES, Span, prompt_spans, token_spans
+from .front.base import Prepared, check_unit_arguments
+from .front.causal import CausalFrontEnd
+from .front.classify import ClassifierFrontEnd
+from .front.image_text import IMAGE_TEXT_FAMILIES, ImageTextFrontEnd
 
 log = logging.getLogger(__name__)
 
-# Vision-language models whose image-token layout is known (explain/vision.py), by class name.
-IMAGE_TEXT_FAMILIES = {
-    "LlavaForConditionalGeneration": "llava",
-    "Idefics3ForConditionalGeneration": "idefics3",
-    "SmolVLMForConditionalGeneration": "idefics3",
-    "Qwen2VLForConditionalGeneration": "qwen2_vl",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
-}
 SUPPORTED_KINDS = (
     "causal LMs (*ForCausalLM, *LMHeadModel), sequence classifiers "
     "(*ForSequenceClassification), ViT-style image classifiers (*ForImageClassification), "
@@ -80,7 +78,7 @@ def model_kind(model: Any) -> str:
     raise TypeError(f"unsupported model class {name}: AtManExplainer supports {SUPPORTED_KINDS}")
 
 
-class AtManExplainer:
+class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd):
     """Explain predictions of a transformers model with AtMan.
 
     Args:
@@ -238,7 +236,7 @@ class AtManExplainer:
         """
         from ..hf import atman_attention, check_supported
 
-        _check_unit_arguments(granularity, delimiter, spans)
+        check_unit_arguments(granularity, delimiter, spans)
         # a model "atman" cannot reach is refused before any input is prepared
         check_supported(self.model.get_decoder() if self.kind == "image_text" else self.model)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
@@ -316,13 +314,6 @@ class AtManExplainer:
                             **explain_kwargs)
 
     # ------------------------------------------------------------------------------ helpers
-    @property
-    def _device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
-
     def _settings(self, **extra: Any) -> dict[str, Any]:
         settings = {
             "factor": self.factor,
@@ -337,545 +328,8 @@ class AtManExplainer:
         settings.update(extra)
         return settings
 
-    def _token_ids(self, value: Any, name: str, *, add_special_tokens: bool) -> list[int]:
-        """Token ids of a string (through the tokenizer) or of ids given directly."""
-        if isinstance(value, str):
-            return self._encode(value, name, add_special_tokens=add_special_tokens)["input_ids"]
-        if hasattr(value, "keys") and "input_ids" in value:
-            value = value["input_ids"]
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = [value]
-        if isinstance(value, torch.Tensor):
-            if value.is_floating_point():
-                raise TypeError(f"{name} token ids must be an integer tensor, got {value.dtype}")
-            if value.dim() == 2 and value.shape[0] == 1:
-                value = value[0]
-            if value.dim() != 1:
-                raise ValueError(f"{name} token ids must have shape [N] or [1, N], got "
-                                 f"{tuple(value.shape)}")
-            value = value.tolist()
-        if isinstance(value, (list, tuple)):
-            if len(value) == 1 and isinstance(value[0], (list, tuple)):
-                value = value[0]
-            if len(value) == 0:
-                raise ValueError(f"{name} is empty: give at least one token")
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-                raise TypeError(f"{name} token ids must be ints")
-            vocab = self._vocab_size()
-            bad = [i for i in value if i < 0 or (vocab is not None and i >= vocab)]
-            if bad:
-                raise ValueError(f"{name} token ids must lie in [0, {vocab}) (the model's "
-                                 f"vocabulary), got {bad[:5]}")
-            return [int(i) for i in value]
-        raise TypeError(
-            f"{name} must be a string or token ids (list of ints / tensor), got "
-            f"{type(value).__name__}"
-        )
-
-    def _encode(self, text: str, name: str, *, add_special_tokens: bool) -> dict[str, Any]:
-        """Tokenise ``text``: input_ids, special_tokens_mask and (fast tokenizers) offsets."""
-        if text == "":
-            raise ValueError(f"{name} is empty: give a non-empty string or token ids")
-        if self.tokenizer is None:
-            raise ValueError(
-                f"{name} is a string but no tokenizer was given: pass "
-                "AtManExplainer(model, tokenizer) or token ids"
-            )
-        offsets = bool(getattr(self.tokenizer, "is_fast", False))
-        enc = self.tokenizer(text, add_special_tokens=add_special_tokens,
-                             return_special_tokens_mask=True, return_offsets_mapping=offsets)
-        ids = [int(i) for i in enc["input_ids"]]
-        if len(ids) == 0:
-            raise ValueError(f"{name} {text!r} tokenises to no tokens")
-        out = {"input_ids": ids, "special": [bool(x) for x in enc["special_tokens_mask"]],
-               "offsets": [tuple(o) for o in enc["offset_mapping"]] if offsets else None}
-        if "token_type_ids" in enc:
-            out["token_type_ids"] = list(enc["token_type_ids"])
-        return out
-
-    def _vocab_size(self) -> int | None:
-        if self.kind == "image":
-            return None
-        try:
-            emb = self.model.get_input_embeddings()
-        except (NotImplementedError, AttributeError):  # a model without a token embedding
-            return None
-        return getattr(emb, "num_embeddings", None)
-
-    def _token_strings(self, ids: Sequence[int]) -> list[str]:
-        if self.tokenizer is None:
-            return [str(int(i)) for i in ids]
-        return [self.tokenizer.decode([int(i)]) for i in ids]
-
-    def _special_ids(self) -> set[int]:
-        if self.tokenizer is None:
-            return set()
-        return {int(i) for i in getattr(self.tokenizer, "all_special_ids", [])}
-
-    def _prompt_units(self, prompt: Any, name: str, unit_args: dict[str, Any]
-                      ) -> tuple[list[int], list[Span], str | None, dict[str, Any]]:
-        """(token ids, units, prompt text or None, encoding extras) of a text or id prompt."""
-        granularity, delimiter, spans = (unit_args["granularity"], unit_args["delimiter"],
-                                         unit_args["spans"])
-        coarse = granularity != "token" or delimiter is not None or spans is not None
-        if unit_args.get("chat"):
-            return self._chat_units(prompt, name, unit_args)
-        if isinstance(prompt, str):
-            enc = self._encode(prompt, name, add_special_tokens=True)
-            ids = enc["input_ids"]
-            # special: added by the tokenizer (BOS), or written in the text (chat markers)
-            special = set() if unit_args["special_tokens"] else self._special_ids()
-            eligible = [i for i, sp in enumerate(enc["special"])
-                        if unit_args["special_tokens"] or not (sp or ids[i] in special)]
-            if enc["offsets"] is None:
-                if coarse:
-                    raise ValueError(
-                        f"granularity {granularity!r}, delimiter and spans need character "
-                        f"offsets, which {type(self.tokenizer).__name__} (a slow tokenizer) "
-                        "does not give: load the fast tokenizer (use_fast=True)")
-                units = token_spans([self._token_strings([ids[i]])[0] for i in eligible],
-                                    eligible)
-            else:
-                units = prompt_spans(prompt, enc["offsets"], granularity=granularity,
-                                     delimiter=delimiter, spans=spans, eligible=eligible)
-            return ids, units, prompt, enc
-        if coarse:
-            raise ValueError(
-                f"granularity {granularity!r}, delimiter and spans need a text prompt (a "
-                f"string) to find words, sentences or character ranges in; {name} was given "
-                "as token ids")
-        ids = self._token_ids(prompt, name, add_special_tokens=True)
-        special = set() if unit_args["special_tokens"] else self._special_ids()
-        eligible = [i for i, t in enumerate(ids) if t not in special]
-        return ids, token_spans(self._token_strings([ids[i] for i in eligible]), eligible), \
-            None, {}
-
-    def _chat_units(self, message: Any, name: str, unit_args: dict[str, Any]
-                    ) -> tuple[list[int], list[Span], str, dict[str, Any]]:
-        """The chat template applied to the user's ``message``; units inside the message."""
-        if not isinstance(message, str):
-            raise ValueError(f"chat=True takes the user's message as a string, got {name} as "
-                             f"{type(message).__name__}")
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("chat=True needs a tokenizer with a chat template "
-                             "(tokenizer.chat_template is not set)")
-        if message == "":
-            raise ValueError(f"{name} is empty: give the user's message")
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": message}],
-                                                  tokenize=False, add_generation_prompt=True)
-        start = text.find(message)
-        if start < 0:
-            raise ValueError("the chat template changed the user's message (it is not found "
-                             "verbatim in the rendered prompt), so its characters cannot be "
-                             "located; pass the rendered prompt with spans= instead")
-        end = start + len(message)
-        enc = self._encode(text, name, add_special_tokens=False)
-        if enc["offsets"] is None:
-            raise ValueError("chat=True needs character offsets (a fast tokenizer)")
-        specials = self._special_ids()
-        eligible = [i for i, ((a, b), special) in enumerate(zip(enc["offsets"], enc["special"],
-                                                                strict=True))
-                    if a < end and b > start and b > a and not special
-                    and enc["input_ids"][i] not in specials]
-        spans = unit_args["spans"]
-        if spans is not None:
-            bad = [sp for sp in spans if not (0 <= sp[0] and sp[1] <= len(message))]
-            if bad:
-                raise ValueError(f"spans {bad} lie outside the user's message "
-                                 f"(0..{len(message)} characters)")
-            spans = [(a + start, b + start) for a, b in spans]
-        elif unit_args["granularity"] != "token" or unit_args["delimiter"] is not None:
-            # coarse units cut the message, never the template around it
-            units = prompt_spans(message, [(max(a, start) - start, min(b, end) - start)
-                                           for a, b in (enc["offsets"][i] for i in eligible)],
-                                 granularity=unit_args["granularity"],
-                                 delimiter=unit_args["delimiter"],
-                                 position_offset=0)
-            units = [Span(u.text, u.start + start, u.end + start,
-                          tuple(eligible[p] for p in u.positions)) for u in units]
-            return enc["input_ids"], units, text, enc
-        units = prompt_spans(text, enc["offsets"], granularity="token", spans=spans,
-                             eligible=eligible)
-        return enc["input_ids"], units, text, enc
-
-    def _check_length(self, n: int) -> None:
-        config = self.model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        limit = None
-        for attr in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, attr, None)
-            if isinstance(value, int) and value > 0:
-                limit = value
-                break
-        if limit is not None and n > limit:
-            raise ValueError(f"the input has {n} tokens, more than the model's "
-                             f"{limit} positions (config max_position_embeddings)")
-
-    def _generate(self, prompt_ids: list[int], max_new_tokens: int,
-                  extra: dict[str, Any] | None = None) -> list[int]:
-        """The model's greedy continuation of ``prompt_ids``, without the EOS that ends it."""
-        from transformers import GenerationConfig
-
-        model = self.model
-        base = getattr(model, "generation_config", None)
-        eos = getattr(base, "eos_token_id", None)
-        if eos is None and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int)
-                                               else {int(e) for e in eos})
-        pad = getattr(base, "pad_token_id", None)
-        if pad is None:
-            pad = next(iter(sorted(eos_ids)), 0)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  eos_token_id=sorted(eos_ids) or None, pad_token_id=pad)
-        ids = torch.tensor([prompt_ids], device=self._device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             generation_config=config, **(extra or {}))
-        new = [int(t) for t in out[0, len(prompt_ids):].tolist()]
-        for i, t in enumerate(new):
-            if t in eos_ids:
-                new = new[:i]
-                break
-        if not new:
-            raise ValueError("the model's greedy continuation starts with EOS: there is no "
-                             "generated answer to explain; give a target")
-        return new
-
-    # -------------------------------------------------------------------------- front ends
-    def _prepare_causal(self, inputs: Any, target: Any, max_new_tokens: int,
-                        unit_args: dict[str, Any], contrast: Any = None) -> _Prepared:
-        if (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str)) or (
-                hasattr(inputs, "keys") and "pixel_values" in inputs):
-            raise ValueError(
-                f"inputs hold images, but {type(self.model).__name__} is a text-only model; "
-                f"images need a vision-language model ({', '.join(IMAGE_TEXT_FAMILIES)})")
-        prompt_ids, units, prompt_text, _ = self._prompt_units(inputs, "prompt", unit_args)
-        self._check_length(len(prompt_ids) + (1 if target is None else 0))
-        foil_ids = None
-        if contrast is not None:
-            foil_ids = self._token_ids(contrast, "contrast", add_special_tokens=False)
-        generated = target is None
-        if generated:
-            target_ids = self._generate(prompt_ids, max_new_tokens)
-        else:
-            target_ids = self._token_ids(target, "target", add_special_tokens=False)
-        seq = prompt_ids + target_ids[:-1]
-        n_prompt, n = len(prompt_ids), len(seq)
-        self._check_length(n)
-        if foil_ids is not None:
-            self._check_length(n_prompt + len(foil_ids) - 1)
-            return self._contrastive_causal(prompt_ids, target_ids, foil_ids, units,
-                                            prompt_text, generated, unit_args)
-        coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
-                  or unit_args["spans"] is not None)
-        if not coarse:
-            units = units + token_spans(self._token_strings(target_ids[:-1]),
-                                        list(range(n_prompt, n)), source="target")
-        if not units:
-            raise ValueError("the prompt holds only special tokens: nothing to explain "
-                             "(special_tokens=True explains them)")
-        device = self._device
-        ids = torch.tensor(seq, dtype=torch.long, device=device)
-        task = CausalLMTask(self.model, ids, n_prompt,
-                            torch.tensor(target_ids, dtype=torch.long, device=device),
-                            reuse=self.prefix_reuse)
-        target_text = (self.tokenizer.decode(target_ids) if self.tokenizer is not None
-                       else target_ids)
-        return _Prepared(
-            task=task, units=units, input_ids=ids, embed=True,
-            fields={"target_tokens": self._token_strings(target_ids), "kind": "causal_lm",
-                    "token_ids": seq, "prompt": prompt_text},
-            settings={"prompt_tokens": n_prompt, "target": target_text, **_unit_settings(unit_args),
-                      "target_ids": target_ids, "generated": generated,
-                      **({"max_new_tokens": max_new_tokens} if generated else {})},
-        )
-
-    def _contrastive_causal(self, prompt_ids: list[int], target_ids: list[int],
-                            foil_ids: list[int], units: list[Span], prompt_text: str | None,
-                            generated: bool, unit_args: dict[str, Any]) -> _Prepared:
-        if not units:
-            raise ValueError("the prompt holds only special tokens: nothing to explain "
-                             "(special_tokens=True explains them)")
-        device = self._device
-        ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-        task = ContrastiveLMTask(
-            self.model, ids, torch.tensor(target_ids, dtype=torch.long, device=device),
-            torch.tensor(foil_ids, dtype=torch.long, device=device), reuse=self.prefix_reuse)
-        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda x: x)
-        return _Prepared(
-            task=task, units=units, input_ids=ids, embed=True, contrast_rows=len(foil_ids),
-            fields={"target_tokens": self._token_strings(target_ids), "kind": "causal_lm",
-                    "token_ids": prompt_ids, "prompt": prompt_text,
-                    "contrast_tokens": self._token_strings(foil_ids)},
-            settings={"prompt_tokens": len(prompt_ids), "target": decode(target_ids),
-                      "target_ids": target_ids, "generated": generated,
-                      "contrast": decode(foil_ids), "contrast_ids": foil_ids,
-                      **_unit_settings(unit_args)},
-        )
-
-    def _class_index(self, target: Any, name: str = "target") -> int:
-        config = self.model.config
-        n_labels = int(getattr(config, "num_labels", 0) or 0)
-        if isinstance(target, str):
-            label2id = getattr(config, "label2id", None) or {}
-            if target not in label2id:
-                raise ValueError(f"{name} label {target!r} is not one of the model's labels "
-                                 f"{sorted(label2id)}")
-            return int(label2id[target])
-        if isinstance(target, torch.Tensor) and target.numel() == 1:
-            target = int(target.item())
-        if isinstance(target, bool) or not isinstance(target, int):
-            raise TypeError(f"{name} must be a class index or label name, got "
-                            f"{type(target).__name__}")
-        if not 0 <= target < n_labels:
-            raise ValueError(f"{name} class {target} is out of range [0, {n_labels})")
-        return target
-
-    def _label(self, index: int) -> str:
-        id2label = getattr(self.model.config, "id2label", None) or {}
-        return str(id2label.get(index, index))
-
-    def _classes(self, target: Any, contrast: Any) -> tuple[list[int], dict[str, Any],
-                                                           dict[str, Any]]:
-        """(class rows, Explanation fields, settings) of a target class and a foil class."""
-        cls = self._class_index(target)
-        labels, fields = [cls], {"target_tokens": [self._label(cls)]}
-        settings = {"target": self._label(cls), "target_index": cls}
-        if contrast is not None:
-            foil = self._class_index(contrast, "contrast")
-            labels.append(foil)
-            fields["contrast_tokens"] = [self._label(foil)]
-            settings.update(contrast=self._label(foil), contrast_index=foil)
-        return labels, fields, settings
-
-    def _prepare_classifier(self, inputs: Any, target: Any, unit_args: dict[str, Any],
-                            contrast: Any = None) -> _Prepared:
-        labels, class_fields, class_settings = self._classes(target, contrast)
-        ids_list, units, prompt_text, enc = self._prompt_units(inputs, "inputs", unit_args)
-        if not units:
-            raise ValueError("inputs hold only special tokens: nothing to explain")
-        self._check_length(len(ids_list))
-        device = self._device
-        ids = torch.tensor(ids_list, dtype=torch.long, device=device)
-        model_inputs = {"input_ids": ids[None]}
-        types = enc.get("token_type_ids")
-        if types is None and hasattr(inputs, "keys") and inputs.get("token_type_ids") is not None:
-            types = torch.as_tensor(inputs["token_type_ids"]).reshape(-1).tolist()
-        if types is not None:
-            model_inputs["token_type_ids"] = torch.tensor(types, device=device)[None]
-        task = ClassificationTask(self.model, model_inputs, len(ids_list), labels)
-        return _Prepared(
-            task=task, units=units, input_ids=ids, embed=True, contrast_rows=len(labels) - 1,
-            fields={"kind": "classifier", "token_ids": ids_list, "prompt": prompt_text,
-                    **class_fields},
-            settings={**class_settings, **_unit_settings(unit_args)},
-        )
-
-    def _prepare_image(self, inputs: Any, target: Any, unit_args: dict[str, Any],
-                       contrast: Any = None) -> _Prepared:
-        labels, class_fields, class_settings = self._classes(target, contrast)
-        if (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
-                or unit_args["spans"] is not None):
-            raise ValueError("image classifiers explain patches: granularity, delimiter and "
-                             "spans apply to text prompts only")
-        pixels = inputs["pixel_values"] if hasattr(inputs, "keys") else inputs
-        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-            raise TypeError("image inputs must be a float tensor of pixel values [1, 3, H, W] "
-                            "or a dict with 'pixel_values'")
-        if pixels.dim() == 3:
-            pixels = pixels[None]
-        if pixels.dim() != 4 or pixels.shape[0] != 1:
-            raise ValueError(f"pixel values must have shape [1, C, H, W] or [C, H, W], got "
-                             f"{tuple(pixels.shape)}")
-        param = next(self.model.parameters())
-        pixels = pixels.to(device=param.device, dtype=param.dtype)
-        embeddings_module = getattr(self.model.base_model, "embeddings", None)
-        patch_module = getattr(embeddings_module, "patch_embeddings", None)
-        if patch_module is None:
-            raise TypeError(f"unsupported model class {type(self.model).__name__}: image models "
-                            "need ViT-style base_model.embeddings.patch_embeddings")
-        patches = patch_module(pixels)  # [1, n_patches, hidden]
-        embedded = embeddings_module(pixels)
-        if not isinstance(patches, torch.Tensor) or not isinstance(embedded, torch.Tensor):
-            raise TypeError(
-                f"unsupported model class {type(self.model).__name__}: its patch embedding "
-                "returns more than the patch sequence (hierarchical vision models such as "
-                "Swin attend within shifting windows, whose keys are not the image's patch "
-                "sequence the factors index)")
-        seq_len = embedded.shape[1]
-        n_patches = patches.shape[1]
-        n_prefix = seq_len - n_patches
-        patch = getattr(self.model.config, "patch_size", None)
-        if isinstance(patch, (tuple, list)):
-            grid = (pixels.shape[-2] // patch[0], pixels.shape[-1] // patch[1])
-        elif patch:
-            grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
-        else:
-            grid = (1, n_patches)
-        if grid[0] * grid[1] != n_patches or n_prefix < 0:
-            grid = (1, n_patches)
-        embeddings = None
-        if self.conceptual_threshold is not None:
-            embeddings = torch.zeros(seq_len, patches.shape[-1], device=patches.device,
-                                     dtype=patches.dtype)
-            embeddings[n_prefix:] = patches[0]
-        units = token_spans([f"patch({i // grid[1]},{i % grid[1]})" for i in range(n_patches)],
-                            list(range(n_prefix, seq_len)), source="image")
-        task = ClassificationTask(self.model, {"pixel_values": pixels}, seq_len, labels)
-        return _Prepared(
-            task=task, units=units, embeddings=embeddings, contrast_rows=len(labels) - 1,
-            settings={**class_settings, "granularity": "patch"},
-            fields={"kind": "image", "token_ids": None, "patch_grid": grid,
-                    "image": pixels[0].detach().float().cpu(), **class_fields},
-        )
-
-    def _image_text_inputs(self, inputs: Any) -> tuple[dict[str, Any], list[Any] | None]:
-        """(processor output, the pictures or None) of ``inputs``."""
-        images = None
-        if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str):
-            if self.processor is None:
-                raise ValueError("inputs=(text, images) needs the model's processor: "
-                                 "AtManExplainer(model, processor)")
-            text, images = inputs
-            images = list(images) if isinstance(images, (list, tuple)) else [images]
-            if not images:
-                raise ValueError("inputs=(text, images) holds no image")
-            inputs = self.processor(text=text, images=images, return_tensors="pt")
-        if not hasattr(inputs, "keys") or "input_ids" not in inputs:
-            raise TypeError("a vision-language model takes its processor's output (a dict with "
-                            "input_ids and pixel_values) or (text, images) with the processor")
-        data = dict(inputs.items())
-        mask = data.pop("attention_mask", None)
-        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
-            raise ValueError("inputs carry padding (attention_mask has zeros): explain one "
-                             "unpadded example at a time")
-        return data, images
-
-    def _prepare_image_text(self, inputs: Any, target: Any, max_new_tokens: int,
-                            unit_args: dict[str, Any], image_region: int | None) -> _Prepared:
-        from .vision import image_views, picture_size, probe_boxes, region_cells
-
-        data, images = self._image_text_inputs(inputs)
-        prompt_ids = self._token_ids(data.pop("input_ids"), "input_ids",
-                                     add_special_tokens=False)
-        device, dtype = self._device, next(self.model.parameters()).dtype
-        extra = {k: (v.to(device=device, dtype=dtype) if torch.is_tensor(v)
-                     and v.is_floating_point() else v.to(device) if torch.is_tensor(v) else v)
-                 for k, v in data.items() if v is not None}
-        config = self.model.config
-        image_token = getattr(config, "image_token_id", None)
-        if image_token is None:
-            image_token = getattr(config, "image_token_index", None)
-        family = IMAGE_TEXT_FAMILIES[type(self.model).__name__]
-        grids = None
-        if family == "qwen2_vl" and extra.get("image_grid_thw") is not None:
-            merge = int(getattr(config.vision_config, "spatial_merge_size", 2))
-            thw = extra["image_grid_thw"].tolist()
-            if any(int(t) != 1 for t, _, _ in thw):
-                raise NotImplementedError("image_grid_thw with more than one temporal patch "
-                                          "(video) is not supported")
-            grids = [(int(h) // merge, int(w) // merge) for _, h, w in thw]
-        views = image_views(family, prompt_ids, int(image_token),
-                            lambda t: self._token_strings([t])[0], grids)
-        if "pixel_values" in extra and not views:
-            raise ValueError("pixel_values are given but the prompt has no image token "
-                             f"(id {image_token}): put the processor's image placeholder in "
-                             "the text")
-        if views and "pixel_values" not in extra:
-            raise ValueError("the prompt has image tokens but no pixel_values were given")
-        if images is not None:
-            n_images = 1 + max(v.image for v in views) if views else 0
-            if n_images != len(images):
-                raise ValueError(f"the prompt has {n_images} images' tokens, {len(images)} "
-                                 "images were given")
-            for i, picture in enumerate(images):
-                if family == "qwen2_vl":  # flattened patches, not frames: no boxes yet
-                    break
-                probe_boxes(self.processor.image_processor, picture_size(picture),
-                            [v for v in views if v.image == i])
-        # text units over the decoded prompt (image runs shown as a placeholder)
-        image_positions = {p for v in views for p in v.positions}
-        special = set() if unit_args["special_tokens"] else self._special_ids()
-        pieces, offsets, cursor = [], [], 0
-        for i, t in enumerate(prompt_ids):
-            piece = "" if i in image_positions else self._token_strings([t])[0]
-            pieces.append(piece)
-            offsets.append((cursor, cursor + len(piece)))
-            cursor += len(piece)
-        text = "".join(pieces)
-        eligible = [i for i, t in enumerate(prompt_ids)
-                    if i not in image_positions and t not in special and offsets[i][0] <
-                    offsets[i][1]]
-        units = prompt_spans(text, offsets, granularity=unit_args["granularity"],
-                             delimiter=unit_args["delimiter"], spans=unit_args["spans"],
-                             eligible=eligible) if eligible else []
-        # image units: one per cell, or per k x k region, of every view
-        k = image_region or 1
-        image_units: list[tuple[Span, dict[str, Any], list[int]]] = []
-        for view in views:
-            for cells in region_cells(view.grid, k):
-                rows = sorted({c // view.grid[1] for c in cells})
-                cols = sorted({c % view.grid[1] for c in cells})
-                where = (f"({rows[0]},{cols[0]})" if len(cells) == 1 else
-                         f"rows {rows[0]}-{rows[-1]} cols {cols[0]}-{cols[-1]}")
-                box = None
-                if view.boxes is not None:
-                    bs = [view.boxes[c] for c in cells]
-                    box = (min(b[0] for b in bs), min(b[1] for b in bs),
-                           max(b[2] for b in bs), max(b[3] for b in bs))
-                span = Span(f"image {view.image} {view.view} {where}", None, None,
-                            tuple(sorted(view.positions[c] for c in cells)), source="image",
-                            image=view.image, box=box)
-                image_units.append((span, {"image": view.image, "view": view.view}, cells))
-        generated = target is None
-        if generated:
-            target_ids = self._generate(prompt_ids, max_new_tokens, extra)
-        else:
-            target_ids = self._token_ids(target, "target", add_special_tokens=False)
-        seq = prompt_ids + target_ids[:-1]
-        n_prompt, n = len(prompt_ids), len(seq)
-        self._check_length(n)
-        # per-token inputs of the prompt (e.g. Qwen2-VL's mm_token_type_ids) cover the target
-        # tokens too: they are text (0)
-        extra = {k: torch.nn.functional.pad(v, (0, n - n_prompt))
-                 if torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, n_prompt)
-                 and not v.is_floating_point() else v for k, v in extra.items()}
-        coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
-                  or unit_args["spans"] is not None)
-        all_units = units + [u for u, _, _ in image_units]
-        if not coarse:
-            all_units += token_spans(self._token_strings(target_ids[:-1]),
-                                     list(range(n_prompt, n)), source="target")
-        all_units.sort(key=lambda u: u.positions[0])
-        index = {id(u): i for i, u in enumerate(all_units)}
-        maps: dict[tuple[int, str], dict[str, Any]] = {}
-        for view in views:
-            maps[(view.image, view.view)] = {"image": view.image, "view": view.view,
-                                             "grid": list(view.grid),
-                                             "cells": [0] * (view.grid[0] * view.grid[1])}
-        for span, key, cells in image_units:
-            for c in cells:
-                maps[(key["image"], key["view"])]["cells"][c] = index[id(span)]
-        ids = torch.tensor(seq, dtype=torch.long, device=device)
-        task = VisionLanguageTask(self.model, ids, n_prompt,
-                                  torch.tensor(target_ids, dtype=torch.long, device=device),
-                                  reuse=self.prefix_reuse, extra=extra,
-                                  language_model=self.model.get_decoder())
-        pictures = None if images is None else [_as_rgb_array(im) for im in images]
-        return _Prepared(
-            task=task, units=all_units,
-            fields={"target_tokens": self._token_strings(target_ids), "kind": "image_text",
-                    "token_ids": seq, "prompt": text, "image_views": list(maps.values()),
-                    "images": pictures},
-            settings={"prompt_tokens": n_prompt,
-                      "target": (self.tokenizer.decode(target_ids) if self.tokenizer is not None
-                                 else target_ids),
-                      "target_ids": target_ids, "generated": generated,
-                      "image_region": image_region, **_unit_settings(unit_args)},
-        )
-
     # ------------------------------------------------------------------------------ engine
-    def _run(self, prepared: _Prepared) -> EngineResult:
+    def _run(self, prepared: Prepared) -> EngineResult:
         task, units = prepared.task, prepared.units
         n = task.seq_len
         unit_positions = [list(u.positions) for u in units]
@@ -908,7 +362,7 @@ class AtManExplainer:
         self.last_stats = _stats(result, len(units))
         return result
 
-    def _finish(self, result: EngineResult, prepared: _Prepared) -> Explanation:
+    def _finish(self, result: EngineResult, prepared: Prepared) -> Explanation:
         rows = result.rise.T.contiguous().detach().cpu()  # [T (+ F), n]
         n_target = rows.shape[0] - prepared.contrast_rows
         per_target, foil = rows[:n_target], rows[n_target:]
@@ -933,31 +387,6 @@ class AtManExplainer:
                            settings=settings, **contrast_fields, **fields)
 
 
-@dataclass
-class _Prepared:
-    """What a front end hands the engine: the task, the units, the Explanation's fields and
-    settings, and what conceptual suppression compares (the layer-0 input embeddings, or the
-    input ids to embed)."""
-
-    task: Any
-    units: list[Span]
-    fields: dict[str, Any]
-    settings: dict[str, Any]
-    input_ids: torch.Tensor | None = None
-    embed: bool = False
-    embeddings: torch.Tensor | None = None
-    contrast_rows: int = 0  # the last rows of the task's targets are the foil's
-
-
-def _unit_settings(unit_args: dict[str, Any]) -> dict[str, Any]:
-    """How the prompt was cut into units, for ``Explanation.settings``."""
-    if unit_args["spans"] is not None:
-        return {"granularity": "spans"}
-    if unit_args["delimiter"] is not None:
-        return {"granularity": "delimiter", "delimiter": unit_args["delimiter"]}
-    return {"granularity": unit_args["granularity"]}
-
-
 @contextmanager
 def _routing_guard(model: Any, layers: list[int] | None) -> Iterator[None]:
     """Count the baseline forward's attention calls; refuse a model whose suppressed layers'
@@ -973,26 +402,6 @@ def _stats(result: EngineResult, n_units: int) -> dict[str, Any]:
     return {"forwards": result.forwards, "token_forwards": result.token_forwards,
             "chunk_size": result.chunk_size, "prefix_reuse": result.prefix_reuse,
             "variants": n_units}
-
-
-def _as_rgb_array(image: Any) -> Any:
-    """A picture as an [H, W, 3] uint8 array, for rendering."""
-    import numpy as np
-
-    if hasattr(image, "convert"):  # PIL
-        return np.asarray(image.convert("RGB"))
-    arr = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-        arr = arr.transpose(1, 2, 0)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.dtype != np.uint8:
-        lo, hi = float(arr.min()), float(arr.max())
-        scale = 255.0 if hi <= 1.0 and lo >= 0.0 else 1.0
-        arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
-    return arr
 
 
 def _num_layers(model: Any) -> int | None:
@@ -1025,17 +434,3 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int | None) -> list[in
     if not out:
         raise ValueError("layers is empty: give at least one layer index, or None for all")
     return sorted(set(out))
-
-
-def _check_unit_arguments(granularity: Any, delimiter: Any, spans: Any) -> None:
-    """Cheap checks of the unit arguments, before any work (prompt_spans checks the rest)."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r} "
-                         "(for a custom delimiter pass delimiter=..., e.g. delimiter='###')")
-    if delimiter is not None and (not isinstance(delimiter, str) or delimiter == ""):
-        raise ValueError(f"delimiter must be a non-empty string or None, got {delimiter!r}")
-    given = [name for name, on in (("granularity", granularity != "token"),
-                                   ("delimiter", delimiter is not None),
-                                   ("spans", spans is not None)) if on]
-    if len(given) > 1:
-        raise ValueError(f"give one way to cut the prompt into units, got {' and '.join(given)}")
