@@ -32,8 +32,8 @@ def _reinit(model, seed=0):
 
 
 def _clip_like(family, vision=None):
-    cfg = getattr(T, f"{family}Config")(text_config=TEXT, vision_config={**VISION, **(vision or {})},
-                                        **LABELS)
+    vision = {**VISION, **(vision or {})}
+    cfg = getattr(T, f"{family}Config")(text_config=TEXT, vision_config=vision, **LABELS)
     torch.manual_seed(0)
     return _reinit(getattr(T, f"{family}ForImageClassification")(cfg))
 
