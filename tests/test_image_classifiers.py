@@ -154,3 +154,21 @@ def test_bad_siglip2_pixels_fail_before_any_forward(inputs, match):
     with pytest.raises(ValueError, match=match):
         AtManExplainer(model, progress=False).explain(inputs, 1)
     assert not calls
+
+
+def test_conceptual_suppression_compares_the_patch_embeddings():
+    """CLIP: conceptual suppression compares the patch convolution's outputs (no class token,
+    no position term), as the brute force's own loop over cosine similarities does."""
+    from _brute import brute_classifier
+
+    model = _clip_like("CLIP")
+    pixels = _pixels()
+    expl = AtManExplainer(model, progress=False, conceptual_threshold=0.3).explain(pixels, 1)
+    with torch.no_grad():
+        patches = model.vision_model.embeddings.patch_embedding(pixels).flatten(2)[0].T
+    emb = torch.cat([torch.zeros(1, patches.shape[1]), patches])
+    expected = brute_classifier(model, {"pixel_values": pixels}, range(1, 17), 17, 1,
+                                kappa=0.3, emb=emb)
+    plain = brute_classifier(model, {"pixel_values": pixels}, range(1, 17), 17, 1)
+    assert float((expected - plain).abs().max()) > 1e-3  # some patches are similar enough
+    _close(expl.per_target, expected)

@@ -203,3 +203,26 @@ def test_candidate_texts_without_a_tokenizer_are_refused():
     model = _model("CLIP")
     with pytest.raises(ValueError, match="processor or tokenizer"):
         AtManExplainer(model, progress=False).explain((_image("CLIP"), ["a cat", "a dog"]), 0)
+
+
+def test_a_picture_goes_through_the_processors_image_processor():
+    """With a processor (image_processor + tokenizer), a PIL picture and label texts work."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    image_processor = T.CLIPImageProcessor(size={"shortest_edge": 16},
+                                           crop_size={"height": 16, "width": 16})
+    processor = SimpleNamespace(image_processor=image_processor, tokenizer=_WordTokenizer())
+    picture = Image.fromarray(
+        (torch.rand(24, 20, 3, generator=torch.Generator().manual_seed(3)) * 255)
+        .to(torch.uint8).numpy())
+    model = _model("CLIP")
+    names = ["a cat", "a dog"]
+    expl = AtManExplainer(model, processor, progress=False).explain((picture, names), "a dog")
+    pixels = image_processor(images=picture, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        p = model(**_WordTokenizer()(names, padding=True), pixel_values=pixels
+                  ).logits_per_image[0].double().softmax(-1)
+    assert abs(float(expl.baseline_loss[0]) + math.log(float(p[1]))) < 1e-5
+    assert expl.patch_grid == (4, 4)
