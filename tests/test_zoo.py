@@ -335,6 +335,10 @@ def tiny_config(model_type: str, kind: str, class_name: str):
             c.label2id = {f"label{i}": i for i in range(N_LABELS)}
         if kind == "classifier" and "pad_token_id" in vars(c) and c.pad_token_id is None:
             c.pad_token_id = 0
+        if kind == "image" and "vision_use_head" in vars(c):
+            # SigLIP classifiers mean-pool the patches: the attention-pooling head (torch
+            # MultiheadAttention, outside the interface) runs but its output is unused
+            c.vision_use_head = False
         if kind == "causal_lm" and "is_decoder" in vars(c):
             c.is_decoder = True  # BERT-style models as causal LMs
         if "vocab_size" in vars(c) and c.vocab_size is None:
@@ -379,6 +383,13 @@ def model_inputs(kind: str, config) -> dict:
         size = next((c.image_size for c in _configs(config)
                      if _num(getattr(c, "image_size", None))), IMAGE_SIZE)
         gen = torch.Generator().manual_seed(SEED + 1)
+        flat = next((c for c in _configs(config) if _num(getattr(c, "num_patches", None))
+                     and not hasattr(c, "image_size")), None)
+        if flat is not None:  # SigLIP 2: pre-patchified, a 3 x 4 patch image in 16 slots
+            width = channels * flat.patch_size ** 2
+            return {"pixel_values": torch.randn(1, 16, width, generator=gen),
+                    "pixel_attention_mask": torch.tensor([[1] * 12 + [0] * 4]),
+                    "spatial_shapes": torch.tensor([[3, 4]])}
         return {"pixel_values": torch.randn(1, channels, size, size, generator=gen)}
     ids = PROMPT + TARGET[:-1] if kind == "causal_lm" else list(TEXT_INPUT)
     eos = getattr(config, "eos_token_id", None)
@@ -630,7 +641,7 @@ def explain(kind: str, model, inputs: dict) -> list:
     if kind == "causal_lm":
         return [AtManExplainer(model, progress=False, batch_size=batch, prefix_reuse=reuse)
                 .explain(PROMPT, TARGET) for reuse, batch in ((True, "auto"), (False, 3))]
-    target = inputs["input_ids"] if kind == "classifier" else inputs["pixel_values"]
+    target = inputs["input_ids"] if kind == "classifier" else inputs
     return [AtManExplainer(model, progress=False, batch_size=batch).explain(target, CLASS)
             for batch in ("auto", 3)]
 

@@ -14,8 +14,11 @@ interface):
   logits are computed at the target positions only; exact prefix reuse (below);
 - sequence classifiers (``*ForSequenceClassification``): the CE of one class; special tokens
   ([CLS], [SEP], ... as the tokenizer knows them) are not explained (they stay unsuppressed);
-- image classifiers (``*ForImageClassification`` with ViT-style patch embeddings): the patch
-  tokens are explained (not [CLS] or a distillation token); the result has the patch grid.
+- image classifiers (``*ForImageClassification`` with ViT-style patch embeddings or a CLIP /
+  SigLIP vision tower, ``*ForImageClassificationWithTeacher``): the patch tokens are explained
+  (not [CLS] or a distillation token); the result has the patch grid;
+- zero-shot image-text models (CLIP, MetaCLIP 2, SigLIP, SigLIP 2): one of several candidate
+  label texts for an image; the patches are explained, in the vision tower only.
 
 Exact prefix reuse (causal LMs): a variant whose earliest suppressed position is p leaves every
 hidden state before p unchanged, so the unsuppressed sequence runs once with a KV cache and each
@@ -47,38 +50,44 @@ from .engine import EngineResult, run_variants
 from .explanation import POSTPROCESS, Explanation, combine_scores
 from .front.base import Prepared, check_unit_arguments
 from .front.causal import CausalFrontEnd
-from .front.classify import ClassifierFrontEnd
+from .front.classify import IMAGE_REFUSED, ClassifierFrontEnd
 from .front.image_text import IMAGE_TEXT_FAMILIES, ImageTextFrontEnd
+from .front.zero_shot import ZERO_SHOT_FAMILIES, ZeroShotFrontEnd
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_KINDS = (
     "causal LMs (*ForCausalLM, *LMHeadModel), sequence classifiers "
     "(*ForSequenceClassification), ViT-style image classifiers (*ForImageClassification), "
-    f"vision-language models ({', '.join(sorted(IMAGE_TEXT_FAMILIES))})"
+    f"vision-language models ({', '.join(sorted(IMAGE_TEXT_FAMILIES))}), zero-shot "
+    f"image-text models ({', '.join(sorted(ZERO_SHOT_FAMILIES))})"
 )
 # Vision-language models refused with a reason of their own (none at present).
 IMAGE_TEXT_REFUSED: dict[str, str] = {}
 
 
 def model_kind(model: Any) -> str:
-    """"causal_lm", "classifier", "image" or "image_text" for a supported transformers model,
-    else TypeError naming the class."""
+    """"causal_lm", "classifier", "image", "image_text" or "zero_shot" for a supported
+    transformers model, else TypeError naming the class."""
     name = type(model).__name__
     if name in IMAGE_TEXT_FAMILIES:
         return "image_text"
+    if name in ZERO_SHOT_FAMILIES:
+        return "zero_shot"
+    if name in IMAGE_REFUSED:
+        raise TypeError(f"unsupported model class {name}: {IMAGE_REFUSED[name]}")
     if name in IMAGE_TEXT_REFUSED:
         raise TypeError(f"unsupported model class {name}: {IMAGE_TEXT_REFUSED[name]}")
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return "causal_lm"
     if name.endswith("ForSequenceClassification"):
         return "classifier"
-    if name.endswith("ForImageClassification"):
+    if name.endswith(("ForImageClassification", "ForImageClassificationWithTeacher")):
         return "image"
     raise TypeError(f"unsupported model class {name}: AtManExplainer supports {SUPPORTED_KINDS}")
 
 
-class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd):
+class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, ZeroShotFrontEnd):
     """Explain predictions of a transformers model with AtMan.
 
     Args:
@@ -158,7 +167,7 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd):
         self.max_memory = max_memory
         self.prefix_reuse = bool(prefix_reuse)
         self.progress = bool(progress)
-        self.layers = _check_layers(layers, _num_layers(model))
+        self.layers = _check_layers(layers, _num_layers(self._suppressed_root()))
         if postprocess not in POSTPROCESS:
             raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {postprocess!r}")
         self.postprocess = postprocess
@@ -191,7 +200,22 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd):
         stopping at EOS; the EOS itself is not part of the target). Classifier: ``inputs`` a
         str, ids or a tokenizer output; ``target`` a class index or label name
         (``config.label2id``). Image: ``inputs`` pixel values [1, 3, H, W] / [3, H, W] or a
-        dict with "pixel_values"; ``target`` a class index or label name.
+        dict with "pixel_values" (SigLIP 2: its image processor's output, pre-patchified
+        ``pixel_values`` [1, P, C*p*p] with ``pixel_attention_mask`` and ``spatial_shapes``),
+        at the model's ``image_size``; ``target`` a class index or label name.
+
+        Zero-shot image-text models (CLIP, MetaCLIP 2, SigLIP, SigLIP 2): ``inputs`` is
+        ``(image, candidates)``: the image as for image classifiers, or a picture (PIL image,
+        [H, W, 3] array) with the processor given as ``AtManExplainer(model, processor)``; the
+        candidates a list of at least two distinct label texts (tokenised with the processor,
+        SigLIP padded to its maximum length as it was trained) or a tokenizer output with
+        ``input_ids`` [K, L]. ``target`` (and ``contrast``) is a candidate's text or index.
+        The score is the rise of the target's cross-entropy under the softmax over the
+        candidates' ``logits_per_image`` (SigLIP too: ``settings["zero_shot_score"]``); the
+        patches are the units, suppressed in the vision tower only (SigLIP's attention-pooling
+        head, a torch MultiheadAttention readout, is not suppressed); the text tower runs once.
+        The Explanation has kind "image" (patch grid, heatmap) with
+        ``settings["task"] == "zero_shot"`` and the candidates in ``settings["candidates"]``.
 
         Units (one variant each, all their tokens suppressed together), for text prompts:
 
@@ -221,9 +245,10 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd):
 
         Contrastive ("why the target rather than the foil"): ``contrast`` is a foil
         continuation (str or ids, any length) for causal LMs, a foil class (index or label) for
-        classifiers. A unit's score is then the rise of the target's cross-entropy minus the
-        rise of the foil's under the same suppression: how much suppressing the unit narrows
-        the target-over-foil margin (positive = the unit supports the target over the foil).
+        classifiers, another candidate for zero-shot models. A unit's score is then the rise
+        of the target's cross-entropy minus the rise of the foil's under the same
+        suppression: how much suppressing the unit narrows the target-over-foil margin
+        (positive = the unit supports the target over the foil).
         Both per-token matrices are kept (``per_target``, ``contrast_per_target``); the
         units are the prompt's (a causal LM's target tokens are not explained). Target and
         foil share the prompt's forward and each variant's factors: the foil costs only its
@@ -238,7 +263,7 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd):
 
         check_unit_arguments(granularity, delimiter, spans)
         # a model "atman" cannot reach is refused before any input is prepared
-        check_supported(self.model.get_decoder() if self.kind == "image_text" else self.model)
+        check_supported(self._suppressed_root())
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
             max_new_tokens < 1
         ):
@@ -274,9 +299,12 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd):
                 elif self.kind == "image_text":
                     prepared = self._prepare_image_text(inputs, target, max_new_tokens,
                                                         unit_args, image_region)
+                elif self.kind == "zero_shot":
+                    prepared = self._prepare_zero_shot(inputs, target, unit_args, contrast)
                 else:
                     prepared = self._prepare_image(inputs, target, unit_args, contrast)
-                only = model.get_decoder() if self.kind == "image_text" else None
+                root = self._suppressed_root()
+                only = None if root is model else root
                 with atman_attention(model, only=only), attention_backend(self.backend):
                     result = self._run(prepared)
         finally:
@@ -314,6 +342,22 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd):
                             **explain_kwargs)
 
     # ------------------------------------------------------------------------------ helpers
+    def _suppressed_root(self) -> Any:
+        """The (sub-)model "atman" is switched into: a vision-language model's language model,
+        a CLIP-style model's vision tower, else the model."""
+        if self.kind == "image_text":
+            return self.model.get_decoder()
+        if self.kind == "zero_shot":
+            return self._zero_shot_tower()
+        if self.kind == "image":
+            return self._vision_root() or self.model
+        return self.model
+
+    def _guarded_root(self) -> Any:
+        """The model whose layers the routing guard checks (a vision tower where only it is
+        suppressed)."""
+        return self._suppressed_root() if self.kind in ("image", "zero_shot") else self.model
+
     def _settings(self, **extra: Any) -> dict[str, Any]:
         settings = {
             "factor": self.factor,
@@ -357,7 +401,8 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd):
                   leave=False) as bar:
             result = run_variants(
                 task, factors, mode=self.mode, layers=self.layers, chunk_size=chunk_size,
-                on_done=bar.update, guard=lambda: _routing_guard(self.model, self.layers),
+                on_done=bar.update, guard=lambda: _routing_guard(self._guarded_root(),
+                                                             self.layers),
             )
         self.last_stats = _stats(result, len(units))
         return result

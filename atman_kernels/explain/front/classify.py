@@ -1,15 +1,23 @@
 """The classifier front ends: sequence classifiers (a text, ids or a tokenizer output) and
-ViT-style image classifiers (pixel values; the patch tokens are the units), for a target class
-and an optional foil class (:class:`..tasks.ClassificationTask`)."""
+image classifiers (pixel values; the patch tokens are the units), for a target class and an
+optional foil class (:class:`..tasks.ClassificationTask`).
+
+Image models whose patch sequence is found (:func:`image_units`): ViT-style
+``embeddings.patch_embeddings`` (ViT, DeiT, BEiT, ...), CLIP-style ``embeddings.patch_embedding``
+convolutions in a ``vision_model`` tower (CLIP, MetaCLIP 2: a class token first; SigLIP: none),
+and SigLIP 2's pre-patchified pixels (``pixel_values`` [1, P, C*p*p] with
+``pixel_attention_mask`` and ``spatial_shapes``; padding patches are neither explained nor
+suppressed). The zero-shot front end (:mod:`.zero_shot`) reads images the same way."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..tasks import ClassificationTask
-from ..units import token_spans
+from ..units import Span, token_spans
 from .base import FrontEnd, Prepared, unit_settings
 
 
@@ -76,60 +84,218 @@ class ClassifierFrontEnd(FrontEnd):
             settings={**class_settings, **unit_settings(unit_args)},
         )
 
+    def _vision_root(self) -> Any:
+        """The sub-model suppression is switched into for image models (a CLIP-style
+        ``vision_model`` tower), or None for the whole model."""
+        return vision_tower(self.model)
+
     def _prepare_image(self, inputs: Any, target: Any, unit_args: dict[str, Any],
                        contrast: Any = None) -> Prepared:
         labels, class_fields, class_settings = self._classes(target, contrast)
-        if (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
-                or unit_args["spans"] is not None):
-            raise ValueError("image classifiers explain patches: granularity, delimiter and "
-                             "spans apply to text prompts only")
-        pixels = inputs["pixel_values"] if hasattr(inputs, "keys") else inputs
-        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-            raise TypeError("image inputs must be a float tensor of pixel values [1, 3, H, W] "
-                            "or a dict with 'pixel_values'")
-        if pixels.dim() == 3:
-            pixels = pixels[None]
-        if pixels.dim() != 4 or pixels.shape[0] != 1:
-            raise ValueError(f"pixel values must have shape [1, C, H, W] or [C, H, W], got "
-                             f"{tuple(pixels.shape)}")
-        param = next(self.model.parameters())
-        pixels = pixels.to(device=param.device, dtype=param.dtype)
-        embeddings_module = getattr(self.model.base_model, "embeddings", None)
-        patch_module = getattr(embeddings_module, "patch_embeddings", None)
-        if patch_module is None:
-            raise TypeError(f"unsupported model class {type(self.model).__name__}: image models "
-                            "need ViT-style base_model.embeddings.patch_embeddings")
-        patches = patch_module(pixels)  # [1, n_patches, hidden]
-        embedded = embeddings_module(pixels)
-        if not isinstance(patches, torch.Tensor) or not isinstance(embedded, torch.Tensor):
+        check_patch_units(unit_args, "image classifiers")
+        image = image_units(self.model, inputs, conceptual=self.conceptual_threshold is not None)
+        task = ClassificationTask(self.model, image.model_inputs, image.seq_len, labels)
+        return Prepared(
+            task=task, units=image.units, embeddings=image.embeddings,
+            contrast_rows=len(labels) - 1,
+            settings={**class_settings, "granularity": "patch"},
+            fields={"kind": "image", "token_ids": None, "patch_grid": image.grid,
+                    "image": image.picture, **class_fields},
+        )
+
+
+# Image classifiers refused by class name, with the reason (raised when the explainer is built).
+IMAGE_REFUSED = {
+    "SwinForImageClassification": (
+        "Swin attends within (shifted) windows of a hierarchical feature map: each attention "
+        "call's keys are one window of the current stage (batched as images x windows, after "
+        "a cyclic shift), and every stage merges 2x2 tokens into one, so a patch's "
+        "suppression needs per-window factor rows mapped through the window partition, the "
+        "shift and the merges, which the 'atman' attention does not do (its factors index one "
+        "token sequence per batch row); the shifted windows' -100 mask bias would also enter "
+        "paper mode's row minimum"),
+}
+
+
+def vision_tower(model: Any) -> Any:
+    """``model.vision_model`` when it is a transformers sub-model (CLIP, SigLIP, MetaCLIP 2),
+    else None (ViT-style classifiers: the model itself is the tower)."""
+    from transformers import PreTrainedModel
+
+    tower = getattr(model, "vision_model", None)
+    return tower if isinstance(tower, PreTrainedModel) else None
+
+
+def check_patch_units(unit_args: dict[str, Any], what: str) -> None:
+    if (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
+            or unit_args["spans"] is not None):
+        raise ValueError(f"{what} explain patches: granularity, delimiter and spans apply to "
+                         "text prompts only")
+
+
+@dataclass
+class ImageUnits:
+    """An image's model inputs (batch 1), its patch units and grid, and what is shown."""
+
+    model_inputs: dict[str, torch.Tensor]
+    units: list[Span]
+    grid: tuple[int, int]
+    seq_len: int
+    embeddings: torch.Tensor | None  # [seq_len, D] patch embeddings (conceptual suppression)
+    picture: torch.Tensor  # [C, H, W] float, for rendering
+
+
+PIXEL_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+
+def image_units(model: Any, inputs: Any, *, conceptual: bool) -> ImageUnits:
+    """The patch units of one image for ``model`` (an image classifier or the vision side of a
+    CLIP-style model).
+
+    ``inputs``: pixel values [1, C, H, W] / [C, H, W], or a dict with "pixel_values" (SigLIP 2:
+    also "pixel_attention_mask" [1, P] and "spatial_shapes" [1, 2]). The image must have the
+    size the model's position embeddings were made for (``image_size`` of its vision config;
+    the model's image processor resizes to it): interpolated position embeddings are not used.
+    """
+    name = type(model).__name__
+    data = dict(inputs.items()) if hasattr(inputs, "keys") else {"pixel_values": inputs}
+    extra = sorted(str(k) for k in data if k not in PIXEL_KEYS)
+    if extra:
+        raise ValueError(f"image inputs take {PIXEL_KEYS[0]!r} (SigLIP 2 also "
+                         f"{PIXEL_KEYS[1]!r}, {PIXEL_KEYS[2]!r}), got also {extra}")
+    pixels = data.get("pixel_values")
+    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
+        raise TypeError("image inputs must be a float tensor of pixel values [1, 3, H, W] "
+                        "or a dict with 'pixel_values'")
+    tower = vision_tower(model)
+    root = tower if tower is not None else model.base_model
+    config = root.config
+    embeddings_module = getattr(root, "embeddings", None)
+    param = next(model.parameters())
+    vit_patches = getattr(embeddings_module, "patch_embeddings", None)
+    conv = getattr(embeddings_module, "patch_embedding", None)
+    if isinstance(conv, torch.nn.Linear):  # SigLIP 2: pixels already cut into patches
+        return _patchified_units(model, data, conv, embeddings_module, param, conceptual)
+    if data.get("pixel_attention_mask") is not None or data.get("spatial_shapes") is not None:
+        raise ValueError(f"{name} takes only 'pixel_values' (pixel_attention_mask and "
+                         "spatial_shapes are SigLIP 2 inputs)")
+    if pixels.dim() == 3:
+        pixels = pixels[None]
+    if pixels.dim() != 4 or pixels.shape[0] != 1:
+        raise ValueError(f"pixel values must have shape [1, C, H, W] or [C, H, W], got "
+                         f"{tuple(pixels.shape)}")
+    channels = getattr(config, "num_channels", None)
+    if isinstance(channels, int) and pixels.shape[1] != channels:
+        raise ValueError(f"pixel values have {pixels.shape[1]} channels, {name} takes "
+                         f"{channels} ([1, C, H, W])")
+    size = getattr(config, "image_size", None)
+    if isinstance(size, int):
+        size = (size, size)
+    if isinstance(size, (tuple, list)) and tuple(pixels.shape[-2:]) != tuple(size):
+        raise ValueError(
+            f"pixel values are {pixels.shape[-2]}x{pixels.shape[-1]}, {name}'s position "
+            f"embeddings are for {size[0]}x{size[1]} images (config image_size): resize the "
+            "image to that size (the model's image processor does); interpolated position "
+            "embeddings are not supported")
+    pixels = pixels.to(device=param.device, dtype=param.dtype)
+    if isinstance(vit_patches, torch.nn.Module):
+        patches = vit_patches(pixels)  # [1, n_patches, hidden]
+        if not isinstance(patches, torch.Tensor):
             raise TypeError(
-                f"unsupported model class {type(self.model).__name__}: its patch embedding "
-                "returns more than the patch sequence (hierarchical vision models such as "
-                "Swin attend within shifting windows, whose keys are not the image's patch "
-                "sequence the factors index)")
-        seq_len = embedded.shape[1]
+                f"unsupported model class {name}: its patch embedding returns more than the "
+                "patch sequence (hierarchical vision models attend within windows whose keys "
+                "are not the image's patch sequence the factors index)")
         n_patches = patches.shape[1]
-        n_prefix = seq_len - n_patches
-        patch = getattr(self.model.config, "patch_size", None)
+        patch = getattr(config, "patch_size", None)
         if isinstance(patch, (tuple, list)):
             grid = (pixels.shape[-2] // patch[0], pixels.shape[-1] // patch[1])
         elif patch:
             grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
         else:
             grid = (1, n_patches)
-        if grid[0] * grid[1] != n_patches or n_prefix < 0:
+        if grid[0] * grid[1] != n_patches:
             grid = (1, n_patches)
-        embeddings = None
-        if self.conceptual_threshold is not None:
-            embeddings = torch.zeros(seq_len, patches.shape[-1], device=patches.device,
-                                     dtype=patches.dtype)
-            embeddings[n_prefix:] = patches[0]
-        units = token_spans([f"patch({i // grid[1]},{i % grid[1]})" for i in range(n_patches)],
-                            list(range(n_prefix, seq_len)), source="image")
-        task = ClassificationTask(self.model, {"pixel_values": pixels}, seq_len, labels)
-        return Prepared(
-            task=task, units=units, embeddings=embeddings, contrast_rows=len(labels) - 1,
-            settings={**class_settings, "granularity": "patch"},
-            fields={"kind": "image", "token_ids": None, "patch_grid": grid,
-                    "image": pixels[0].detach().float().cpu(), **class_fields},
-        )
+        patches = patches[0]
+    elif isinstance(conv, torch.nn.Conv2d):
+        maps = conv(pixels)  # [1, hidden, rows, cols]
+        grid = (int(maps.shape[-2]), int(maps.shape[-1]))
+        patches = maps.flatten(2).transpose(1, 2)[0]
+        n_patches = patches.shape[0]
+    else:
+        raise TypeError(f"unsupported model class {name}: image models need ViT-style "
+                        "embeddings.patch_embeddings or a CLIP-style vision_model whose "
+                        "embeddings have a patch_embedding convolution")
+    embedded = embeddings_module(pixels)
+    if not isinstance(embedded, torch.Tensor) or embedded.dim() != 3:
+        raise TypeError(f"unsupported model class {name}: its embeddings return more than "
+                        "the token sequence")
+    seq_len = int(embedded.shape[1])
+    n_prefix = seq_len - n_patches  # class / distillation tokens before the patches
+    if n_prefix < 0:
+        raise TypeError(f"unsupported model class {name}: its embeddings hold fewer tokens "
+                        f"({seq_len}) than patches ({n_patches})")
+    embeddings = None
+    if conceptual:
+        embeddings = torch.zeros(seq_len, patches.shape[-1], device=patches.device,
+                                 dtype=patches.dtype)
+        embeddings[n_prefix:] = patches
+    return ImageUnits(
+        model_inputs={"pixel_values": pixels}, units=_patch_spans(grid, n_prefix),
+        grid=grid, seq_len=seq_len, embeddings=embeddings,
+        picture=pixels[0].detach().float().cpu())
+
+
+def _patch_spans(grid: tuple[int, int], first: int) -> list[Span]:
+    n = grid[0] * grid[1]
+    return token_spans([f"patch({i // grid[1]},{i % grid[1]})" for i in range(n)],
+                       list(range(first, first + n)), source="image")
+
+
+def _patchified_units(model: Any, data: dict[str, Any], linear: torch.nn.Linear,
+                      embeddings_module: Any, param: torch.Tensor, conceptual: bool
+                      ) -> ImageUnits:
+    """SigLIP 2: pixel values [1, P, p*p*C] already cut into patches (row-major over the
+    image's ``spatial_shapes`` grid, then padding patches where ``pixel_attention_mask`` is 0)."""
+    name = type(model).__name__
+    pixels, mask, shapes = (data.get(k) for k in PIXEL_KEYS)
+    if pixels.dim() == 2:
+        pixels = pixels[None]
+    if pixels.dim() != 3 or pixels.shape[0] != 1 or pixels.shape[-1] != linear.in_features:
+        raise ValueError(f"{name} takes pixel values [1, P, {linear.in_features}] (patches of "
+                         f"C*p*p values), got {tuple(pixels.shape)}")
+    n = pixels.shape[1]
+    if not isinstance(shapes, torch.Tensor) or shapes.numel() != 2:
+        raise ValueError(f"{name} takes pre-patchified pixel values with 'spatial_shapes' "
+                         "[1, 2] (patch rows and columns) and 'pixel_attention_mask' [1, P]: "
+                         "its image processor's output")
+    rows, cols = (int(v) for v in shapes.reshape(-1).tolist())
+    if rows < 1 or cols < 1 or rows * cols > n:
+        raise ValueError(f"spatial_shapes {rows}x{cols} does not fit the {n} patches given")
+    if mask is None:
+        mask = torch.ones(1, n, dtype=torch.long)
+    mask = torch.as_tensor(mask).reshape(1, -1)
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[:rows * cols] = True
+    if mask.shape[1] != n or not torch.equal(mask[0].bool().cpu(), expected):
+        raise ValueError(f"pixel_attention_mask must mark the first {rows}x{cols} = "
+                         f"{rows * cols} of the {n} patches (the image's, row-major) and no "
+                         "other (padding last), as the image processor makes it")
+    device = param.device
+    pixels = pixels.to(device=device, dtype=param.dtype)
+    inputs = {"pixel_values": pixels, "pixel_attention_mask": mask.to(device),
+              "spatial_shapes": torch.tensor([[rows, cols]], dtype=torch.long, device=device)}
+    embedded = embeddings_module(pixels, inputs["spatial_shapes"])
+    if not isinstance(embedded, torch.Tensor) or embedded.shape[1] != n:
+        raise TypeError(f"unsupported model class {name}: its embeddings do not return one "
+                        "token per patch")
+    embeddings = None
+    if conceptual:
+        embeddings = linear(pixels)[0].clone()
+        embeddings[rows * cols:] = 0
+    patch = int(embeddings_module.patch_size)
+    c = linear.in_features // (patch * patch)
+    picture = (pixels[0, :rows * cols].detach().float().cpu()
+               .reshape(rows, cols, patch, patch, c).permute(4, 0, 2, 1, 3)
+               .reshape(c, rows * patch, cols * patch))
+    return ImageUnits(model_inputs=inputs, units=_patch_spans((rows, cols), 0),
+                      grid=(rows, cols), seq_len=n, embeddings=embeddings, picture=picture)
