@@ -57,8 +57,10 @@ Exact or refused. Every call is checked before any work, and a refusal names the
   the causal mask (bigbird_pegasus: future tokens would leak);
 - a module that appends compressed summaries of token blocks to its keys (a ``compressor``,
   DeepSeek-V4): no factor reaches a token's share of a summary;
-- a model class without ``_supports_attention_backend = True``: :func:`atman_attention`
-  refuses it at once; a sub-model without it (an audio tower) at its first call.
+- a model class without ``_supports_attention_backend = True`` (and not of a family in
+  :data:`VERIFIED_ATTENTION_ROUTING`, hybrids whose attention was read by hand):
+  :func:`atman_attention` refuses it at once; a sub-model without it (an audio tower) at its
+  first call.
   transformers 5.24 itself never reads the flag for a registered implementation
   (``get_correct_attn_implementation`` only checks that the name is registered;
   ``PreTrainedModel.is_backend_compatible()`` is called nowhere), and the attention function
@@ -98,6 +100,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "HARMLESS_ATTENTION_KWARGS",
     "REFUSED_ATTENTION_KWARGS",
+    "VERIFIED_ATTENTION_ROUTING",
     "AttentionCallCounts",
     "assign_layer_indices",
     "atman_attention",
@@ -556,6 +559,11 @@ VERIFIED_ATTENTION_ROUTING: Mapping[str, str] = MappingProxyType(
         "after the call) between gated-delta-net layers",
         "KimiLinearPreTrainedModel": "Kimi Linear: multi-head latent attention layers "
         "between KimiDeltaAttention (linear attention) layers",
+        "Qwen3_5PreTrainedModel": "Qwen3.5: gated Qwen3_5Attention (as Qwen3-Next) between "
+        "gated-delta-net layers; its vision tower's varlen calls stay refused per call",
+        "Qwen3_5MoePreTrainedModel": "Qwen3.5-MoE: as Qwen3.5",
+        "LaraMiniPreTrainedModel": "Lara mini: LaraMiniAttention (sliding_window= as the "
+        "mask encodes it) between recurrent layers",
     }
 )
 
@@ -957,11 +965,14 @@ def decoder_attention_modules(model: torch.nn.Module) -> list[list[torch.nn.Modu
     """Per decoder layer of ``model``, the self-attention modules AtMan suppresses.
 
     The decoder is ``model.get_decoder()`` (the language model of a multimodal model, the
-    decoder stack of an encoder-decoder, the model itself for Llama or BERT). Its layers are
-    its ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks that hold attention (nested
-    pretrained sub-models, e.g. a vision tower, are not searched); without one of that length,
-    the longest such list. Per layer see :func:`_layer_attention`: interface-routed modules
-    and attention modules computed by hand (which :func:`check_layers_routed` then reports).
+    decoder stack of an encoder-decoder, the model itself for Llama or BERT; the model when
+    that is no module holding layers, as ModernBERT-decoder's LM-head ``decoder``). Its layers
+    are its ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks that hold attention,
+    searched in the decoder and in nested pretrained sub-models sharing its config or text
+    config (Llama 4's ``*TextModel``, DINOv2's encoder), not in those with a config of their
+    own (a vision tower); without one of that length, the longest such list. Per layer see
+    :func:`_layer_attention`: interface-routed modules and attention modules computed by hand
+    (which :func:`check_layers_routed` then reports).
     A layer without attention (a state-space layer of a hybrid model) gives an empty list.
 
     Returns:

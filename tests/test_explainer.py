@@ -525,6 +525,10 @@ def test_gemma3_conditional_generation_on_text_is_a_causal_lm(reuse, layer_types
                        r"Gemma3ForConditionalGeneration is explained as a causal LM on text"):
         explainer.explain({"input_ids": torch.tensor([PROMPT]),
                            "pixel_values": torch.zeros(1, 3, 16, 16)}, TARGET)
+    with pytest.raises(ValueError, match=r"inputs hold \['input_features'\], which the "
+                       "causal-LM path does not feed"):
+        explainer.explain({"input_ids": torch.tensor([PROMPT]),
+                           "input_features": torch.zeros(1, 8, 4)}, TARGET)
 
 
 def _llama_classifier_without_pad():

@@ -13,6 +13,9 @@ from ..units import Span, token_spans
 from .base import FrontEnd, Prepared, unit_settings
 from .image_text import IMAGE_TEXT_FAMILIES
 
+# parts of model-input names that carry another modality (images, video, audio features)
+_MEDIA_KEY_PARTS = ("pixel", "image", "video", "audio", "input_features", "input_values")
+
 
 class CausalFrontEnd(FrontEnd):
     """Causal LMs (``*ForCausalLM``, ``*LMHeadModel``)."""
@@ -32,6 +35,13 @@ class CausalFrontEnd(FrontEnd):
                 f"inputs hold images, but {name} {what}; pass the prompt as text or token "
                 f"ids, or use a vision-language model of "
                 f"{', '.join(sorted(IMAGE_TEXT_FAMILIES))}")
+        media = sorted(k for k in (inputs.keys() if hasattr(inputs, "keys") else ())
+                       if any(w in str(k) for w in _MEDIA_KEY_PARTS))
+        if media:
+            raise ValueError(
+                f"inputs hold {media}, which the causal-LM path does not feed to "
+                f"{type(self.model).__name__} (it explains the text tokens alone); pass the "
+                "prompt as text or token ids")
         prompt_ids, units, prompt_text, _ = self._prompt_units(inputs, "prompt", unit_args)
         self._check_length(len(prompt_ids) + (1 if target is None else 0))
         foil_ids = None
