@@ -57,8 +57,10 @@ Exact or refused. Every call is checked before any work, and a refusal names the
   the causal mask (bigbird_pegasus: future tokens would leak);
 - a module that appends compressed summaries of token blocks to its keys (a ``compressor``,
   DeepSeek-V4): no factor reaches a token's share of a summary;
-- a model class without ``_supports_attention_backend = True``: :func:`atman_attention`
-  refuses it at once; a sub-model without it (an audio tower) at its first call.
+- a model class without ``_supports_attention_backend = True`` (and not of a family in
+  :data:`VERIFIED_ATTENTION_ROUTING`, hybrids whose attention was read by hand):
+  :func:`atman_attention` refuses it at once; a sub-model without it (an audio tower) at its
+  first call.
   transformers 5.24 itself never reads the flag for a registered implementation
   (``get_correct_attn_implementation`` only checks that the name is registered;
   ``PreTrainedModel.is_backend_compatible()`` is called nowhere), and the attention function
@@ -98,6 +100,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "HARMLESS_ATTENTION_KWARGS",
     "REFUSED_ATTENTION_KWARGS",
+    "VERIFIED_ATTENTION_ROUTING",
     "AttentionCallCounts",
     "assign_layer_indices",
     "atman_attention",
@@ -535,6 +538,47 @@ def _check_causal(module, attention_mask, len_q: int, is_causal_arg) -> None:
         )
 
 
+# Model classes that do not set _supports_attention_backend but whose every softmax attention
+# was read in transformers 5.24's modeling file and calls the attention interface with the
+# standard arguments (q, k, v, the mask from the mask function, dropout, scaling, **kwargs of
+# the decoder layer): hybrids whose other layers are state-space or linear-attention mixers
+# (they hold no softmax attention to suppress; AtMan suppresses the attention layers only, as
+# in LFM2). Each entry is the family's PreTrainedModel base class name (matched in the MRO,
+# within transformers.models) and what was checked. The per-call argument checks and the
+# routed-layer count (check_layers_routed) still run for them; tests/test_zoo.py compares each
+# with a brute force. Their caches hold recurrent state, so the explainer runs them without
+# prefix reuse (settings["prefix_reuse"] is False).
+VERIFIED_ATTENTION_ROUTING: Mapping[str, str] = MappingProxyType(
+    {
+        "FalconH1PreTrainedModel": "Falcon-H1: FalconH1Attention (keys scaled by "
+        "key_multiplier before the call) beside a Mamba-2 mixer in every layer",
+        "JambaPreTrainedModel": "Jamba: JambaAttention layers between Mamba layers",
+        "NemotronHPreTrainedModel": "Nemotron-H: NemotronHAttention layers between Mamba-2 "
+        "and MLP layers",
+        "Qwen3NextPreTrainedModel": "Qwen3-Next: gated Qwen3NextAttention (output gate "
+        "after the call) between gated-delta-net layers",
+        "KimiLinearPreTrainedModel": "Kimi Linear: multi-head latent attention layers "
+        "between KimiDeltaAttention (linear attention) layers",
+        "Qwen3_5PreTrainedModel": "Qwen3.5: gated Qwen3_5Attention (as Qwen3-Next) between "
+        "gated-delta-net layers; its vision tower's varlen calls stay refused per call",
+        "Qwen3_5MoePreTrainedModel": "Qwen3.5-MoE: as Qwen3.5",
+        "LaraMiniPreTrainedModel": "Lara mini: LaraMiniAttention (sliding_window= as the "
+        "mask encodes it) between recurrent layers",
+    }
+)
+
+
+def _declares_attention_backend(cls: type) -> bool:
+    """Whether model class ``cls`` sets ``_supports_attention_backend`` or belongs to a family
+    of :data:`VERIFIED_ATTENTION_ROUTING`."""
+    if getattr(cls, "_supports_attention_backend", False):
+        return True
+    return any(
+        c.__name__ in VERIFIED_ATTENTION_ROUTING and c.__module__.startswith("transformers.")
+        for c in getattr(cls, "__mro__", ())
+    )
+
+
 _FILE_MODEL_CLASSES: dict[str, tuple[type, ...]] = {}
 
 
@@ -558,7 +602,7 @@ def _backend_refusal(module: torch.nn.Module) -> str | None:
             if isinstance(c, type) and issubclass(c, PreTrainedModel) and c.__module__ == file
         )
         _FILE_MODEL_CLASSES[file] = classes
-    if not classes or any(c._supports_attention_backend for c in classes):
+    if not classes or any(_declares_attention_backend(c) for c in classes):
         return None
     names = ", ".join(sorted(c.__name__ for c in classes)[:3])
     return _unsupported_backend_message(
@@ -880,36 +924,68 @@ def _layer_attention(layer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _decoder_root(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.get_decoder()`` where that is a sub-model holding layers, else ``model``.
+
+    transformers' ``get_decoder`` returns the ``decoder`` attribute when there is one, which is
+    the LM head's projection in some models (ModernBERT-decoder: an ``nn.Linear``): a module
+    without any ``nn.ModuleList`` is no decoder, and the model itself is searched instead.
+    """
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
         try:
             root = get_decoder()
         except Exception:  # noqa: BLE001  (a few models raise: then the model is the root)
             root = None
-        if isinstance(root, torch.nn.Module):
+        if isinstance(root, torch.nn.Module) and any(
+            isinstance(m, torch.nn.ModuleList) for m in root.modules()
+        ):
             return root
     return model
+
+
+def _same_model_configs(root: torch.nn.Module) -> tuple[object, ...]:
+    """The configs that make a nested ``PreTrainedModel`` part of ``root``'s own stack: the
+    root's config and its text config. Llama 4's and Mllama's ``*ForCausalLM`` hold a
+    ``*TextModel`` with the same config; DINOv2's encoder is itself a ``PreTrainedModel``.
+    A vision or audio tower has a config of its own and stays out."""
+    config = getattr(root, "config", None)
+    if config is None:
+        return ()
+    configs = [config]
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        try:
+            configs.append(get_text_config())
+        except Exception:  # noqa: BLE001  (a config that cannot say: the root's own only)
+            pass
+    return tuple(configs)
 
 
 def decoder_attention_modules(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
     """Per decoder layer of ``model``, the self-attention modules AtMan suppresses.
 
     The decoder is ``model.get_decoder()`` (the language model of a multimodal model, the
-    decoder stack of an encoder-decoder, the model itself for Llama or BERT). Its layers are
-    its ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks that hold attention (nested
-    pretrained sub-models, e.g. a vision tower, are not searched); without one of that length,
-    the longest such list. Per layer see :func:`_layer_attention`: interface-routed modules
-    and attention modules computed by hand (which :func:`check_layers_routed` then reports).
+    decoder stack of an encoder-decoder, the model itself for Llama or BERT; the model when
+    that is no module holding layers, as ModernBERT-decoder's LM-head ``decoder``). Its layers
+    are its ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks that hold attention,
+    searched in the decoder and in nested pretrained sub-models sharing its config or text
+    config (Llama 4's ``*TextModel``, DINOv2's encoder), not in those with a config of their
+    own (a vision tower); without one of that length, the longest such list. Per layer see
+    :func:`_layer_attention`: interface-routed modules and attention modules computed by hand
+    (which :func:`check_layers_routed` then reports).
     A layer without attention (a state-space layer of a hybrid model) gives an empty list.
 
     Returns:
         ``result[i]`` = the modules of decoder layer ``i``; ``[]`` when no layer list is found.
     """
     root = _decoder_root(model)
+    configs = _same_model_configs(root)
     candidates = [
         m
         for _, m, owner in _walk(root)
-        if owner is root and isinstance(m, torch.nn.ModuleList) and len(m) > 0
+        if (owner is root or any(getattr(owner, "config", None) is c for c in configs))
+        and isinstance(m, torch.nn.ModuleList)
+        and len(m) > 0
     ]
     per_list = [[_layer_attention(layer) for layer in lst] for lst in candidates]
     with_attention = [
@@ -1068,7 +1144,7 @@ def _check_supported(model: torch.nn.Module) -> None:
             "class that routes through it, or for torch.nn.MultiheadAttention-based code "
             "atman_kernels.nn.swap_multihead_attention(model)"
         )
-    if not getattr(type(model), "_supports_attention_backend", False):
+    if not _declares_attention_backend(type(model)):
         raise NotImplementedError(_unsupported_backend_message(f"{name} does not set"))
 
 
@@ -1094,7 +1170,7 @@ def _tag_modules(model: PreTrainedModel, decoder_of: PreTrainedModel | None = No
             continue
         setattr(m, _WHERE_ATTR, f"{top} ({name}: {type(m).__name__})")
         refusal = None
-        if not getattr(type(owner), "_supports_attention_backend", False):
+        if not _declares_attention_backend(type(owner)):
             refusal = _unsupported_backend_message(f"{type(owner).__name__} does not set")
         setattr(m, _REFUSAL_ATTR, refusal)
         setattr(m, _CROSS_ATTR, _cross_by_name(name))

@@ -24,7 +24,8 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+# this checkout's package and tests, not an installed copy
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import test_zoo  # noqa: E402
 import torch  # noqa: E402

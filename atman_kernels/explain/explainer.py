@@ -68,7 +68,15 @@ IMAGE_TEXT_REFUSED: dict[str, str] = {}
 
 def model_kind(model: Any) -> str:
     """"causal_lm", "classifier", "image", "image_text" or "zero_shot" for a supported
-    transformers model, else TypeError naming the class."""
+    transformers model, else TypeError naming the class.
+
+    A multimodal class that transformers lists among its causal LMs
+    (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: ``Gemma3ForConditionalGeneration``, Gemma 4, ...)
+    and that is not an image-text family here is a causal LM on text: its text path is the
+    language model's, and inputs with images are refused.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     name = type(model).__name__
     if name in IMAGE_TEXT_FAMILIES:
         return "image_text"
@@ -79,6 +87,9 @@ def model_kind(model: Any) -> str:
     if name in IMAGE_TEXT_REFUSED:
         raise TypeError(f"unsupported model class {name}: {IMAGE_TEXT_REFUSED[name]}")
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal_lm"
+    causal_lms = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    if any(name == n or (isinstance(n, (list, tuple)) and name in n) for n in causal_lms):
         return "causal_lm"
     if name.endswith("ForSequenceClassification"):
         return "classifier"

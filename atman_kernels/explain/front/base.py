@@ -89,6 +89,7 @@ class FrontEnd:
         """Tokenise ``text``: input_ids, special_tokens_mask and (fast tokenizers) offsets."""
         if text == "":
             raise ValueError(f"{name} is empty: give a non-empty string or token ids")
+        check_text(text, name)
         if self.tokenizer is None:
             raise ValueError(
                 f"{name} is a string but no tokenizer was given: pass "
@@ -174,6 +175,7 @@ class FrontEnd:
                              "(tokenizer.chat_template is not set)")
         if message == "":
             raise ValueError(f"{name} is empty: give the user's message")
+        check_text(message, name)
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": message}],
                                                   tokenize=False, add_generation_prompt=True)
         start = text.find(message)
@@ -264,6 +266,19 @@ def unit_settings(unit_args: dict[str, Any]) -> dict[str, Any]:
     return {"granularity": unit_args["granularity"]}
 
 
+def check_text(text: str, name: str) -> None:
+    """Refuse a string that is not valid Unicode text: a lone surrogate (e.g. "\\ud800", left
+    by a bad decode) cannot be encoded as UTF-8, and tokenizers fail on it with a TypeError
+    far from the cause."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} holds a lone surrogate {text[exc.start]!r} at character {exc.start} "
+            "(half of a UTF-16 pair, not a character), which no tokenizer can encode; fix the "
+            "text's decoding (e.g. bytes.decode('utf-8', errors='replace'))") from None
+
+
 def check_unit_arguments(granularity: Any, delimiter: Any, spans: Any) -> None:
     """Cheap checks of the unit arguments, before any work (prompt_spans checks the rest)."""
     if granularity not in GRANULARITIES:
@@ -271,6 +286,8 @@ def check_unit_arguments(granularity: Any, delimiter: Any, spans: Any) -> None:
                          "(for a custom delimiter pass delimiter=..., e.g. delimiter='###')")
     if delimiter is not None and (not isinstance(delimiter, str) or delimiter == ""):
         raise ValueError(f"delimiter must be a non-empty string or None, got {delimiter!r}")
+    if delimiter is not None:
+        check_text(delimiter, "delimiter")
     given = [name for name, on in (("granularity", granularity != "token"),
                                    ("delimiter", delimiter is not None),
                                    ("spans", spans is not None)) if on]

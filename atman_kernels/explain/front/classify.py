@@ -11,6 +11,8 @@ suppressed). The zero-shot front end (:mod:`.zero_shot`) reads images the same w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,12 +78,22 @@ class ClassifierFrontEnd(FrontEnd):
             types = torch.as_tensor(inputs["token_type_ids"]).reshape(-1).tolist()
         if types is not None:
             model_inputs["token_type_ids"] = torch.tensor(types, device=device)[None]
-        task = ClassificationTask(self.model, model_inputs, len(ids_list), labels)
+        pad_settings = {}
+        if _pad_token_id(self.model) is None:
+            # no pad id: the model pools the last position of a batch of 1 and refuses larger
+            # batches. An id absent from the input pools that same position in a batch (the
+            # rightmost token that is not padding is the last one), so the variants batch.
+            pad = next(i for i in range(len(ids_list) + 1) if i not in set(ids_list))
+            task = _UnpaddedClassificationTask(self.model, model_inputs, len(ids_list), labels,
+                                               pad_id=pad)
+            pad_settings = {"pooled_position": len(ids_list) - 1}
+        else:
+            task = ClassificationTask(self.model, model_inputs, len(ids_list), labels)
         return Prepared(
             task=task, units=units, input_ids=ids, embed=True, contrast_rows=len(labels) - 1,
             fields={"kind": "classifier", "token_ids": ids_list, "prompt": prompt_text,
                     **class_fields},
-            settings={**class_settings, **unit_settings(unit_args)},
+            settings={**class_settings, **unit_settings(unit_args), **pad_settings},
         )
 
     def _vision_root(self) -> Any:
@@ -299,3 +311,53 @@ def _patchified_units(model: Any, data: dict[str, Any], linear: torch.nn.Linear,
                .reshape(c, rows * patch, cols * patch))
     return ImageUnits(model_inputs=inputs, units=_patch_spans((rows, cols), 0),
                       grid=(rows, cols), seq_len=n, embeddings=embeddings, picture=picture)
+
+
+def _text_configs(model: Any) -> list[Any]:
+    """The model's config and its text config (one object for most models)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config] if text is config else [config, text]
+
+
+def _pad_token_id(model: Any) -> int | None:
+    """The pad id the classifier's pooling reads (``get_text_config().pad_token_id``)."""
+    return getattr(_text_configs(model)[-1], "pad_token_id", None)
+
+
+@contextmanager
+def _pad_id_set(model: Any, pad_id: int) -> Iterator[None]:
+    """``pad_token_id`` = ``pad_id`` on the model's config(s) inside the block, restored after
+    (also on error)."""
+    configs = _text_configs(model)
+    previous = [getattr(c, "pad_token_id", None) for c in configs]
+    try:
+        for c in configs:
+            c.pad_token_id = pad_id
+        yield
+    finally:
+        for c, value in zip(configs, previous, strict=True):
+            c.pad_token_id = value
+
+
+class _UnpaddedClassificationTask(ClassificationTask):
+    """A classifier without ``pad_token_id`` (Llama, GPT-2 and Qwen classifiers as often
+    shipped): transformers pools the last position for one sequence but raises "Cannot handle
+    batch sizes > 1" for a batch of variants. Every forward runs with ``pad_token_id`` set to
+    ``pad_id``, an id the input does not hold, so the pooling finds no padding and reads the
+    last position for every variant, as for the single sequence; the config is restored after
+    each forward. The input has no padding (the explainer built it), so nothing else changes.
+    """
+
+    def __init__(self, model: Any, inputs: dict[str, torch.Tensor], seq_len: int,
+                 labels: list[int], *, pad_id: int) -> None:
+        super().__init__(model, inputs, seq_len, labels)
+        self.pad_id = int(pad_id)
+
+    def baseline(self) -> torch.Tensor:
+        with _pad_id_set(self.model, self.pad_id):
+            return super().baseline()
+
+    def run(self, batch: int, start: int) -> torch.Tensor:
+        with _pad_id_set(self.model, self.pad_id):
+            return super().run(batch, start)
