@@ -11,15 +11,24 @@ patches (or ``--image-region K``: K x K patches per unit) with the prompt's text
 (:func:`atman_kernels.models.load_smollm2`). Nothing is downloaded: models load from local
 folders or GGUF files only.
 
+Many examples: ``atman explain --input data.jsonl --output out.jsonl`` explains every line of a
+JSON Lines file (:data:`INPUT_FORMAT`) with one progress bar
+(:meth:`AtManExplainer.explain_many`), appending each finished explanation to ``--output`` as
+``{"id": ..., "explanation": {...}}``; a rerun with the same ``--output`` skips the ids it
+already holds. Chat models: ``--chat`` applies the tokenizer's chat template to the prompt (the
+user's message) and explains the message only.
+
 Bad input (empty prompt or target, a target that tokenises to nothing, an unsupported model
 class, an unreadable model path, an unreadable picture, pictures for a text-only model, a
-prompt without the image placeholders) exits with status 2 and a one-line message, before the
-model's weights load where it can be known by then.
+prompt without the image placeholders, a bad --input line, flags that do not go together)
+exits with status 2 and a one-line message, before the model's weights load where it can be
+known by then, and before any output is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -28,6 +37,15 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 GRANULARITY_CHOICES = ("token", "word", "sentence", "paragraph")  # = explain.units.GRANULARITIES
+# the keys of an --input line (= explain.many.EXAMPLE_KEYS without the API's "inputs")
+INPUT_KEYS = ("id", "prompt", "target", "contrast", "spans")
+INPUT_FORMAT = (
+    'one JSON object per line: {"id": "q1", "prompt": "The capital of France is", '
+    '"target": " Paris", "contrast": " Lyon", "spans": [[4, 11]]}; only "prompt" is required '
+    '(a non-empty string); "id" (a string or an integer, unique) defaults to the line number; '
+    '"target" / "contrast" as --target / --contrast (a string, or a class index for a '
+    'classifier; no "target": the generated continuation, causal LMs only); "spans" as --spans, '
+    'a list of [start, end] character ranges; blank lines are skipped')
 
 
 class UsageError(Exception):
@@ -95,11 +113,14 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Every output file can be written, checked before any work (nothing is left behind)."""
     import tempfile
 
-    for flag, path in (("--html", args.html), ("--png", args.png), ("--json", args.json)):
+    for flag, path in (("--html", args.html), ("--png", args.png), ("--json", args.json),
+                       ("--output", args.output)):
         if path is None:
             continue
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder: give a file path")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path}: the file is not writable")
         parent = path.parent
         existing = parent
         while not existing.exists():
@@ -114,8 +135,6 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _check_backend(name: str) -> None:
     """--backend names a backend this machine can run (before the model loads)."""
-    import os
-
     import torch
 
     if name == "triton" and not torch.cuda.is_available() and os.environ.get(
@@ -160,6 +179,19 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                         "classify); '-' reads it from standard input")
     p.add_argument("--prompt-file", type=Path, default=None,
                    help="read the input text from this UTF-8 file instead of --prompt")
+    p.add_argument("--input", type=Path, default=None, metavar="JSONL",
+                   help="explain many examples instead of --prompt: a UTF-8 JSON Lines file, "
+                        + INPUT_FORMAT.replace("%", "%%") + "; needs --output")
+    p.add_argument("--output", type=Path, default=None, metavar="JSONL",
+                   help="with --input: the JSON Lines file each finished explanation is "
+                        'appended to, as {"id": ..., "explanation": ...} (read it back with '
+                        "atman_kernels.explain.many.read_many); a rerun with the same "
+                        "--output skips the ids it already holds (resume after a crash)")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the tokenizer's chat template to the prompt (the user's "
+                        "message) and explain the message only: the template's tokens "
+                        "(system prompt, role markers) are neither explained nor suppressed; "
+                        "--spans then count characters from the start of the message")
     p.add_argument("--target", default=None,
                    help="causal LM: the continuation to explain (e.g. ' Paris'); left out: the "
                         "model's own greedy continuation is generated and explained; "
@@ -311,19 +343,23 @@ def read_images(paths: list[Path]) -> list[Any]:
 
 
 def load_model(path: str | None, dtype_name: str = "float32", *,
-               processor: Any = None) -> tuple[Any, Any]:
+               processor: Any = None, check_tokenizer: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a folder, a .gguf file, or the bundled SmolLM2 (``None``).
 
     ``processor``: a vision-language model's processor, already loaded: returned in place of
-    the tokenizer.
+    the tokenizer. ``check_tokenizer``: called with the tokenizer before the model's weights
+    load (for the bundled model: after), to refuse it early (raises :class:`UsageError`).
     """
     import torch
 
     dtype = getattr(torch, dtype_name)
+    check = check_tokenizer or (lambda tokenizer: None)
     if path is None:
         from .models import load_smollm2
 
-        return load_smollm2(dtype=dtype)
+        model, tokenizer = load_smollm2(dtype=dtype)
+        check(tokenizer)
+        return model, tokenizer
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -337,6 +373,7 @@ def load_model(path: str | None, dtype_name: str = "float32", *,
                                  "model folder or a .gguf file")
             kw = {"gguf_file": p.name, "local_files_only": True}
             tokenizer = AutoTokenizer.from_pretrained(str(p.parent), **kw)
+            check(tokenizer)
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), dtype=dtype, **kw)
             return model, tokenizer
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
@@ -344,10 +381,11 @@ def load_model(path: str | None, dtype_name: str = "float32", *,
         cls = getattr(transformers, archs[0], None) if archs else None
         if cls is None:
             cls = AutoModelForCausalLM
+        tokenizer = processor
+        if processor is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            check(tokenizer)
         model = cls.from_pretrained(str(p), dtype=dtype, local_files_only=True)
-        if processor is not None:
-            return model, processor
-        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         return model, tokenizer
     except UsageError:
         raise
@@ -365,7 +403,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
     """The prompt from --prompt, standard input (--prompt -) or --prompt-file, checked."""
     if (args.prompt is None) == (args.prompt_file is None):
         raise UsageError("give the input text with exactly one of --prompt TEXT, --prompt - "
-                         "(standard input) or --prompt-file PATH")
+                         "(standard input) or --prompt-file PATH, or many examples with "
+                         "--input JSONL --output JSONL")
     if args.prompt_file is not None:
         source = f"--prompt-file {args.prompt_file}"
         try:
@@ -433,23 +472,47 @@ def _image_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
     return images, processor
 
 
-# ----------------------------------------------------------------------------------- main
-def run_explain(args: argparse.Namespace) -> int:
-    import torch
+def _check_chat(args: argparse.Namespace):
+    """With --chat: a check of the tokenizer (it must have a chat template), run before the
+    model's weights load; None without --chat."""
+    if not args.chat:
+        return None
+    if args.image:
+        raise UsageError("--chat applies a text chat template to the prompt; it cannot be used "
+                         "with --image (give the vision-language model's prompt in full)")
+    where = "the bundled SmolLM2" if args.model is None else repr(args.model)
 
-    from .explain import AtManExplainer, save_png, to_html, to_terminal
-    from .explain.explainer import model_kind
-    from .explain.render import headline
+    def check(tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError(f"--chat needs a tokenizer with a chat template, and the tokenizer "
+                             f"of {where} has none: leave out --chat and give the prompt in "
+                             "full")
 
-    args.prompt = _read_prompt(args)
-    if args.target == "":
-        raise UsageError("--target is empty: give the continuation or label to explain, or "
-                         "leave --target out to explain the generated continuation")
+    return check
+
+
+def _unit_flags(args: argparse.Namespace) -> str | None:
+    """The delimiter (line breaks and tabs read), after the unit flags are checked."""
     delimiter = None
     if args.delimiter is not None:
         if args.delimiter == "":
             raise UsageError("--delimiter is empty: give the string to cut the prompt at")
         delimiter = args.delimiter.replace("\\n", "\n").replace("\\t", "\t")
+    given = [flag for flag, on in (("--granularity " + args.granularity,
+                                    args.granularity != "token"),
+                                   ("--delimiter", delimiter is not None),
+                                   ("--spans", args.spans is not None)) if on]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} are exclusive: give one way to cut the prompt "
+                         "into units")
+    return delimiter
+
+
+def _setup(args: argparse.Namespace) -> None:
+    """Checks and settings shared by one prompt and --input: backend, output files, quiet
+    logs, threads (all before the model loads)."""
+    import torch
+
     _check_backend(args.backend)
     _check_outputs(args)
     if args.quiet:  # third-party logs and bars too ("Loading weights", warnings)
@@ -459,21 +522,23 @@ def run_explain(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    images, processor = _image_inputs(args)
-    model, tokenizer = load_model(args.model, args.dtype, processor=processor)
+
+
+def _model_kind(model: Any) -> str:
+    from .explain.explainer import model_kind
+
     try:
-        kind = model_kind(model)
+        return model_kind(model)
     except TypeError as exc:
         raise UsageError(str(exc)) from exc
-    if kind == "image_text" and not images:
-        raise UsageError(f"{type(model).__name__} is a vision-language model: give the "
-                         "picture(s) with --image PATH")
-    if args.target is None and kind not in ("causal_lm", "image_text"):
-        raise UsageError(f"--target is required for a {kind.replace('_', ' ')} model: give the "
-                         "label name or class index to explain")
+
+
+def _explainer(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
+    from .explain import AtManExplainer
+
     max_memory = None if args.max_memory_mb is None else args.max_memory_mb * 2**20
     try:
-        explainer = AtManExplainer(
+        return AtManExplainer(
             model, tokenizer, factor=args.factor,
             conceptual_threshold=args.conceptual_threshold, mode=args.mode,
             batch_size=args.batch_size, max_memory=max_memory,
@@ -482,6 +547,33 @@ def run_explain(args: argparse.Namespace) -> int:
         )
     except (TypeError, ValueError) as exc:  # e.g. --layers outside the model
         raise UsageError(str(exc)) from exc
+
+
+# ----------------------------------------------------------------------------------- main
+def run_explain(args: argparse.Namespace) -> int:
+    from .explain import save_png, to_html, to_terminal
+    from .explain.render import headline
+
+    if args.input is not None or args.output is not None:
+        return run_explain_many(args)
+    args.prompt = _read_prompt(args)
+    if args.target == "":
+        raise UsageError("--target is empty: give the continuation or label to explain, or "
+                         "leave --target out to explain the generated continuation")
+    delimiter = _unit_flags(args)
+    check_tokenizer = _check_chat(args)
+    _setup(args)
+    images, processor = _image_inputs(args)
+    model, tokenizer = load_model(args.model, args.dtype, processor=processor,
+                                  check_tokenizer=check_tokenizer)
+    kind = _model_kind(model)
+    if kind == "image_text" and not images:
+        raise UsageError(f"{type(model).__name__} is a vision-language model: give the "
+                         "picture(s) with --image PATH")
+    if args.target is None and kind not in ("causal_lm", "image_text"):
+        raise UsageError(f"--target is required for a {kind.replace('_', ' ')} model: give the "
+                         "label name or class index to explain")
+    explainer = _explainer(args, model, tokenizer)
     start = time.perf_counter()
     try:
         target = None if args.target is None else _target_for(kind, args.target)
@@ -489,7 +581,7 @@ def run_explain(args: argparse.Namespace) -> int:
         expl = explainer.explain(inputs, target, granularity=args.granularity,
                                  delimiter=delimiter, spans=args.spans,
                                  max_new_tokens=args.max_new_tokens,
-                                 image_region=args.image_region,
+                                 image_region=args.image_region, chat=args.chat,
                                  contrast=None if args.contrast is None else
                                  _target_for(kind, args.contrast))
     except (ValueError, NotImplementedError) as exc:  # bad input / model, named by the callee
@@ -521,6 +613,196 @@ def run_explain(args: argparse.Namespace) -> int:
         for label, path in (("json", args.json), ("html", args.html), ("png", args.png)):
             if path is not None:
                 print(f"wrote {label}: {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------ --input / --output
+def _check_many_flags(args: argparse.Namespace) -> None:
+    """--input and --output come together, and without the flags of a single prompt."""
+    if args.input is None:
+        raise UsageError("--output needs --input JSONL (the examples to explain); for one "
+                         "prompt write the explanation with --json PATH")
+    if args.output is None:
+        raise UsageError("--input needs --output JSONL (the file the explanations are "
+                         "appended to)")
+    clashes = [
+        ("--prompt", args.prompt is not None, "--input takes each prompt from its lines"),
+        ("--prompt-file", args.prompt_file is not None,
+         "--input takes each prompt from its lines"),
+        ("--target", args.target is not None, 'give each example\'s "target" in its line'),
+        ("--contrast", args.contrast is not None,
+         'give each example\'s "contrast" in its line'),
+        ("--spans", args.spans is not None, 'give each example\'s "spans" in its line'),
+        ("--html", args.html is not None, "the explanations go to --output (render one with "
+                                          "atman_kernels.explain.many.read_many and to_html)"),
+        ("--png", args.png is not None, "the explanations go to --output (render one with "
+                                        "atman_kernels.explain.many.read_many and save_png)"),
+        ("--json", args.json is not None, "the explanations go to --output as JSON Lines"),
+        ("--image", bool(args.image), "--input explains text prompts only"),
+        ("--image-region", args.image_region is not None,
+         "--input explains text prompts only"),
+    ]
+    for flag, given, why in clashes:
+        if given:
+            raise UsageError(f"--input and {flag} cannot be used together: {why}")
+    try:
+        same = args.input.resolve() == args.output.resolve()
+    except OSError:
+        same = False
+    if same:
+        raise UsageError(f"--output {args.output} is the --input file: give another file")
+
+
+def _input_target(value: Any, key: str, where: str) -> Any:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if not isinstance(value, str):
+        raise UsageError(f'{where}: "{key}" must be a string (or a class index), got '
+                         f"{json.dumps(value)}")
+    if value == "":
+        raise UsageError(f'{where}: "{key}" is empty')
+    return value
+
+
+def _input_spans(value: Any, where: str) -> list[tuple[int, int]]:
+    ok = isinstance(value, list) and value and all(
+        isinstance(pair, list) and len(pair) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in pair) for pair in value)
+    if not ok:
+        raise UsageError(f'{where}: "spans" must be a list of [start, end] character ranges '
+                         f"like [[0, 40], [41, 90]], got {json.dumps(value)}")
+    return [(a, b) for a, b in value]
+
+
+def read_examples(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The examples of an --input file (:data:`INPUT_FORMAT`), each checked, and the line
+    number of each id; a bad line raises :class:`UsageError` naming the line."""
+    source = f"--input {path}"
+    if path.is_dir():
+        raise UsageError(f"{source} is a folder: give a JSON Lines file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    examples: list[dict[str, Any]] = []
+    lines: dict[str, int] = {}
+    for number, raw in enumerate(data.splitlines(), start=1):
+        where = f"{source} line {number}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{where} is not UTF-8 text (byte {exc.start})") from exc
+        if not text.strip():
+            continue
+        try:
+            item = json.loads(text)
+        except ValueError as exc:
+            reason = getattr(exc, "msg", str(exc))
+            column = getattr(exc, "colno", None)
+            at = f" at column {column}" if column else ""
+            raise UsageError(f"{where} is not valid JSON ({reason}{at})") from exc
+        if not isinstance(item, dict):
+            raise UsageError(f'{where}: expected a JSON object like {{"prompt": "...", '
+                             f'"target": "..."}}, got {type(item).__name__}')
+        unknown = sorted(set(item) - set(INPUT_KEYS))
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (a line "
+                             f"holds {', '.join(INPUT_KEYS)})")
+        if "prompt" not in item:
+            raise UsageError(f'{where}: no "prompt" (the text to explain)')
+        prompt = item["prompt"]
+        if not isinstance(prompt, str) or prompt == "":
+            raise UsageError(f'{where}: "prompt" must be a non-empty string, got '
+                             f"{json.dumps(prompt)[:40]}")
+        ident = item.get("id", number)
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
+            raise UsageError(f'{where}: "id" must be a non-empty string or an integer, got '
+                             f"{json.dumps(ident)}")
+        if str(ident) in lines:
+            raise UsageError(f"{where}: id {str(ident)!r} repeats line {lines[str(ident)]} "
+                             "(ids must be unique)")
+        lines[str(ident)] = number
+        example = {"id": str(ident), "prompt": prompt,
+                   "target": _input_target(item.get("target"), "target", where)}
+        if item.get("contrast") is not None:
+            example["contrast"] = _input_target(item["contrast"], "contrast", where)
+        if item.get("spans") is not None:
+            example["spans"] = _input_spans(item["spans"], where)
+        examples.append(example)
+    if not examples:
+        raise UsageError(f"{source} holds no examples ({INPUT_FORMAT})")
+    return examples, lines
+
+
+def run_explain_many(args: argparse.Namespace) -> int:
+    """``--input JSONL --output JSONL``: every example explained with one progress bar,
+    appended to --output as it finishes; the ids --output already holds are skipped."""
+    from .explain.many import ExampleError, finished_ids
+
+    _check_many_flags(args)
+    delimiter = _unit_flags(args)
+    examples, lines = read_examples(args.input)
+    if args.granularity != "token" or delimiter is not None:
+        with_spans = [e["id"] for e in examples if "spans" in e]
+        if with_spans:
+            flag = "--delimiter" if delimiter is not None else "--granularity"
+            raise UsageError(f"--input line {lines[with_spans[0]]} has \"spans\", which "
+                             f"cannot be used with {flag}: give one way to cut the prompt into "
+                             "units")
+    check_tokenizer = _check_chat(args)
+    _check_outputs(args)  # a folder or an unwritable --output, before it is read
+    try:
+        done = finished_ids(args.output, repair=False)
+    except ValueError as exc:
+        raise UsageError(f"--output {exc}: choose another --output file") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read --output {args.output}: {exc.strerror or exc}") from exc
+    if all(e["id"] in done for e in examples):
+        if not args.quiet:
+            print(f"AtMan: all {len(examples)} examples of {args.input} are in {args.output} "
+                  "already; nothing to explain")
+        return 0
+    _setup(args)
+    model, tokenizer = load_model(args.model, args.dtype, check_tokenizer=check_tokenizer)
+    kind = _model_kind(model)
+    if kind not in ("causal_lm", "classifier"):
+        raise UsageError(f"--input explains text prompts, and {type(model).__name__} is a "
+                         f"{kind.replace('_', ' ')} model")
+    for example in examples:
+        where = f"--input {args.input} line {lines[example['id']]}"
+        for key in ("target", "contrast"):
+            value = example.get(key)
+            if isinstance(value, str):
+                example[key] = _target_for(kind, value)
+            elif isinstance(value, int) and kind == "causal_lm":
+                raise UsageError(f'{where}: "{key}" must be a string for a causal LM (the '
+                                 f"continuation), got {value}")
+        if example["target"] is None and kind != "causal_lm":
+            raise UsageError(f'{where}: no "target": a classifier needs the label name or '
+                             "class index to explain on every line")
+    skipped = sum(e["id"] in done for e in examples)
+    explainer = _explainer(args, model, tokenizer)
+    if not args.quiet:
+        print(f"AtMan: {len(examples)} examples from {args.input} [{_model_name(model)}, "
+              f"{args.granularity if delimiter is None else 'delimited'} units"
+              f"{', chat template' if args.chat else ''}]"
+              + (f"; {skipped} already in {args.output}, skipped" if skipped else ""))
+    start = time.perf_counter()
+    try:
+        results = explainer.explain_many(
+            examples, output=args.output, resume=True, progress=not args.quiet,
+            granularity=args.granularity, delimiter=delimiter,
+            max_new_tokens=args.max_new_tokens, chat=args.chat)
+    except ExampleError as exc:
+        before = len(finished_ids(args.output, repair=False)) if args.output.exists() else 0
+        raise UsageError(f"--input {args.input} line {lines[exc.ident]} (id {exc.ident!r}): "
+                         f"{exc.cause} ({before} explanations are in {args.output}: fix the "
+                         "line and run again to resume)") from exc
+    seconds = time.perf_counter() - start
+    if not args.quiet:
+        each = f", {seconds / len(results):.2f} s each" if results else ""
+        print(f"explained {len(results)} examples in {seconds:.1f} s{each}; wrote jsonl: "
+              f"{args.output}")
     return 0
 
 

@@ -116,3 +116,34 @@ def test_chat_errors(tok):  # noqa: F811
         ex.explain(TEXT, TARGET, chat=True)
     with pytest.raises(ValueError, match="as a string"):
         ex.explain([1, 2, 3], TARGET, chat=True)
+
+
+def test_explain_many_names_the_refused_example_and_keeps_the_ones_before(tmp_path):
+    from atman_kernels.explain.many import ExampleError
+
+    ex = AtManExplainer(tiny_llama(), progress=False)
+    out = tmp_path / "o.jsonl"
+    bad = {"id": "bad", "prompt": EXAMPLES[1]["prompt"], "target": EXAMPLES[1]["target"],
+           "spans": [(0, 3)]}  # spans need a text prompt, not token ids
+    with pytest.raises(ExampleError, match="example 'bad': ") as info:
+        ex.explain_many([EXAMPLES[0], bad, EXAMPLES[2]], output=out)
+    assert info.value.ident == "bad" and isinstance(info.value.cause, ValueError)
+    assert [i for i, _ in read_many(out)] == ["ex0"]
+
+
+def test_an_output_that_is_not_explain_many_records_is_refused_untouched(tmp_path):
+    from atman_kernels.explain.many import finished_ids
+
+    ex = AtManExplainer(tiny_llama(), progress=False)
+    other = tmp_path / "notes.txt"
+    other.write_text("a line of someone's notes\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 1 is not an explain_many record"):
+        ex.explain_many(EXAMPLES, output=other)
+    assert other.read_text(encoding="utf-8") == "a line of someone's notes\n"
+    out = tmp_path / "o.jsonl"
+    ex.explain_many(EXAMPLES[:1], output=out)
+    whole = out.read_bytes()
+    out.write_bytes(whole + b'{"id": "ex1", "expl')  # cut short by a crash
+    assert finished_ids(out, repair=False) == {"ex0"}
+    assert out.read_bytes() == whole + b'{"id": "ex1", "expl'  # only checked
+    assert finished_ids(out) == {"ex0"} and out.read_bytes() == whole  # repaired

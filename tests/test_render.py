@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import html
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from atman_kernels.explain import Explanation
 from atman_kernels.explain.explanation import combine_scores
-from atman_kernels.explain.render import save_png, score_rgb, to_html, to_terminal
+from atman_kernels.explain.render import (
+    _target_heatmap_png,
+    save_png,
+    score_rgb,
+    to_html,
+    to_terminal,
+)
+from atman_kernels.explain.units import Span
 
 TOKENS = ["The", " <b>capital</b>", " of", " \"France\"", " &", " is\n", " 'x'"]
 
@@ -107,11 +116,13 @@ def test_png_image_heatmap_sizes(tmp_path):
 def test_terminal_rendering():
     expl = text_explanation()
     coloured = to_terminal(expl, color=True)
-    assert coloured.count("\x1b[48;2;") == len(TOKENS) and coloured.endswith("\x1b[0m")
+    prompt, target = coloured.rsplit("\n", 1)
+    assert prompt.count("\x1b[48;2;") == len(TOKENS) and prompt.endswith("\x1b[0m")
+    assert target == "target (p = 0.135): ' Paris' '!'"  # no unit there: nothing coloured
     plain = to_terminal(expl, color=False)
     assert "\x1b" not in plain and "capital</b>[2.2]" in plain
-    grid = to_terminal(image_explanation(), color=False)
-    assert len(grid.splitlines()) == 3
+    grid = to_terminal(image_explanation(), color=False).splitlines()
+    assert len(grid) == 4 and grid[3] == "label: 'cat'"
 
 
 def test_combine_scores_options():
@@ -173,3 +184,115 @@ def test_notebook_repr_and_per_target_heatmap():
     assert page.startswith("<!DOCTYPE html>") and "Per target token" in page
     assert page.count("<tr><th>") >= 2  # one heatmap row per target token
     assert "chars" in page or "position" in page  # where each top unit is
+
+
+def causal_with_target_unit(contrast: bool = False) -> Explanation:
+    """Prompt "The capital is" (3 token units), target " Paris" "!" " ok": " Paris" and "!"
+    are units too (source "target"), the last target token is not."""
+    prompt = "The capital is"
+    spans = [Span("The", 0, 3, (0,)), Span(" capital", 3, 11, (1,)), Span(" is", 11, 14, (2,)),
+             Span(" Paris", None, None, (3,), source="target"),
+             Span("!", None, None, (4,), source="target")]
+    per_target = torch.tensor([[0.0, 3.0, -0.5, 0.0, 0.0],
+                               [0.2, 1.5, 0.3, 2.0, 0.0],
+                               [-0.6, 0.1, 0.0, 0.9, -1.2]], dtype=torch.float64)
+    extra = {}
+    if contrast:
+        extra = {"contrast_tokens": [" Rome"], "contrast_per_target": torch.zeros(1, 5),
+                 "contrast_baseline_loss": torch.tensor([2.0])}
+    return Explanation(tokens=[], scores=per_target.sum(0), per_target=per_target,
+                       target_tokens=[" Paris", "!", " ok"], kind="causal_lm", spans=spans,
+                       prompt=prompt, token_ids=[1, 2, 3, 4, 5],
+                       baseline_loss=torch.tensor([0.1, 0.2, 0.4], dtype=torch.float64),
+                       settings={"target": " Paris! ok"}, **extra)
+
+
+@pytest.fixture()
+def drawn_texts(monkeypatch):
+    """Every text the PNG renderer draws, with its position (it is still drawn)."""
+    from PIL import ImageDraw
+
+    texts = []
+    original = ImageDraw.ImageDraw.text
+
+    def record(self, xy, text, *args, **kwargs):
+        texts.append((tuple(xy), text))
+        return original(self, xy, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
+    return texts
+
+
+def test_the_target_is_shown_apart_from_the_prompt_with_its_probability(tmp_path, drawn_texts):
+    expl = causal_with_target_unit(contrast=True)
+    p = f"{math.exp(-0.7):.3g}"
+    # terminal: the prompt alone on its line(s), then the target's line and the foil's
+    lines = to_terminal(expl, color=False).splitlines()
+    assert lines[0] == "The[-0.4] capital[4.6] is[-0.2]"
+    assert lines[1] == f"target (p = {p}): ' Paris'[2.9] '!'[-1.2] ' ok'"
+    assert lines[2] == f"rather than (p = {math.exp(-2.0):.3g}): ' Rome'"
+    coloured = to_terminal(expl, color=True).splitlines()
+    assert coloured[1].count("\x1b[48;2;") == 2  # the two target units, the last plain
+    # HTML: the prompt's text holds no target token; the target follows in its own block
+    page = to_html(expl)
+    text = page.split('<div class="text">', 1)[1]
+    prompt_part, answer = text.split('<div class="answer">', 1)
+    assert "Paris" not in prompt_part and "capital" in prompt_part
+    assert answer.startswith(f'<span class="label">target (p = {p}):</span>')
+    assert answer.index("Paris") < answer.index("!") < answer.index(" ok")
+    assert "rather than (p = " in page
+    # PNG: the target's label below every prompt word, its tokens on the label's line
+    save_png(expl, tmp_path / "t.png")
+    prompt_y = max(xy[1] for xy, t in drawn_texts if t in ("The", "capital", "is"))
+    (at,) = [k for k, (_, t) in enumerate(drawn_texts) if t == f"target (p = {p}):"]
+    label_xy = drawn_texts[at][0]
+    assert label_xy[1] > prompt_y
+    targets = [xy for xy, t in drawn_texts[at:] if t in (" Paris", "!", " ok")]
+    assert len(targets) == 3 and all(abs(y - label_xy[1]) < 20 and x > label_xy[0]
+                                     for x, y in targets)
+    assert [x for x, _ in targets] == sorted(x for x, _ in targets)
+
+
+def test_png_draws_the_per_target_heatmap_with_a_numbered_scale(tmp_path, drawn_texts):
+    expl = causal_with_target_unit()
+    heat, cells = _target_heatmap_png(expl, 640)
+    pixels = heat.convert("RGB").load()
+    assert len(cells) == 3 * 5 and {(t, j) for t, j, _ in cells} == {
+        (t, j) for t in range(3) for j in range(5)}
+    for t, j, (x0, y0, x1, y1) in cells:
+        value = float(expl.per_target[t, j]) / 3.0  # the heatmap's own scale: peak 3 nats
+        assert pixels[(x0 + x1) // 2, (y0 + y1) // 2] == score_rgb(value), (t, j)
+    boxes = {(t, j): box for t, j, box in cells}
+    assert boxes[0, 0][1] < boxes[1, 0][1] < boxes[2, 0][1]  # a row per target token
+    assert boxes[0, 0][0] < boxes[0, 1][0] < boxes[0, 4][0]  # a column per unit, in order
+    texts = [t for _, t in drawn_texts]
+    assert "-3" in texts and "0" in texts and "+3 nats" in texts  # the scale's numbers
+    assert "' Paris'" in texts and " capital" in texts  # row and column labels
+    drawn_texts.clear()
+    w, h = save_png(expl, tmp_path / "h.png", width=640)
+    texts = [t for _, t in drawn_texts]
+    assert any(t.startswith("Per target token") and "(nats)" in t for t in texts)
+    assert "+3 nats" in texts and "+4.6 nats" in texts  # heatmap scale, score scale
+    with Image.open(tmp_path / "h.png") as im:
+        png = np.asarray(im.convert("RGB"))
+    part = np.asarray(heat.convert("RGB"))
+    hits = [y for y in range(h - part.shape[0] + 1) if np.array_equal(png[y:y + part.shape[0]],
+                                                                      part)]
+    assert len(hits) == 1  # the heatmap is drawn into the PNG, whole
+    drawn_texts.clear()
+    one = Explanation(tokens=["a", "b"], scores=torch.ones(2), per_target=torch.ones(1, 2),
+                      target_tokens=["x"], kind="causal_lm")
+    save_png(one, tmp_path / "one.png")
+    assert not any(t.startswith("Per target token") for _, t in drawn_texts)
+
+
+def test_wide_heatmaps_continue_in_bands_of_legible_cells():
+    n = 120
+    per_target = torch.linspace(-1, 1, 2 * n).reshape(2, n)
+    expl = Explanation(tokens=[f"w{i}" for i in range(n)], scores=per_target.sum(0),
+                       per_target=per_target, target_tokens=["x", "y"], kind="causal_lm")
+    heat, cells = _target_heatmap_png(expl, 640)
+    assert heat.size[0] == 640 and len(cells) == 2 * n
+    assert all(x1 - x0 >= 12 and 0 <= x0 and x1 < 640 for _, _, (x0, _, x1, _) in cells)
+    tops = sorted({y0 for t, _, (_, y0, _, _) in cells if t == 0})
+    assert len(tops) >= 3  # 120 units of >= 14 px do not fit in one 640 px band

@@ -4,6 +4,11 @@ Each finished example is appended to ``output`` as one line, ``{"id": ..., "expl
 Explanation.to_dict()}``, flushed and synced to disk before the next starts: a crash loses at
 most the example in flight, and a rerun with the same ``output`` skips every id already there
 (a line cut short by the crash is dropped first).
+
+This is a loop over :meth:`AtManExplainer.explain`, one example after another: each example's
+variants are batched as in a single call, but different examples share no forward (they share
+nothing to reuse). What it adds is the single progress bar, the streamed output and the resume;
+``benchmarks/bench_many.py`` measures its overhead against a plain loop.
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ if TYPE_CHECKING:
 # per-example keys an example dict may carry (the rest of explain()'s arguments come from the
 # call, the same for every example)
 EXAMPLE_KEYS = ("id", "prompt", "inputs", "target", "contrast", "spans")
+
+
+class ExampleError(ValueError):
+    """An example that :meth:`AtManExplainer.explain` refused: ``ident`` is its id, ``cause``
+    the original error; the examples before it are already in the output."""
+
+    def __init__(self, ident: str, cause: Exception):
+        super().__init__(f"example {ident!r}: {cause}")
+        self.ident, self.cause = ident, cause
 
 
 def _examples(examples: Iterable[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -51,9 +65,9 @@ def _examples(examples: Iterable[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         yield str(ident), args
 
 
-def finished_ids(path: Path) -> set[str]:
+def finished_ids(path: Path, repair: bool = True) -> set[str]:
     """Ids already in a JSON Lines output; a last line cut short (a crash mid-write) is
-    removed from the file."""
+    removed from the file (``repair=False``: left there, only checked)."""
     if not path.exists():
         return set()
     done: set[str] = set()
@@ -61,19 +75,19 @@ def finished_ids(path: Path) -> set[str]:
     with open(path, "rb") as fh:
         data = fh.read()
     for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
+        if not line.endswith(b"\n"):  # the last line, cut short (each record ends in \n)
             break
         try:
             record = json.loads(line)
             ident = record["id"]
+            if not isinstance(record["explanation"], dict):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
-            if keep + len(line) == len(data):  # the last line: cut short
-                break
-            raise ValueError(f"{path}: line {len(done) + 1} is not an explain_many record; "
-                             "use another --output file") from None
+            raise ValueError(f"{path} line {len(done) + 1} is not an explain_many record "
+                             '({"id": ..., "explanation": ...})') from None
         done.add(str(ident))
         keep += len(line)
-    if keep < len(data):
+    if keep < len(data) and repair:
         with open(path, "r+b") as fh:
             fh.truncate(keep)
     return done
@@ -109,8 +123,11 @@ def explain_many(explainer: AtManExplainer, examples: Iterable[Any], *,
                 if ident in done:
                     bar.update(1)
                     continue
-                expl = explainer.explain(args.pop("inputs"), args.pop("target"),
-                                         **args, **explain_kwargs)
+                try:
+                    expl = explainer.explain(args.pop("inputs"), args.pop("target"),
+                                             **args, **explain_kwargs)
+                except (ValueError, NotImplementedError) as exc:
+                    raise ExampleError(ident, exc) from exc
                 if path is not None:
                     line = json.dumps({"id": ident, "explanation": expl.to_dict()},
                                       ensure_ascii=False, allow_nan=False)

@@ -3,8 +3,12 @@
 Rendering reads an Explanation (the Explanation does not import this module):
 :func:`to_html`, :func:`save_png` and :func:`to_terminal`. Text explanations show the prompt's
 own text, its spacing and line breaks, with each explained unit (token, word, sentence, span)
-highlighted; prompt text outside every unit is shown plain; a causal LM's explained target
-tokens follow the prompt, outlined.
+highlighted; prompt text outside every unit is shown plain. The target is shown apart from
+the prompt, on a line of its own labelled with the model's probability of it (``target (p =
+0.7):``; a classifier's ``label``); a causal LM's target tokens but the last, which are explained
+units too (they condition the later target tokens), are coloured and outlined there. A
+contrastive explanation adds a line for the foil. When the target has several tokens, the HTML
+page and the PNG add the target-token x unit heatmap (``per_target``), with its own colour scale.
 
 Image-text explanations (kind "image_text") show each picture with its "whole" score map blended
 over it (each image unit's rectangle in the original picture, ``Span.box``; without boxes the
@@ -15,7 +19,8 @@ passed again to the renderer after loading JSON.
 
 Colours: each score is divided by the largest absolute score over *all* units (text and image
 share one scale); positive values shade towards red (the unit supports the target), negative
-towards blue, zero is white. Every output is self-contained: the HTML page has inline CSS and
+towards blue, zero is white. Every colour scale is labelled with its numbers in nats (the
+unit of every score). Every output is self-contained: the HTML page has inline CSS and
 no external link (pictures are embedded as ``data:`` PNG), the PNG is drawn with Pillow.
 """
 
@@ -55,12 +60,22 @@ def score_rgb(unit: float) -> tuple[int, int, int]:
 
 
 def segments(expl: Explanation) -> list[tuple[str, int | None]]:
-    """The text to draw, as (text, unit index or None) pieces in reading order.
+    """The text to draw, as (text, unit index or None) pieces in reading order: the prompt's
+    pieces (:func:`prompt_segments`), then a causal LM's explained target tokens (the units
+    with ``source == "target"``). The renderers draw the two apart
+    (:func:`prompt_segments`, :func:`target_segments`)."""
+    targets = [i for i, s in enumerate(expl.spans) if s.source == "target"]
+    return prompt_segments(expl) + [(expl.spans[i].text, i) for i in targets]
+
+
+def prompt_segments(expl: Explanation) -> list[tuple[str, int | None]]:
+    """The prompt to draw, as (text, unit index or None) pieces in reading order.
 
     With the prompt text and character ranges: the prompt cut at the units' ranges (text
-    between units has index None), then the target units. Without (token-id prompts): the
-    units' texts one after another. Image units (``source == "image"``) are never text: they
-    are drawn on their pictures (:func:`view_image`).
+    between units has index None). Without (token-id prompts): the prompt units' texts one
+    after another. Target units (``source == "target"``, see :func:`target_segments`) and
+    image units (``source == "image"``, drawn on their pictures, :func:`view_image`) are never
+    part of it.
     """
     spans = expl.spans
     located = [i for i, s in enumerate(spans) if s.source == "prompt" and s.start is not None]
@@ -77,13 +92,54 @@ def segments(expl: Explanation) -> list[tuple[str, int | None]]:
             cursor = end
         if cursor < len(text):
             pieces.append((text[cursor:], None))
-        rest = [i for i in range(len(spans)) if i not in set(located)]
-    else:
-        rest = list(range(len(spans)))
-    if expl.kind == "image_text":
-        rest = [i for i in rest if spans[i].source != "image"]
-    pieces.extend((spans[i].text, i) for i in rest)
+    done = set(located) if pieces else set()
+    pieces.extend((spans[i].text, i) for i in range(len(spans))
+                  if i not in done and spans[i].source == "prompt")
     return pieces
+
+
+def target_segments(expl: Explanation) -> list[tuple[str, int | None]]:
+    """The target to draw, apart from the prompt: (text, unit index or None) per target token.
+
+    A causal LM's target tokens but the last are units at token granularity (``source ==
+    "target"``: they condition the later target tokens) and carry their index; the others
+    (the last, every token at coarser granularity, a classifier's label) carry None.
+    """
+    units = sorted((i for i, s in enumerate(expl.spans) if s.source == "target"),
+                   key=lambda i: expl.spans[i].positions[0])
+    pieces: list[tuple[str, int | None]] = [(expl.spans[i].text, i) for i in units]
+    pieces.extend((token, None) for token in expl.target_tokens[len(units):])
+    return pieces
+
+
+def target_probability(expl: Explanation, foil: bool = False) -> float | None:
+    """The model's probability of the whole target (``foil``: of the contrast), without
+    suppression: exp(-sum of its tokens' cross-entropies); None where unknown."""
+    loss = expl.contrast_baseline_loss if foil else expl.baseline_loss
+    if loss is None or loss.numel() == 0:
+        return None
+    return math.exp(-float(loss.double().sum()))
+
+
+def answer_lines(expl: Explanation) -> list[tuple[str, list[tuple[str, int | None]]]]:
+    """(label, pieces) of the lines drawn apart from the prompt: the target ("target (p =
+    0.7)", a classifier's "label (p = 0.9)") and, for contrastive explanations, the foil
+    ("rather than (p = 0.1)")."""
+    word = "target" if expl.kind in ("causal_lm", "image_text") else "label"
+    lines = []
+    for name, foil in ((word, False), ("rather than", True)):
+        if foil and expl.contrast is None:
+            continue
+        p = target_probability(expl, foil=foil)
+        label = name if p is None else f"{name} (p = {p:.3g})"
+        pieces = [(expl.contrast, None)] if foil else target_segments(expl)
+        lines.append((label, pieces))
+    return lines
+
+
+def scale_labels(peak: float) -> tuple[str, str, str]:
+    """Numbers at the (left, middle, right) of a colour scale running from -peak to +peak."""
+    return f"{-peak:.3g}", "0", f"+{peak:.3g} nats"
 
 
 def headline(expl: Explanation) -> str:
@@ -92,8 +148,8 @@ def headline(expl: Explanation) -> str:
     text = f"why {expl.target!r}"
     if expl.contrast is not None:
         text += f" rather than {expl.contrast!r}"
-    if expl.baseline_loss is not None:
-        p = math.exp(-float(expl.baseline_loss.double().sum()))
+    p = target_probability(expl)
+    if p is not None:
         text += f" (p = {p:.3g}"
         if expl.base_margin is not None:
             text += f", log-odds over the foil {expl.base_margin:+.3g} nats"
@@ -122,6 +178,8 @@ h1{font-size:20px;margin:0 0 4px 0} .settings{color:#666;font-size:13px;margin-b
 .text{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:16px;line-height:2.1;
 white-space:pre-wrap;border:1px solid #ddd;padding:12px;border-radius:6px}
 .tok{padding:2px 1px;border-radius:3px} .target{outline:1px dashed #888}
+.answer{margin-top:10px;padding-top:6px;border-top:1px dashed #bbb}
+.label{font-family:system-ui,sans-serif;font-size:13px;color:#555}
 .legend{display:flex;align-items:center;gap:8px;margin:14px 0;font-size:13px}
 .bar{width:240px;height:14px;border:1px solid #aaa;
 background:linear-gradient(to right,#0000ff,#ffffff,#ff0000)}
@@ -166,19 +224,23 @@ def render_html(expl: Explanation, *, images: Sequence[Any] | None = None) -> st
                 f"<figcaption>{esc(caption)}</figcaption></figure>"
             )
         body.append("</div>")
+    scores = expl.scores.tolist()
+
+    def piece(text: str, i: int | None, target: bool = False) -> str:
+        if i is None:
+            return f"<span class=\"tok target\">{esc(text)}</span>" if target else esc(text)
+        r, g, b = score_rgb(units[i])
+        cls = "tok target" if expl.spans[i].source == "target" else "tok"
+        return (f"<span class=\"{cls}\" style=\"background:rgb({r},{g},{b})\" "
+                f"title=\"{scores[i]:.6g} nats\">{esc(text)}</span>")
+
     if expl.patch_grid is None:
         body.append("<div class=\"text\">")
-        scores = expl.scores.tolist()
-        for text, i in segments(expl):
-            if i is None:
-                body.append(esc(text))
-                continue
-            r, g, b = score_rgb(units[i])
-            cls = "tok target" if expl.spans[i].source == "target" else "tok"
-            body.append(
-                f"<span class=\"{cls}\" style=\"background:rgb({r},{g},{b})\" "
-                f"title=\"{scores[i]:.6g}\">{esc(text)}</span>"
-            )
+        body.extend(piece(text, i) for text, i in prompt_segments(expl))
+        # the target (and foil) apart from the prompt, each on a line of its own
+        for label, pieces in answer_lines(expl):
+            body.append(f"<div class=\"answer\"><span class=\"label\">{esc(label)}:</span> "
+                        + "".join(piece(text, i, True) for text, i in pieces) + "</div>")
         body.append("</div>")
     else:
         rows, cols = expl.patch_grid
@@ -194,13 +256,12 @@ def render_html(expl: Explanation, *, images: Sequence[Any] | None = None) -> st
                 )
             body.append("</tr>")
         body.append("</table>")
+        for label, pieces in answer_lines(expl):
+            body.append(f"<div class=\"answer\"><span class=\"label\">{esc(label)}:</span> "
+                        + "".join(piece(text, i, True) for text, i in pieces) + "</div>")
     peak = float(expl.scores.abs().max()) if expl.scores.numel() else 0.0
-    body.append(
-        f"<div class=\"legend\"><span>{esc(legend_labels(expl)[0])}</span>"
-        "<span class=\"bar\"></span>"
-        f"<span>{esc(legend_labels(expl)[1])}</span><span>(colour scale \u00b1{peak:.4g} nats"
-        f"{', text and image alike' if expl.kind == 'image_text' else ''})</span></div>"
-    )
+    both = ", text and image alike" if expl.kind == "image_text" else ""
+    body.append(_html_legend(peak, *legend_labels(expl), note=f"colour scale{both}"))
     body.append("<table><tr><th>rank</th><th>unit</th><th>where</th><th>score (nats)</th></tr>")
     for rank, (_, span, score) in enumerate(expl.top(10), start=1):
         body.append(f"<tr><td>{rank}</td><td>{esc(repr(span.text))}</td>"
@@ -221,23 +282,37 @@ def _where(span: Any) -> str:
     return f"{span.source} {pos}"
 
 
+def _html_legend(peak: float, low: str, high: str, note: str) -> str:
+    """A colour bar with its numbers (-peak, 0, +peak nats) and what its ends mean."""
+    esc = html.escape
+    left, middle, right = scale_labels(peak)
+    return (f"<div class=\"legend\"><span>{esc(low)}</span><span>{esc(left)}</span>"
+            f"<span class=\"bar\" title=\"0 nats at the middle\"></span>"
+            f"<span>{esc(right)}</span><span>{esc(high)}</span>"
+            f"<span>({esc(note)}: white = {middle})</span></div>")
+
+
 def _target_heatmap(expl: Explanation) -> str:
     """HTML table: one row per target token, one column per unit, each cell the rise of that
-    token's cross-entropy when the unit is suppressed (same colour scale as the text)."""
+    token's cross-entropy when the unit is suppressed, coloured on its own scale (the largest
+    |cell|), which is labelled below the table."""
     esc = html.escape
-    peak = float(expl.per_target.abs().max()) or 1.0
+    peak = float(expl.per_target.abs().max()) if expl.per_target.numel() else 0.0
+    scale = peak or 1.0
     cells = ["<h2 style=\"font-size:16px\">Per target token (rise of its cross-entropy, "
              "nats)</h2><div style=\"overflow-x:auto\"><table class=\"heat\"><tr><th></th>"]
-    cells += [f"<th>{esc(s.text[:12])}</th>" for s in expl.spans]
+    cells += [f"<th title=\"{esc(_where(s))}\">{esc(s.text[:12])}</th>" for s in expl.spans]
     cells.append("</tr>")
     for token, row in zip(expl.target_tokens, expl.per_target.tolist(), strict=True):
         cells.append(f"<tr><th>{esc(repr(token))}</th>")
         for value in row:
-            r, g, b = score_rgb(max(-1.0, min(1.0, value / peak)))
+            r, g, b = score_rgb(max(-1.0, min(1.0, value / scale)))
             cells.append(f"<td style=\"background:rgb({r},{g},{b})\" "
-                         f"title=\"{value:.6g}\">{value:.2g}</td>")
+                         f"title=\"{value:.6g} nats\">{value:.2g}</td>")
         cells.append("</tr>")
     cells.append("</table></div>")
+    cells.append(_html_legend(peak, "opposes the token", "supports the token",
+                              "per-token colour scale"))
     return "".join(cells)
 
 
@@ -338,26 +413,44 @@ def _text_boxes(expl: Explanation, width: int, panels: list | None = None):
     if placed:
         y += row_h + 14
     boxes = []  # (x, y, w, text, rgb or None, outlined)
-    x = margin
     right = width - margin
-    for text, i in segments(expl):
+
+    def box(x: int, y: int, word: str, rgb, outlined: bool) -> tuple[int, int]:
+        w = _text_width(probe, word, font) + (2 * pad if rgb or outlined else 0)
+        w = min(w, right - margin)
+        if x + w > right and x > margin:
+            x, y = margin, y + line_h
+            if word.isspace():
+                return x, y
+        boxes.append((x, y, w, word, rgb, outlined))
+        return x + w, y
+
+    # the prompt: wrapped at whitespace; a line break in the text is a line break in the picture
+    x = margin
+    for text, i in prompt_segments(expl):
         rgb = None if i is None else score_rgb(units[i])
-        outlined = i is not None and expl.spans[i].source == "target"
-        # wrap at whitespace; a line break in the text is a line break in the picture
         for line_no, line in enumerate(text.split("\n")):
             if line_no:
                 x, y = margin, y + line_h
             for word in re.findall(r"\s+|\S+", line):
-                w = _text_width(probe, word, font) + (2 * pad if rgb else 0)
-                w = min(w, right - margin)
-                if x + w > right and x > margin:
-                    x, y = margin, y + line_h
-                    if word.isspace():
-                        continue
-                boxes.append((x, y, w, word, rgb, outlined))
-                x += w
+                x, y = box(x, y, word, rgb, False)
+    # the target (and foil) apart: a line of their own, labelled, one outlined box per token
+    labels = []  # (x, y, text)
+    for label, pieces in answer_lines(expl):
+        y += line_h + 6
+        labels.append((margin, y + 7, f"{label}:"))
+        x = margin + _text_width(probe, f"{label}:", small) + 8
+        for text, i in pieces:
+            shown = text.replace("\n", "\\n").replace("\t", "\\t")
+            x, y = box(x, y, shown, None if i is None else score_rgb(units[i]), True)
+            x += 4  # a gap between the target's tokens
+    heat = None
+    if expl.per_target.shape[0] > 1 and expl.patch_grid is None:
+        heat, _ = _target_heatmap_png(expl, width)
+        heat_y = y + line_h + 12
+        y = heat_y + heat.size[1] - line_h
     legend_y = y + line_h + 10
-    height = legend_y + 30
+    height = legend_y + 34
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     draw.text((margin, margin), title, fill=(20, 20, 20), font=font)
@@ -365,24 +458,99 @@ def _text_boxes(expl: Explanation, width: int, panels: list | None = None):
     for px, py, picture, caption in placed:
         draw.text((px, py), caption, fill=(60, 60, 60), font=small)
         img.paste(picture, (px, py + 18))
+    for lx, ly, text in labels:
+        draw.text((lx, ly), text, fill=(90, 90, 90), font=small)
     for bx, by, w, text, rgb, outlined in boxes:
-        if rgb is not None:
-            draw.rectangle([bx, by, bx + w, by + line_h - 6], fill=rgb,
+        if rgb is not None or outlined:
+            draw.rectangle([bx, by, bx + w, by + line_h - 6], fill=rgb or (255, 255, 255),
                            outline=(90, 90, 90) if outlined else None)
-        draw.text((bx + (pad if rgb else 0), by + 3), text, fill=(0, 0, 0), font=font)
-    bar_w = 200
-    for i in range(bar_w):
-        draw.line(
-            [(margin + i, legend_y), (margin + i, legend_y + 12)],
-            fill=score_rgb(2.0 * i / (bar_w - 1) - 1.0),
-        )
+        draw.text((bx + (pad if rgb or outlined else 0), by + 3), text, fill=(0, 0, 0),
+                  font=font)
+    if heat is not None:
+        img.paste(heat, (0, heat_y))
     peak = float(expl.scores.abs().max()) if expl.scores.numel() else 0.0
     both = ", text and image alike" if expl.kind == "image_text" else ""
-    draw.text((margin + bar_w + 8, legend_y - 2),
-              f"blue {legend_labels(expl)[0]} / red {legend_labels(expl)[1]} "
-              f"(scale \u00b1{peak:.3g} nats{both})",
-              fill=(60,) * 3, font=small)
+    _draw_scale(draw, margin, legend_y, peak,
+                f"blue {legend_labels(expl)[0]} / red {legend_labels(expl)[1]} "
+                f"(score, nats{both})")
     return img
+
+
+def _draw_scale(draw, x: int, y: int, peak: float, caption: str, bar_w: int = 200) -> None:
+    """A colour bar from -peak (blue) to +peak (red) at (x, y), its numbers below it
+    (:func:`scale_labels`) and ``caption`` to its right."""
+    small = _font(12)
+    for i in range(bar_w):
+        draw.line([(x + i, y), (x + i, y + 12)], fill=score_rgb(2.0 * i / (bar_w - 1) - 1.0))
+    draw.rectangle([x, y, x + bar_w - 1, y + 12], outline=(150, 150, 150))
+    left, middle, right = scale_labels(peak)
+    draw.text((x, y + 15), left, fill=(60,) * 3, font=small)
+    draw.text((x + bar_w // 2 - _text_width(draw, middle, small) // 2, y + 15), middle,
+              fill=(60,) * 3, font=small)
+    draw.text((x + bar_w - _text_width(draw, right, small), y + 15), right, fill=(60,) * 3,
+              font=small)
+    draw.text((x + bar_w + 8, y - 2), caption, fill=(60,) * 3, font=small)
+
+
+def _short_label(text: str, limit: int) -> str:
+    """A one-line label of at most ``limit`` characters (line breaks and tabs made visible)."""
+    text = text.replace("\n", "\\n").replace("\t", "\\t")
+    return text if len(text) <= limit else text[: limit - 2] + ".."
+
+
+def _target_heatmap_png(expl: Explanation, width: int):
+    """The target-token x unit heatmap as a PIL image ``width`` pixels wide: one row per target
+    token (its text on the left), one column per unit (its text above, turned upright), each
+    cell the rise of that token's cross-entropy when the unit is suppressed, coloured on the
+    heatmap's own scale (the largest |cell|), labelled with its numbers below. Columns that do
+    not fit in one band continue in the next band below. Returns (image, cells): cells the
+    (target token, unit, (x0, y0, x1, y1)) box of every cell."""
+    from PIL import Image, ImageDraw
+
+    small = _font(12)
+    margin, row_h, title_h = 12, 18, 22
+    values = expl.per_target.detach().to(torch.float64).cpu()
+    n_rows, n_units = values.shape
+    peak = float(values.abs().max()) if values.numel() else 0.0
+    scale = peak if peak > 0 and peak == peak else 1.0
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    row_labels = [_short_label(repr(t), 16) for t in expl.target_tokens]
+    col_labels = [_short_label(s.text, 12) for s in expl.spans]
+    label_w = min(width // 4, max(_text_width(probe, t, small) for t in row_labels) + 8)
+    avail = width - 2 * margin - label_w
+    cell_w = max(14, min(40, avail // max(1, n_units)))
+    per_band = max(1, avail // cell_w)
+    bands = -(-n_units // per_band)
+    col_h = max((_text_width(probe, t, small) for t in col_labels), default=0) + 6
+    band_h = col_h + n_rows * row_h + 12
+    height = title_h + bands * band_h + 34
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    boxes = []
+    draw.text((margin, 2), "Per target token: rise of its cross-entropy when a unit is "
+              "suppressed (nats)", fill=(20, 20, 20), font=small)
+    for band in range(bands):
+        y0 = title_h + band * band_h
+        first = band * per_band
+        for t, label in enumerate(row_labels):
+            draw.text((margin, y0 + col_h + t * row_h + 2), label, fill=(40,) * 3, font=small)
+        for j in range(first, min(n_units, first + per_band)):
+            x = margin + label_w + (j - first) * cell_w
+            text = col_labels[j]
+            tag = Image.new("RGB", (max(1, _text_width(probe, text, small) + 2), 14), "white")
+            ImageDraw.Draw(tag).text((1, 0), text, fill=(40,) * 3, font=small)
+            tag = tag.rotate(90, expand=True)
+            img.paste(tag, (x + max(0, (cell_w - tag.size[0]) // 2),
+                            y0 + col_h - 3 - tag.size[1]))
+            for t in range(n_rows):
+                unit = max(-1.0, min(1.0, float(values[t, j]) / scale))
+                cy = y0 + col_h + t * row_h
+                cell = (x, cy, x + cell_w - 2, cy + row_h - 2)
+                draw.rectangle(cell, fill=score_rgb(unit))
+                boxes.append((t, j, cell))
+    _draw_scale(draw, margin, height - 32, peak,
+                "per target token: red = the unit supports it, blue = opposes it")
+    return img, boxes
 
 
 # ------------------------------------------------------------------------ image-text maps
@@ -525,8 +693,11 @@ def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
 # --------------------------------------------------------------------------------- terminal
 def to_terminal(expl: Explanation, *, color: bool | None = None) -> str:
     """The prompt with ANSI 24-bit background colours per unit (or ``unit[score]`` without
-    colour); image explanations as a grid of scores; image-text explanations: the text, then
-    each image view's grid of scores (a line per row)."""
+    colour), then the target apart, on a line of its own (``target (p = 0.7): ' Paris'``, each
+    target token quoted; an explained target token coloured or followed by its score) and, for
+    contrastive explanations, the foil's line. Image explanations: a grid of scores, then the
+    label's line; image-text explanations: the text and target lines, then each image view's
+    grid of scores (a line per row). Scores are in nats."""
     if color is None:  # colour only on a terminal, and never with NO_COLOR set
         import os
         import sys
@@ -546,18 +717,23 @@ def to_terminal(expl: Explanation, *, color: bool | None = None) -> str:
                     text = f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{text}\x1b[0m"
                 cells.append(text)
             lines.append(" ".join(cells))
+        lines += [f"{label}: " + " ".join(repr(text) for text, _ in pieces)
+                  for label, pieces in answer_lines(expl)]
         return "\n".join(lines)
     scores = expl.scores.tolist()
-    parts = []
-    for text, i in segments(expl):
+
+    def piece(text: str, i: int | None) -> str:
         if i is None:
-            parts.append(text)
-        elif color:
+            return text
+        if color:
             r, g, b = score_rgb(units[i])
-            parts.append(f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{text}\x1b[0m")
-        else:
-            parts.append(f"{text}[{scores[i]:.3g}]")
-    out = "".join(parts)
+            return f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{text}\x1b[0m"
+        return f"{text}[{scores[i]:.3g}]"
+
+    out = "".join(piece(text, i) for text, i in prompt_segments(expl))
+    # the target (and foil) apart from the prompt: a line each, the tokens quoted
+    for label, pieces in answer_lines(expl):
+        out += f"\n{label}: " + " ".join(piece(repr(text), i) for text, i in pieces)
     if expl.kind == "image_text":
         for v in sorted(expl.image_views, key=lambda v: (v["image"], v["view"] != "whole")):
             rows, cols = (int(x) for x in v["grid"])
