@@ -135,9 +135,10 @@ def test_segments_and_terminal_keep_images_out_of_the_text():
     assert "".join(t for t, _ in pieces) == " what is this ? a"
     assert all(expl.spans[i].source != "image" for _, i in pieces if i is not None)
     out = to_terminal(expl, color=False).splitlines()
-    assert out[0] == " what[0.5] is[-0.2] this[1] ?[0.3] a[0.4]"
-    assert out[1] == "image 0, whole view (2 x 2 cells):"
-    assert out[2].split() == ["-2.000", "+0.000"] and out[3].split() == ["+0.100", "+4.000"]
+    assert out[0] == " what[0.5] is[-0.2] this[1] ?[0.3]"
+    assert out[1] == "target: ' a'[0.4]"  # the target apart from the prompt
+    assert out[2] == "image 0, whole view (2 x 2 cells):"
+    assert out[3].split() == ["-2.000", "+0.000"] and out[4].split() == ["+0.100", "+4.000"]
     assert to_terminal(expl, color=True).count("\x1b[48;2;") == 5 + 4
 
 
