@@ -6,8 +6,15 @@ Explains why a model produces ``--target`` after ``--prompt`` (causal LMs; witho
 chosen character span, prints the coloured prompt and the top units, and writes HTML / PNG /
 JSON on request. Vision-language models (LLaVA, Idefics3 / SmolVLM folders) take pictures with
 ``--image PATH`` (once per image placeholder in the prompt, in order) and explain the image
-patches (or ``--image-region K``: K x K patches per unit) with the prompt's text. Without
-``--model`` the bundled SmolLM2-135M-Instruct is used
+patches (or ``--image-region K``: K x K patches per unit) with the prompt's text.
+
+Pictures alone: an image classifier folder (``*ForImageClassification``: ViT, DeiT, BEiT,
+DINOv2, CLIP / SigLIP towers) explains why it gives the class ``--target`` (a label name or
+class index; ``--contrast`` a foil class) to one ``--image``; a zero-shot image-text folder
+(CLIPModel, MetaClip2Model, SiglipModel, Siglip2Model) explains why it picks the candidate
+``--target`` among the label texts given with ``--labels`` (repeated, at least two). Neither
+takes a prompt: the picture goes through the folder's own image processor, and its patches are
+the units. Without ``--model`` the bundled SmolLM2-135M-Instruct is used
 (:func:`atman_kernels.models.load_smollm2`). Nothing is downloaded: models load from local
 folders or GGUF files only.
 
@@ -20,7 +27,8 @@ user's message) and explains the message only.
 
 Bad input (empty prompt or target, a target that tokenises to nothing, an unsupported model
 class, an unreadable model path, an unreadable picture, pictures for a text-only model, a
-prompt without the image placeholders, a bad --input line, flags that do not go together)
+prompt without the image placeholders, a target that is not one of the model's labels or of the
+--labels, a bad --input line, flags that do not go together)
 exits with status 2 and a one-line message, before the model's weights load where it can be
 known by then, and before any output is written.
 """
@@ -176,7 +184,8 @@ def _layers(text: str) -> list[int]:
 def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None,
                    help="the input text (causal LM: the prompt; classifier: the text to "
-                        "classify); '-' reads it from standard input")
+                        "classify); '-' reads it from standard input; not for image "
+                        "classifiers and zero-shot models (their input is the --image)")
     p.add_argument("--prompt-file", type=Path, default=None,
                    help="read the input text from this UTF-8 file instead of --prompt")
     p.add_argument("--input", type=Path, default=None, metavar="JSONL",
@@ -195,12 +204,20 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None,
                    help="causal LM: the continuation to explain (e.g. ' Paris'); left out: the "
                         "model's own greedy continuation is generated and explained; "
-                        "classifier: a label name or class index (required)")
+                        "classifier (text or image): a label name or class index (required); "
+                        "zero-shot model: one of the --labels (required)")
     p.add_argument("--contrast", default=None,
                    help="explain why --target rather than this foil: a continuation (causal "
-                        "LM) or a label name / class index (classifier); a unit's score is then "
-                        "the rise of the target's cross-entropy minus the foil's")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=20,
+                        "LM), a label name / class index (classifier) or another of the "
+                        "--labels (zero-shot model); a unit's score is then the rise of the "
+                        "target's cross-entropy minus the foil's")
+    p.add_argument("--labels", "--label", dest="labels", action="append", default=None,
+                   metavar="TEXT",
+                   help="zero-shot image-text model (CLIPModel, MetaClip2Model, SiglipModel, "
+                        "Siglip2Model): one candidate label text, e.g. 'a photo of a cat'; "
+                        "repeat the flag for each candidate (at least two, all different); "
+                        "--target and --contrast name one of them")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="without --target: the most tokens to generate (default 20; stops at "
                         "EOS)")
     p.add_argument("--granularity", choices=GRANULARITY_CHOICES, default="token",
@@ -217,12 +234,15 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="a local model folder (from_pretrained) or a .gguf file; default: the "
                         "bundled SmolLM2-135M-Instruct")
     p.add_argument("--image", type=Path, action="append", default=None, metavar="PATH",
-                   help="a picture for a vision-language model folder (LLaVA, Idefics3, "
-                        "SmolVLM; read with Pillow); repeat for several pictures, one per image "
-                        "placeholder (e.g. <image>) in the prompt, in order")
+                   help="a picture (read with Pillow) for a vision-language model folder "
+                        "(LLaVA, Idefics3, SmolVLM, Qwen2-VL): repeat for several pictures, one "
+                        "per image placeholder (e.g. <image>) in the prompt, in order; for an "
+                        "image classifier or a zero-shot model folder: the one picture to "
+                        "explain, given once, no --prompt")
     p.add_argument("--image-region", type=_positive_int, default=None, metavar="K",
-                   help="with --image: explain K x K image patches as one unit (e.g. 4: a "
-                        "24 x 24 grid in 36 units); default: every patch")
+                   help="with --image and a vision-language model: explain K x K image "
+                        "patches as one unit (e.g. 4: a 24 x 24 grid in 36 units); default: "
+                        "every patch")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype to run the model in (default float32)")
     p.add_argument("--mode", choices=("paper", "log"), default="paper",
@@ -279,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="AtMan explanations of transformer predictions (atman_kernels).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="options of 'atman explain':\n\n" + explain_parser.format_help()
-        + "\nexample:\n  atman explain --prompt 'The capital of France is' --target ' Paris' "
-          "--html paris.html",
+        + "\nexamples:\n  atman explain --prompt 'The capital of France is' --target ' Paris' "
+          "--html paris.html\n"
+          "  atman explain --model path/to/vit --image cat.jpg --target 'tabby cat'\n"
+          "  atman explain --model path/to/clip --image cat.jpg --labels 'a photo of a cat' "
+          "--labels 'a photo of a dog' --target 'a photo of a cat'",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -291,9 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- model loading
-def model_class_name(path: str) -> str | None:
-    """The model class a local folder's config names (``architectures[0]``), read without
-    loading weights; None for a .gguf file or a config without architectures."""
+def folder_config(path: str | None) -> Any:
+    """The config of a local model folder, read without loading weights; None for the bundled
+    model (``path`` None) and for a .gguf file."""
+    if path is None:
+        return None
     from transformers import AutoConfig
 
     p = Path(path).expanduser()
@@ -302,15 +327,37 @@ def model_class_name(path: str) -> str | None:
     if p.is_file():
         return None
     try:
-        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+        return AutoConfig.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"cannot read model path {path!r}: {exc}") from exc
-    archs = getattr(config, "architectures", None) or []
+
+
+def model_class_name(path: str) -> str | None:
+    """The model class a local folder's config names (``architectures[0]``), read without
+    loading weights; None for a .gguf file or a config without architectures."""
+    archs = getattr(folder_config(path), "architectures", None) or []
     return archs[0] if archs else None
 
 
-def load_processor(path: str) -> Any:
-    """A vision-language model folder's processor (``AutoProcessor``, local files only)."""
+def class_kind(name: str | None) -> str | None:
+    """What the explainer makes of a model class, by its name alone (before any weights
+    load): "causal_lm", "classifier", "image", "image_text" or "zero_shot"; None when no
+    class is named; an unsupported class raises :class:`UsageError` naming it."""
+    if name is None:
+        return None
+    from .explain.explainer import model_kind
+
+    # model_kind decides by the class's name (type(model).__name__): an empty stand-in of
+    # that name gets the verdict the loaded model would
+    try:
+        return model_kind(type(name, (), {})())
+    except TypeError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def load_processor(path: str, what: str = "a vision-language model folder") -> Any:
+    """A model folder's processor (``AutoProcessor``, local files only) with an image
+    processor; ``what`` names the folder's kind in the error."""
     from transformers import AutoProcessor
 
     try:
@@ -319,10 +366,31 @@ def load_processor(path: str) -> Any:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"cannot read the processor of {path!r}: {exc}") from exc
     if not hasattr(processor, "image_processor"):
-        raise UsageError(f"{path!r} holds no image processor (preprocessor_config.json): a "
-                         "vision-language model folder needs the processor saved with it "
+        raise UsageError(f"{path!r} holds no image processor (preprocessor_config.json): "
+                         f"{what} needs the processor saved with it "
                          "(processor.save_pretrained)")
     return processor
+
+
+def load_image_processor(path: str) -> Any:
+    """An image classifier folder's image processor (``AutoProcessor``, local files only:
+    the image processor itself, or a processor's ``image_processor``)."""
+    from transformers import AutoProcessor
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    missing = (f"{path!r} holds no image processor (preprocessor_config.json): an image "
+               "classifier folder needs the image processor saved with it "
+               "(image_processor.save_pretrained), which turns the picture into the model's "
+               "pixel values")
+    try:
+        processor = AutoProcessor.from_pretrained(str(Path(path).expanduser()),
+                                                  local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{missing} ({exc})") from exc
+    image_processor = getattr(processor, "image_processor", processor)
+    if not isinstance(image_processor, ImageProcessingMixin):
+        raise UsageError(missing)
+    return image_processor
 
 
 def read_images(paths: list[Path]) -> list[Any]:
@@ -452,16 +520,17 @@ def _image_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
             raise UsageError("--image-region needs --image (a picture for a vision-language "
                              "model)")
         return [], None
-    families = ", ".join(sorted(IMAGE_TEXT_FAMILIES))
+    families = (f"a vision-language model ({', '.join(sorted(IMAGE_TEXT_FAMILIES))}), an "
+                "image classifier (*ForImageClassification) or a zero-shot image-text model "
+                f"({', '.join(_zero_shot_families())})")
     if args.model is None:
-        raise UsageError(f"--image needs a vision-language model folder ({families}) given "
-                         "with --model; the bundled SmolLM2 is a text-only model")
+        raise UsageError(f"--image needs {families} folder given with --model; the bundled "
+                         "SmolLM2 is a text-only model")
     images = read_images(args.image)
     name = model_class_name(args.model)
     if name not in IMAGE_TEXT_FAMILIES:
         what = f"{name} is a text-only model" if name else "it names no model class"
-        raise UsageError(f"--image needs a vision-language model ({families}), but --model "
-                         f"{args.model}: {what}")
+        raise UsageError(f"--image needs {families}, but --model {args.model}: {what}")
     processor = load_processor(args.model)
     placeholder = getattr(processor, "image_token", None) or "<image>"
     found = args.prompt.count(placeholder)
@@ -556,6 +625,65 @@ def run_explain(args: argparse.Namespace) -> int:
 
     if args.input is not None or args.output is not None:
         return run_explain_many(args)
+    config = folder_config(args.model)
+    archs = getattr(config, "architectures", None) or []
+    early_kind = class_kind(archs[0] if archs else None)
+    if early_kind in PICTURE_KINDS:
+        model, processor, inputs, target, contrast = _prepare_picture(args, early_kind, config)
+        options: dict[str, Any] = {}
+    else:
+        model, processor, inputs, target, contrast, options = _prepare_prompt(args)
+    explainer = _explainer(args, model, processor)
+    start = time.perf_counter()
+    try:
+        expl = explainer.explain(inputs, target, contrast=contrast, **options)
+    except (ValueError, NotImplementedError) as exc:  # bad input / model, named by the callee
+        raise UsageError(str(exc)) from exc
+    seconds = time.perf_counter() - start
+    if args.json is not None:
+        expl.to_json(args.json)
+    if args.html is not None:
+        to_html(expl, args.html)
+    if args.png is not None:
+        save_png(expl, args.png)
+    if not args.quiet:
+        color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        made = " (generated)" if expl.settings.get("generated") else ""
+        print(f"AtMan: {headline(expl)}{made} [{_model_name(model)}, "
+              f"{len(expl.spans)} {expl.settings.get('granularity', 'token')} units, "
+              f"{expl.settings.get('forwards')} forwards, {seconds:.2f} s]")
+        candidates = expl.settings.get("candidates")
+        if candidates:  # a zero-shot explanation: the labels the softmax ran over
+            print("candidates: " + ", ".join(map(repr, candidates)))
+        print(to_terminal(expl, color=color))
+        score = ("rise of the target's cross-entropy minus the foil's, in nats; positive = "
+                 "supports the target over the foil" if expl.contrast is not None else
+                 "rise of the target's cross-entropy in nats; positive = supports the target")
+        print(f"top {min(args.top, len(expl.spans))} units (score = {score}):")
+        for rank, (_, span, score) in enumerate(expl.top(args.top), start=1):
+            if span.start is not None:
+                where = f"chars {span.start}-{span.end}"
+            elif span.box is not None:
+                where = "box {:.0f},{:.0f}-{:.0f},{:.0f}".format(*span.box)
+            else:
+                where = f"{span.source} position {span.positions[0]}"
+            print(f"  {rank:2d}. {_short(span.text)!r:<32} {where:<18} {score:+.5f}")
+        for label, path in (("json", args.json), ("html", args.html), ("png", args.png)):
+            if path is not None:
+                print(f"wrote {label}: {path}")
+    return 0
+
+
+def _prepare_prompt(args: argparse.Namespace) -> tuple[Any, ...]:
+    """A text prompt (causal LM, sequence classifier, or vision-language model with --image),
+    checked, and the model loaded: (model, tokenizer or processor, inputs, target, contrast,
+    explain options)."""
+    if args.labels:
+        what = (f"--model {args.model} is not one" if args.model is not None
+                else "the bundled SmolLM2 is a text-only model")
+        raise UsageError(f"--labels needs a zero-shot image-text model folder "
+                         f"({', '.join(_zero_shot_families())}): {what}; for an image "
+                         "classifier give the class with --target alone")
     args.prompt = _read_prompt(args)
     if args.target == "":
         raise UsageError("--target is empty: give the continuation or label to explain, or "
@@ -573,47 +701,151 @@ def run_explain(args: argparse.Namespace) -> int:
     if args.target is None and kind not in ("causal_lm", "image_text"):
         raise UsageError(f"--target is required for a {kind.replace('_', ' ')} model: give the "
                          "label name or class index to explain")
-    explainer = _explainer(args, model, tokenizer)
-    start = time.perf_counter()
+    target = None if args.target is None else _target_for(kind, args.target)
+    contrast = None if args.contrast is None else _target_for(kind, args.contrast)
+    inputs = (args.prompt, images) if images else args.prompt
+    options = {"granularity": args.granularity, "delimiter": delimiter, "spans": args.spans,
+               "max_new_tokens": _max_new_tokens(args), "image_region": args.image_region,
+               "chat": args.chat}
+    return model, tokenizer, inputs, target, contrast, options
+
+
+# ------------------------------------------------------- image classifiers, zero-shot models
+PICTURE_KINDS = ("image", "zero_shot")
+KIND_WORDS = {"image": "an image classifier", "zero_shot": "a zero-shot image-text model",
+              "image_text": "a vision-language model"}
+
+
+def _zero_shot_families() -> list[str]:
+    from .explain.front.zero_shot import ZERO_SHOT_FAMILIES
+
+    return list(ZERO_SHOT_FAMILIES)
+
+
+def _max_new_tokens(args: argparse.Namespace) -> int:
+    return 20 if args.max_new_tokens is None else args.max_new_tokens
+
+
+def _check_picture_flags(args: argparse.Namespace, kind: str, name: str) -> None:
+    """The flags an image classifier / a zero-shot model takes: one --image, no prompt, no
+    text units; --labels for zero-shot models only (all before the model loads)."""
+    what = (f"{name} is an image classifier" if kind == "image"
+            else f"{name} is a zero-shot image-text model")
+    no_text = ("its input is the picture alone" if kind == "image"
+               else "its texts are the candidate --labels")
+    clashes = [
+        ("--prompt", args.prompt is not None, no_text),
+        ("--prompt-file", args.prompt_file is not None, no_text),
+        ("--chat", args.chat, "there is no text prompt to put in a chat template"),
+        ("--granularity " + args.granularity, args.granularity != "token",
+         "its units are the image's patches"),
+        ("--delimiter", args.delimiter is not None, "its units are the image's patches"),
+        ("--spans", args.spans is not None, "its units are the image's patches"),
+        ("--image-region", args.image_region is not None,
+         "its units are the image's patches, one each (--image-region groups the patches of "
+         "a vision-language model)"),
+        ("--max-new-tokens", args.max_new_tokens is not None, "nothing is generated"),
+    ]
+    if kind == "image":
+        families = ", ".join(_zero_shot_families())
+        clashes.append(("--labels", bool(args.labels),
+                        "the classes are the model's own labels (config id2label); --labels "
+                        f"gives the candidates of a zero-shot model ({families})"))
+    for flag, given, why in clashes:
+        if given:
+            raise UsageError(f"{what}: {flag} cannot be used ({why})")
+    if not args.image:
+        raise UsageError(f"{what}: give the picture to explain with --image PATH")
+    if len(args.image) > 1:
+        raise UsageError(f"{what}, which explains one picture at a time: give --image once "
+                         f"(got {len(args.image)})")
+    if args.target is None or args.target == "":
+        need = ("the label name or class index to explain" if kind == "image"
+                else "one of the --labels, the candidate to explain")
+        raise UsageError(f"{what}: --target is {'empty' if args.target == '' else 'required'}"
+                         f": give {need}")
+    if args.contrast == "":
+        raise UsageError("--contrast is empty: give the foil to explain against, or leave "
+                         "--contrast out")
+
+
+def _class_target(config: Any, text: str, flag: str) -> int | str:
+    """--target / --contrast of an image classifier: a label name of the config's label2id or
+    a class index below num_labels (checked before the weights load)."""
+    value = _target_for("image", text)
+    label2id = getattr(config, "label2id", None) or {}
+    n_labels = int(getattr(config, "num_labels", 0) or 0)
+    labels = sorted(label2id, key=lambda k: label2id[k])
+    shown = ", ".join(map(repr, labels[:20])) + (", ..." if len(labels) > 20 else "")
+    if isinstance(value, int):
+        if not 0 <= value < n_labels:
+            raise UsageError(f"{flag} class {value} is out of range: the model has {n_labels} "
+                             f"classes (0 to {n_labels - 1})")
+        return value
+    if value not in label2id:
+        raise UsageError(f"{flag} {value!r} is not one of the model's labels ({shown}); give a "
+                         "label name or a class index")
+    return int(label2id[value])
+
+
+def _candidate_labels(args: argparse.Namespace, name: str) -> list[str]:
+    """The --labels of a zero-shot model, checked: at least two, none empty, all different,
+    the --target (and --contrast) among them."""
+    labels = args.labels or []
+    example = ("--labels 'a photo of a cat' --labels 'a photo of a dog' --target "
+               "'a photo of a cat'")
+    if len(labels) < 2:
+        raise UsageError(f"{name} is a zero-shot image-text model: give at least two candidate "
+                         f"label texts, one --labels each (got {len(labels)}), e.g. {example}")
+    empty = [i for i, label in enumerate(labels, start=1) if not label.strip()]
+    if empty:
+        raise UsageError(f"--labels number {empty[0]} is empty: give each candidate's text")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise UsageError(f"--labels {repeated[0]!r} is given twice: give each candidate once")
+    for flag, value in (("--target", args.target), ("--contrast", args.contrast)):
+        if value is not None and value not in labels:
+            raise UsageError(f"{flag} {value!r} is not one of the --labels "
+                             f"({', '.join(map(repr, labels))}): give one of them, as written")
+    return list(labels)
+
+
+def _prepare_picture(args: argparse.Namespace, kind: str, config: Any) -> tuple[Any, ...]:
+    """One picture for an image classifier or a zero-shot image-text model, checked, and the
+    model loaded: (model, processor for the explainer, inputs, target, contrast)."""
+    name = config.architectures[0]
+    _check_picture_flags(args, kind, name)
+    if kind == "image":
+        target = _class_target(config, args.target, "--target")
+        contrast = None if args.contrast is None else _class_target(config, args.contrast,
+                                                                     "--contrast")
+    else:
+        labels = _candidate_labels(args, name)
+        target, contrast = args.target, args.contrast
+    if contrast is not None and contrast == target:
+        raise UsageError(f"--contrast {args.contrast!r} is the --target itself: give another "
+                         "class as the foil")
+    _setup(args)
+    (picture,) = read_images(args.image)
+    if kind == "zero_shot":
+        processor = load_processor(args.model, "a zero-shot image-text model folder")
+        if getattr(processor, "tokenizer", None) is None:
+            raise UsageError(f"{args.model!r} holds no tokenizer: a zero-shot model folder "
+                             "needs its processor (image processor and tokenizer) saved with "
+                             "it, to read the --labels")
+        model, _ = load_model(args.model, args.dtype, processor=processor)
+        return model, processor, (picture, labels), target, contrast
+    image_processor = load_image_processor(args.model)
     try:
-        target = None if args.target is None else _target_for(kind, args.target)
-        inputs = (args.prompt, images) if images else args.prompt
-        expl = explainer.explain(inputs, target, granularity=args.granularity,
-                                 delimiter=delimiter, spans=args.spans,
-                                 max_new_tokens=args.max_new_tokens,
-                                 image_region=args.image_region, chat=args.chat,
-                                 contrast=None if args.contrast is None else
-                                 _target_for(kind, args.contrast))
-    except (ValueError, NotImplementedError) as exc:  # bad input / model, named by the callee
-        raise UsageError(str(exc)) from exc
-    seconds = time.perf_counter() - start
-    if args.json is not None:
-        expl.to_json(args.json)
-    if args.html is not None:
-        to_html(expl, args.html)
-    if args.png is not None:
-        save_png(expl, args.png)
-    if not args.quiet:
-        color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        made = " (generated)" if expl.settings.get("generated") else ""
-        print(f"AtMan: {headline(expl)}{made} [{_model_name(model)}, "
-              f"{len(expl.spans)} {expl.settings.get('granularity', 'token')} units, "
-              f"{expl.settings.get('forwards')} forwards, {seconds:.2f} s]")
-        print(to_terminal(expl, color=color))
-        print(f"top {min(args.top, len(expl.spans))} units (score = rise of the target's "
-              "cross-entropy in nats; positive = supports the target):")
-        for rank, (_, span, score) in enumerate(expl.top(args.top), start=1):
-            if span.start is not None:
-                where = f"chars {span.start}-{span.end}"
-            elif span.box is not None:
-                where = "box {:.0f},{:.0f}-{:.0f},{:.0f}".format(*span.box)
-            else:
-                where = f"{span.source} position {span.positions[0]}"
-            print(f"  {rank:2d}. {_short(span.text)!r:<32} {where:<18} {score:+.5f}")
-        for label, path in (("json", args.json), ("html", args.html), ("png", args.png)):
-            if path is not None:
-                print(f"wrote {label}: {path}")
-    return 0
+        out = image_processor(images=picture, return_tensors="pt")
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(f"cannot prepare --image {args.image[0]} with the image processor of "
+                         f"{args.model!r}: {exc}") from exc
+    from .explain.front.classify import PIXEL_KEYS
+
+    pixels = {k: out[k] for k in PIXEL_KEYS if out.get(k) is not None}
+    model, _ = load_model(args.model, args.dtype, processor=image_processor)
+    return model, None, pixels, target, contrast
 
 
 # ------------------------------------------------------------------------ --input / --output
@@ -641,6 +873,7 @@ def _check_many_flags(args: argparse.Namespace) -> None:
         ("--image", bool(args.image), "--input explains text prompts only"),
         ("--image-region", args.image_region is not None,
          "--input explains text prompts only"),
+        ("--labels", bool(args.labels), "--input explains text prompts only"),
     ]
     for flag, given, why in clashes:
         if given:
@@ -763,6 +996,11 @@ def run_explain_many(args: argparse.Namespace) -> int:
                   "already; nothing to explain")
         return 0
     _setup(args)
+    archs = getattr(folder_config(args.model), "architectures", None) or []
+    early_kind = class_kind(archs[0] if archs else None)
+    if early_kind not in (None, "causal_lm", "classifier"):
+        raise UsageError(f"--input explains text prompts, and {archs[0]} is "
+                         f"{KIND_WORDS[early_kind]}")
     model, tokenizer = load_model(args.model, args.dtype, check_tokenizer=check_tokenizer)
     kind = _model_kind(model)
     if kind not in ("causal_lm", "classifier"):
@@ -792,7 +1030,7 @@ def run_explain_many(args: argparse.Namespace) -> int:
         results = explainer.explain_many(
             examples, output=args.output, resume=True, progress=not args.quiet,
             granularity=args.granularity, delimiter=delimiter,
-            max_new_tokens=args.max_new_tokens, chat=args.chat)
+            max_new_tokens=_max_new_tokens(args), chat=args.chat)
     except ExampleError as exc:
         before = len(finished_ids(args.output, repair=False)) if args.output.exists() else 0
         raise UsageError(f"--input {args.input} line {lines[exc.ident]} (id {exc.ident!r}): "
