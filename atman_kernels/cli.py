@@ -345,12 +345,10 @@ def class_kind(name: str | None) -> str | None:
     class is named; an unsupported class raises :class:`UsageError` naming it."""
     if name is None:
         return None
-    from .explain.explainer import model_kind
+    from .explain.explainer import kind_of_class_name
 
-    # model_kind decides by the class's name (type(model).__name__): an empty stand-in of
-    # that name gets the verdict the loaded model would
     try:
-        return model_kind(type(name, (), {})())
+        return kind_of_class_name(name)
     except TypeError as exc:
         raise UsageError(str(exc)) from exc
 

@@ -18,7 +18,7 @@ import transformers as T
 from _brute import BRUTE, _close
 
 from atman_kernels.explain import AtManExplainer
-from atman_kernels.explain.render import save_png, to_html
+from atman_kernels.explain.render import headline, save_png, to_html
 from atman_kernels.suppression import suppression
 
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -154,6 +154,8 @@ def test_label_texts_go_through_the_tokenizer(family):
     expl = AtManExplainer(model, tok, progress=False).explain((image, names),
                                                               target="a photo of a dog")
     assert expl.target == "a photo of a dog" and expl.settings["candidates"] == names
+    # the titles (terminal, HTML, PNG) name the candidates the target was chosen among
+    assert "among 'a photo of a cat', 'a photo of a dog', 'a car'" in headline(expl)
     if family == "Siglip":
         enc = {"input_ids": tok(names, padding="max_length", max_length=16)["input_ids"]}
     else:

@@ -67,8 +67,13 @@ IMAGE_TEXT_REFUSED: dict[str, str] = {}
 
 
 def model_kind(model: Any) -> str:
+    """The kind of ``model`` (:func:`kind_of_class_name` of its class), else TypeError."""
+    return kind_of_class_name(type(model).__name__)
+
+
+def kind_of_class_name(name: str) -> str:
     """"causal_lm", "classifier", "image", "image_text" or "zero_shot" for a supported
-    transformers model, else TypeError naming the class.
+    transformers model class (by its name: no weights needed), else TypeError naming it.
 
     A multimodal class that transformers lists among its causal LMs
     (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: ``Gemma3ForConditionalGeneration``, Gemma 4, ...)
@@ -77,7 +82,6 @@ def model_kind(model: Any) -> str:
     """
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    name = type(model).__name__
     if name in IMAGE_TEXT_FAMILIES:
         return "image_text"
     if name in ZERO_SHOT_FAMILIES:

@@ -148,6 +148,9 @@ def headline(expl: Explanation) -> str:
     text = f"why {expl.target!r}"
     if expl.contrast is not None:
         text += f" rather than {expl.contrast!r}"
+    candidates = expl.settings.get("candidates")
+    if candidates:  # zero-shot: the target is one of these label texts
+        text += f" among {', '.join(repr(c) for c in candidates)}"
     p = target_probability(expl)
     if p is not None:
         text += f" (p = {p:.3g}"
