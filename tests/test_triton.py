@@ -436,6 +436,116 @@ def test_hoisted_pointer_tiles_match_the_reference(monkeypatch, mode):
         assert_close_to_reference(out, exact, plain, what=f"hoisted {mode} k{len_k}")
 
 
+# ---------------------------------------------------- the TMA path (sm_90's tensor descriptors)
+# The interpreter runs tensor descriptors (zero fill past the tensor included), so the TMA
+# path is checked here against the reference on any machine; on CUDA only from sm_90 up.
+TMA_RUNS = INTERPRETED or torch.cuda.get_device_capability() >= (9, 0)
+TMA_SKIP = pytest.mark.skipif(not TMA_RUNS, reason="TMA needs sm_90 or the interpreter")
+
+
+@pytest.fixture
+def tma_forced(monkeypatch):
+    """The sm_90 config (tma=True) on any device. Returns a list that gets, per launch, True
+    where the launcher made descriptors and False where it fell back to pointers."""
+    import dataclasses
+
+    plain_config = triton_backend.kernel_config
+    make = triton_backend._tma_descriptors
+    taken = []
+
+    def with_tma(*args, **kwargs):
+        return dataclasses.replace(plain_config(*args, **kwargs), tma=True)
+
+    def recording(*args):
+        descs = make(*args)
+        taken.append(descs is not None)
+        return descs
+
+    monkeypatch.setattr(triton_backend, "kernel_config", with_tma)
+    monkeypatch.setattr(triton_backend, "_tma_descriptors", recording)
+    return taken
+
+
+# Whole and diagonal tiles with ragged ends (TMA's zero fill past Nk), a padded head dim (zero
+# fill past D), GQA / MQA, Nq > Nk, a fully padded variant, shared q/k/v (batch coordinate 0).
+TMA_CASES = [
+    ("ragged_tiles_padding", dict(args=(2, 2, 1, 65, 129, 32), padding=True,
+                                  factor_kind="zero_and_big"), True),
+    ("d40_gqa", dict(args=(2, 4, 2, 70, 150, 40)), True),
+    ("q_longer_than_k", dict(args=(2, 2, 1, 9, 5, 16)), True),
+    ("full_padding_row", dict(args=(3, 2, 2, 20, 70, 32), fully_padded_row=True), False),
+    ("shared_qkv", dict(args=(3, 4, 2, 40, 140, 32), shared_qkv=True), True),
+]  # fmt: skip
+
+
+@TMA_SKIP
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("name,inputs,causal", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+def test_tma_path_matches_float64_reference(name, inputs, causal, mode, tma_forced):
+    inputs = dict(inputs)
+    args = inputs.pop("args")
+    for dtype in (torch.float32, torch.float16):
+        q, k, v, factors, mask = make_inputs(*args, dtype=dtype, device=DEVICE, seed=9, **inputs)
+        out = run_triton(q, k, v, factors, mask, causal=causal, mode=mode)
+        assert tma_forced[-1], f"{name}: the launcher did not take the TMA path"
+        exact, plain = yardstick(q, k, v, factors, mask, causal=causal, mode=mode)
+        assert_close_to_reference(out, exact, plain, what=f"tma {name} {dtype} {mode}")
+
+
+@TMA_SKIP
+@pytest.mark.parametrize("mode", ["paper", "log"])
+def test_tma_path_reads_model_layouts(mode, tma_forced):
+    """[B, N, H, D] memory seen as [B, H, N, D] (how models hand q/k/v over) and a stride-0
+    expand of batch 1: descriptors are made for both and agree with the reference."""
+    batch, heads, len_q, len_k, dim = 3, 4, 33, 90, 32
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(batch, n, heads, dim, generator=g).to(DEVICE).transpose(1, 2)
+               for n in (len_q, len_k, len_k))  # fmt: skip
+    factors = (torch.rand(batch, len_k, generator=g) * 2).to(DEVICE)
+    expanded = tuple(t[:1].expand(batch, -1, -1, -1) for t in (q, k, v))
+    for name, (qq, kk, vv) in {"bnhd": (q, k, v), "expanded": expanded}.items():
+        out = run_triton(qq, kk, vv, factors, None, causal=True, mode=mode)
+        assert tma_forced[-1], f"{name}: the launcher did not take the TMA path"
+        exact, plain = yardstick(qq, kk, vv, factors, None, causal=True, mode=mode)
+        assert_close_to_reference(out, exact, plain, what=f"tma {name} {mode}")
+
+
+@TMA_SKIP
+def test_tma_falls_back_to_pointers_where_descriptors_cannot_read(tma_forced):
+    """TMA needs 16-byte aligned rows and base: head dim 20 in fp16 (40-byte rows) and a q
+    starting 2 bytes into its storage take the pointer path, and still give the right result."""
+    q, k, v, factors, mask = make_inputs(2, 2, 1, 17, 40, 20, dtype=torch.float16, device=DEVICE,
+                                         padding=True)  # fmt: skip
+    storage = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)
+    shifted = storage[1:].view(q.shape).copy_(q)
+    assert shifted.data_ptr() % 16 != 0
+    q32, k32, v32, f32, _ = make_inputs(2, 2, 1, 17, 40, 32, dtype=torch.float16, device=DEVICE)
+    shifted32 = torch.empty(q32.numel() + 1, dtype=q32.dtype, device=DEVICE)[1:]
+    shifted32 = shifted32.view(q32.shape).copy_(q32)
+    for qq, kk, vv, ff, mm in ((q, k, v, factors, mask), (shifted32, k32, v32, f32, None)):
+        for mode in ("paper", "log"):
+            out = run_triton(qq, kk, vv, ff, mm, causal=True, mode=mode)
+            assert tma_forced[-1] is False, "this layout cannot be a TMA descriptor"
+            exact, plain = yardstick(qq, kk, vv, ff, mm, causal=True, mode=mode)
+            assert_close_to_reference(out, exact, plain, what=f"pointer fallback {mode}")
+
+
+def test_tma_descriptor_shapes_and_strides():
+    """The host side of the TMA path: a shared batch is described as batch 0; strides of size-1
+    dimensions are replaced by valid ones; misaligned layouts give None."""
+    t = torch.zeros(1, 3, 10, 64, dtype=torch.float16)
+    desc = triton_backend._tma_descriptor(t.expand(5, -1, -1, -1), 64, 64)
+    assert list(desc.shape) == [1, 3, 10, 64] and desc.block_shape == [1, 1, 64, 64]
+    assert desc.strides[0] == 3 * 10 * 64 and desc.strides[1:] == [640, 64, 1]
+    bnhd = torch.zeros(2, 10, 3, 64, dtype=torch.float16).transpose(1, 2)
+    assert triton_backend._tma_descriptor(bnhd, 64, 64).strides == [1920, 64, 192, 1]
+    one_row = torch.zeros(2, 3, 1, 40, dtype=torch.float32)
+    assert triton_backend._tma_descriptor(one_row, 32, 64).strides == [120, 40, 40, 1]
+    assert triton_backend._tma_descriptor(torch.zeros(2, 3, 10, 20, dtype=torch.float16),
+                                          64, 32) is None  # 40-byte rows  # fmt: skip
+    assert triton_backend._tma_descriptor(torch.zeros(2, 3, 10, 20), 64, 32) is not None
+
+
 # ------------------------------------------------------- CUDA only: the drop-in and explainer
 CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(),

@@ -6,15 +6,21 @@ from the triton wheel (sm_86 is checked too, for its smaller shared memory). For
 dim bucket, dtype and mode the tests demand tensor-core MMA instructions (HMMA on sm_80/86;
 HGMMA, i.e. wgmma, on sm_90 with the TF32 / BF16 variant the dtype implies), no register spill
 (STACK and LOCAL 0, no LDL/STL), and shared memory within the architecture's limit; paper mode
-is two kernels (``row_min`` then ``attention``) and both are checked.
+is two kernels (``row_min`` then ``attention``) and both are checked. On sm_90 both kernels
+read Q/K(/V) through tensor descriptors: the SASS must hold TMA loads (``UTMALDG``); the
+pointer path ``run`` falls back to where TMA cannot read a layout is compiled too (config ids
+ending ``-pointers``, every head dim in fp16 and fp32) and must hold none.
 
 **Instructions per key tile** (a GPU-free proxy for speed that CI can hold). Beside our
 kernel, this file compiles ``_plain_attention_fwd``: a minimal causal flash-attention forward
 written here (no suppression, no padding, same two-stage split of whole and diagonal tiles,
-same BLOCK_M / BLOCK_N / warps / stages). Method: disassemble with ``cuobjdump -sass``; a key
+same BLOCK_M / BLOCK_N / warps / stages; on sm_90 it reads Q/K/V through 2-D tensor
+descriptors, as the tutorial's Hopper path does, beside a pointer copy that is the yardstick of
+our pointer fallback). Method: disassemble with ``cuobjdump -sass``; a key
 loop is the address range from a backward branch's target to the branch (``BRA`` to a lower
 address), kept when it holds a tensor-core MMA (the loops over key tiles; Triton's software
-pipeliner emits one steady-state body per loop, prologue and epilogue outside). The
+pipeliner emits one steady-state body per loop, prologue and epilogue outside; TMA's
+mbarrier wait retries sit after the last EXIT and are not loops). The
 instructions in that range are counted, minus ``NOP`` and ``@!PT``-predicated ones (never
 executed: scheduling fillers). Each kernel has exactly two such loops, in source order: whole
 tiles (stage 1) then diagonal / ragged tiles (stage 2). The test holds each stage of our
@@ -47,6 +53,7 @@ instruction, at every tile config).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -77,6 +84,9 @@ FULL = os.environ.get("ATMAN_AOT_FULL", "") not in ("", "0")
 
 # Soft-capping and sinks on, heaviest variant: these head dims on sm_80 and sm_90, every dtype.
 FEATURE_HEAD_DIMS = (16, 40, 64, 128, 256)
+# sm_90's pointer fallback (no TMA), heaviest variant: every head dim in these dtypes (bfloat16
+# compiles to the same code as float16 but for the conversions).
+POINTER_DTYPES = ("float16", "float32")
 
 
 def configs(arch: int) -> list[dict]:
@@ -104,6 +114,9 @@ def configs(arch: int) -> list[dict]:
                             has_factors=True, has_mask=False))  # fmt: skip
             out.append(dict(arch=arch, head_dim=hd, dtype="bfloat16", mode="paper", causal=False,
                             has_factors=False, has_mask=False))  # fmt: skip
+    if arch == 90:  # the pointer path ``run`` falls back to where TMA cannot read the layout
+        for hd, dt in itertools.product(HEAD_DIMS, DTYPES if FULL else POINTER_DTYPES):
+            out.append(dict(arch=arch, head_dim=hd, dtype=dt, **heavy, tma=False))
     if arch in (80, 90):
         for hd, dt in itertools.product(FEATURE_HEAD_DIMS, DTYPES):
             out.append(dict(arch=arch, head_dim=hd, dtype=dt, **heavy, softcap=True, sinks=True))
@@ -145,6 +158,8 @@ def tile_configs(arch: int) -> list[dict]:
              has_mask=mask, tiles=True)
         for hd, dt, (mode, mask) in itertools.product(TILE_HEAD_DIMS, TILE_DTYPES, TILE_VARIANTS)
     ]  # fmt: skip
+    if arch == 90:  # TMA by default; the pointer fallback beside the plain pointer kernel
+        off += [dict(cfg, tma=False) for cfg in off]
     features = [
         dict(arch=arch, head_dim=hd, dtype="float16", mode=mode, causal=True, has_factors=True,
              has_mask=False, tiles=True, softcap=cap, sinks=sinks)
@@ -168,6 +183,7 @@ def config_id(cfg: dict, kernel: str = "") -> str:
     flags = ("-causal" if cfg["causal"] else "") + ("-mask" if cfg["has_mask"] else "")
     softcap, sinks = _features(cfg)
     flags += ("-softcap" if softcap else "") + ("-sinks" if sinks else "")
+    flags += "-pointers" if cfg.get("tma") is False else ""
     suffix = f":{kernel}" if kernel else ""
     return f"sm{cfg['arch']}-d{cfg['head_dim']}-{cfg['dtype']}-{factors}{flags}{suffix}"
 
@@ -180,13 +196,16 @@ def kernels_of(cfg: dict) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------- the plain yardstick kernel
-def _plain_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_n, qk_scale, offs_m, lo, hi, N,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """Online softmax over the key tiles [lo, hi); MASKED adds the causal and bounds masks."""
+def _plain_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_n, qk_scale, offs_m, lo, hi, N, row0,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi); MASKED adds the causal and bounds masks.
+    TMA: k_ptrs / v_ptrs are [BH * N, HEAD_DIM] descriptors read from row row0 + start."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
-        if MASKED:
+        if TMA:
+            k = k_ptrs.load([row0 + start, 0])
+        elif MASKED:
             in_range = (start + offs_n0 < N)[:, None]
             k = tl.load(k_ptrs + start * stride_n, mask=in_range, other=0.0)
         else:
@@ -198,7 +217,9 @@ def _plain_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_n, qk_scale, offs_m, l
         p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
+        if TMA:
+            v = v_ptrs.load([row0 + start, 0])
+        elif MASKED:
             v = tl.load(v_ptrs + start * stride_n, mask=in_range, other=0.0)
         else:
             v = tl.load(v_ptrs + start * stride_n)
@@ -209,32 +230,43 @@ def _plain_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_n, qk_scale, offs_m, l
 
 def _plain_attention_fwd(Q, K, V, Out, stride_bh, stride_n, qk_scale, N,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """Plain causal flash attention, q/k/v/out [BH, N, HEAD_DIM] contiguous: the yardstick.
-    Stage 1 walks the key tiles every row of the block sees whole, stage 2 the diagonal."""
+    Stage 1 walks the key tiles every row of the block sees whole, stage 2 the diagonal.
+    TMA (the tutorial's Hopper path): Q, K, V are [BH * N, HEAD_DIM] tensor descriptors
+    (blocks [BLOCK_M or BLOCK_N, HEAD_DIM]); N a multiple of the blocks, as the tutorial's."""
     pid_m = tl.program_id(0)
     base = tl.program_id(1).to(tl.int64) * stride_bh
+    row0 = tl.program_id(1) * N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] * stride_n + offs_d[None, :]
-    q = tl.load(Q + base + rows, mask=(offs_m < N)[:, None], other=0.0)
     tile = offs_n[:, None] * stride_n + offs_d[None, :]
+    if TMA:
+        q = Q.load([row0 + pid_m * BLOCK_M, 0])
+        k_ptrs = K
+        v_ptrs = V
+    else:
+        q = tl.load(Q + base + rows, mask=(offs_m < N)[:, None], other=0.0)
+        k_ptrs = K + base + tile
+        v_ptrs = V + base + tile
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     whole = (pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
     hi = tl.minimum(N, pid_m * BLOCK_M + BLOCK_M)
-    acc, l_i, m_i = _plain_tiles(acc, l_i, m_i, q, K + base + tile, V + base + tile, stride_n,
-                                 qk_scale, offs_m, 0, whole, N, BLOCK_N, False)  # fmt: skip
-    acc, l_i, m_i = _plain_tiles(acc, l_i, m_i, q, K + base + tile, V + base + tile, stride_n,
-                                 qk_scale, offs_m, whole, hi, N, BLOCK_N, True)  # fmt: skip
+    acc, l_i, m_i = _plain_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_n, qk_scale, offs_m,
+                                 0, whole, N, row0, BLOCK_N, False, TMA)  # fmt: skip
+    acc, l_i, m_i = _plain_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_n, qk_scale, offs_m,
+                                 whole, hi, N, row0, BLOCK_N, True, TMA)  # fmt: skip
     out = acc / l_i[:, None]
     tl.store(Out + base + rows, out.to(Out.dtype.element_ty), mask=(offs_m < N)[:, None])
 
 
 def _compile_plain(arch: int, head_dim: int, dtype: str, block: dict):
-    """Compile the yardstick for sm_<arch> with our kernel's config (a KernelConfig as dict)."""
+    """Compile the yardstick for sm_<arch> with our kernel's config (a KernelConfig as dict;
+    its ``tma`` picks the descriptor path)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -243,11 +275,15 @@ def _compile_plain(arch: int, head_dim: int, dtype: str, block: dict):
     globals()["_plain_tiles"] = triton.jit(_plain_tiles_source)
     fn = triton.jit(_plain_attention_fwd)
     ty = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block["block_m"], "BLOCK_N": block["block_n"]}
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block["block_m"], "BLOCK_N": block["block_n"],
+                  "TMA": block["tma"]}  # fmt: skip
+    rows = {"Q": block["block_m"], "K": block["block_n"], "V": block["block_n"]}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in rows and block["tma"]:
+            signature[name] = f"tensordesc<{ty}[{rows[name]}, {head_dim}]>"
         elif name in ("Q", "K", "V", "Out"):
             signature[name] = f"*{ty}"
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -269,16 +305,21 @@ _plain_tiles_source = _plain_tiles
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _BRANCH = re.compile(r"\bBRA\b[^;]*?0x([0-9a-f]+)")
 _MMA = re.compile(r"\b(?:HMMA|HGMMA)\b")
+_EXIT = re.compile(r"\bEXIT\b")
 
 
 def key_loops(sass: str) -> list[dict]:
     """The loops of a kernel's SASS that hold a tensor-core MMA, in address order: for each,
     its counted instructions (no NOP, no ``@!PT``), MUFU (exp2, log2, rcp) and MMA counts."""
     code = [(int(addr, 16), text.strip()) for addr, text in _SASS_LINE.findall(sass)]
+    # Out-of-line code after the last EXIT (TMA's mbarrier wait retries: TRYWAIT, a branch to
+    # itself, a branch back into the loop that jumped there) holds no loop of its own.
+    exits = [addr for addr, text in code if _EXIT.search(text)]
+    end = max(exits) if exits else float("inf")
     loops = []
     for addr, text in code:
         branch = _BRANCH.search(text)
-        if branch is None or int(branch.group(1), 16) >= addr:
+        if branch is None or int(branch.group(1), 16) >= addr or addr > end:
             continue
         target = int(branch.group(1), 16)
         body = [t for a, t in code if target <= a <= addr]
@@ -316,6 +357,7 @@ def _resources(compiled, bindir: str) -> dict:
         mma=sorted(set(mma)),
         n_mma=len(mma),
         n_local_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        n_tma_loads=len(re.findall(r"\bUTMALDG\b", sass)),
         loops=key_loops(sass),
     )
 
@@ -327,15 +369,19 @@ def _inspect(cfg: dict, bindir: str) -> list[dict]:
     from atman_kernels.ops import triton_backend
 
     dtype = getattr(torch, cfg["dtype"])
-    block = vars(triton_backend.kernel_config(cfg["head_dim"], dtype, cfg["arch"],
-                                              softcap=bool(cfg.get("softcap"))))  # fmt: skip
+    config = triton_backend.kernel_config(cfg["head_dim"], dtype, cfg["arch"],
+                                          softcap=bool(cfg.get("softcap")))  # fmt: skip
+    if cfg.get("tma") is False:  # the pointer path ``run`` falls back to
+        config = dataclasses.replace(config, tma=False)
+    block = dataclasses.asdict(config)
     args = {key: cfg[key] for key in ("arch", "head_dim", "mode", "causal", "has_factors",
                                       "has_mask")}  # fmt: skip
     args["softcap"], args["has_sinks"] = _features(cfg)
     rows = []
     for kernel in kernels_of(cfg):
         start = time.perf_counter()
-        compiled = triton_backend.compile_kernel(dtype=dtype, kernel=kernel, **args)
+        compiled = triton_backend.compile_kernel(dtype=dtype, kernel=kernel, config=config,
+                                                 **args)  # fmt: skip
         seconds = round(time.perf_counter() - start, 2)
         row = dict(cfg, kernel=kernel, seconds=seconds, config=block)
         rows.append(dict(row, **_resources(compiled, bindir)))
@@ -419,6 +465,12 @@ def test_uses_tensor_cores_without_spills(cfg, compiled):
             f"{row['regs']} regs)"
         )
         assert row["n_local_ops"] == 0, f"{where}: {row['n_local_ops']} LDL/STL instructions"
+        # sm_90 reads Q and K (and V) with TMA unless the config is the pointer fallback.
+        uses_tma = row["n_tma_loads"] > 0
+        assert uses_tma == row["config"]["tma"] == (cfg["arch"] >= 90 and cfg.get("tma", True)), (
+            f"{where}: {row['n_tma_loads']} TMA loads (UTMALDG) in SASS, config tma="
+            f"{row['config']['tma']}"
+        )
         assert row["shared"] <= SHARED_LIMIT[cfg["arch"]], (
             f"{where}: {row['shared']} bytes of shared memory > {SHARED_LIMIT[cfg['arch']]}"
         )
@@ -508,8 +560,42 @@ def test_softcap_and_sinks_cost_per_key_tile(cfg, compiled):
         ][:1], f"{where}: the row-minimum pass's whole tiles changed"
 
 
+TMA_TILE_COST = 40
+# TMA's cost per key tile over the pointer path, in our kernel and in the plain one: per K and
+# V tile, one elected thread arms an mbarrier and issues the copy, every thread waits on the
+# barrier's phase, plus barriers and uniform-register bookkeeping; measured +17..+37 per tile
+# in our kernel (the plain kernel's whole tiles: +30). It replaces the cp.async address
+# arithmetic, so registers drop (paper d64: 153 -> 120: two blocks per SM instead of one).
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [c for c in TILE_CONFIGS if c["arch"] >= 90 and
+                                 c.get("tma", True)], ids=config_id)  # fmt: skip
+def test_tma_costs_a_constant_per_key_tile_and_saves_registers(cfg, compiled):
+    """Our TMA kernel against our pointer fallback of the same config: at most TMA_TILE_COST
+    more instructions per key tile (a constant, nothing per score), no more MUFU, and no more
+    registers in the attention kernel."""
+    pointer_cfg = dict(cfg, tma=False)
+    tma, pointer = (_tile_rows(c, compiled) for c in (cfg, pointer_cfg))
+    where = f"{config_id(cfg)} {tma['attention']['config']}"
+    for kernel in kernels_of(cfg):
+        mine, base = tma[kernel], pointer[kernel]
+        # the attention kernel's registers set the occupancy; row_min's (about 60) do not
+        assert kernel == "row_min" or mine["regs"] <= base["regs"], (
+            f"{where} {kernel}: {mine['regs']} registers with TMA, {base['regs']} without"
+        )
+        for stage, a, b in zip(("whole", "diagonal"), mine["loops"], base["loops"], strict=True):
+            assert a["mufu"] == b["mufu"], f"{where} {kernel} {stage}: MUFU changed with TMA"
+            extra = a["instructions"] - b["instructions"]
+            assert extra <= TMA_TILE_COST, (
+                f"{where} {kernel} {stage} tiles: TMA adds {extra} instructions per key tile "
+                f"({a['instructions']} against {b['instructions']}; limit {TMA_TILE_COST})"
+            )
+
+
 def test_key_loops_reads_backward_branches():
-    """The SASS reader on a hand-written listing: one loop with an MMA, one without."""
+    """The SASS reader on a hand-written listing: one loop with an MMA, one without, and a
+    TMA wait-retry stub after the EXIT whose branch back into the loop is no loop."""
     listing = "\n".join(
         f"        /*{addr:04x}*/                   {text} ;"
         for addr, text in [
@@ -521,7 +607,11 @@ def test_key_loops_reads_backward_branches():
             (0x50, "@!P0 BRA 0x10"),
             (0x60, "FMUL R5, R5, R5"),
             (0x70, "@P1 BRA 0x60"),
-            (0x80, "BRA 0x80"),
+            (0x80, "EXIT"),
+            (0x90, "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0xc100], R2"),
+            (0xA0, "@!P0 BRA 0x90"),
+            (0xB0, "BRA 0x10"),
+            (0xC0, "BRA 0xc0"),
         ]
     )
     assert key_loops(listing) == [

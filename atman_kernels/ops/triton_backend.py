@@ -41,10 +41,19 @@ gives with ``allow_tf32=True``): ``tf32x3`` (fp32 accuracy) and ``ieee`` (no ten
 spilled registers for every tile tried at head dims >= 80, so they are not offered. Use
 fp16/bf16 for speed, the reference or C++ backend for fp32 exactness. Lengths, head counts
 and the scale are runtime arguments (no recompile per length); head dim, block sizes, mode,
-the stages and the masks are constexpr. K/V tiles go through ``cp.async`` into shared memory
-(wgmma on sm_90); tensor descriptors (TMA) are not used yet. Tile configs are not timed (see
-``_CONFIGS``). Head dims 16..256; a head dim that is not a power of two is
-padded to the next one with masked loads.
+the stages and the masks are constexpr. Tile configs are not timed (see ``_CONFIGS``). Head
+dims 16..256; a head dim that is not a power of two is padded to the next one (masked loads, or
+TMA's zero fill).
+
+Loads (constexpr ``TMA``): on sm_90 and up Q, K and V are read through host-made tensor
+descriptors (TMA, ``_tma_descriptors``: 4-D [B or 1, H, N, D], blocks [1, 1, rows, BLOCK_D]),
+as Triton's fused-attention tutorial does on Hopper; the copy engine fills rows past N and
+columns past the head dim with zeros, so neither stage masks a load. TMA needs a 16-byte
+aligned base, unit last-dim stride and 16-byte multiple strides: where q, k or v lacks them
+(e.g. fp16 head dim 20: 40-byte rows) the launcher takes the pointer path (``cp.async``), as
+on sm_80. Both feed wgmma on sm_90. Ahead-of-time SASS (``tests/test_triton_aot.py``): TMA
+costs a constant 17-37 instructions per key tile over the pointer path (mbarrier arm / issue /
+wait per K and V tile) and saves registers (paper d64: 153 -> 120, two blocks per SM).
 
 Triton is imported lazily (first use), so ``import atman_kernels`` works without triton and
 does not freeze ``TRITON_INTERPRET`` before a test or user sets it. Under
@@ -59,7 +68,7 @@ import functools
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -132,16 +141,33 @@ def _soft_cap(qk, cap_in, cap_out):
     return cap_out - two_cap * tl.fdiv(1.0, 1.0 + tl.exp2(qk * cap_in), approx=True)
 
 
+def _load_kv_tile(base, tma_b, tma_h, stride_n, start_n, offs_n0, offs_d, N_K,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, HOIST: tl.constexpr, TMA: tl.constexpr):
+    """Rows start_n.. of K or V as a [BLOCK_N, BLOCK_D] tile. TMA: ``base`` is a
+    [Bk, Hkv, Nk, D] tensor descriptor with [1, 1, BLOCK_N, BLOCK_D] blocks read at
+    (tma_b, tma_h, start_n, 0); the copy engine fills rows past Nk and columns past the head dim
+    with zeros, so no mask exists in either stage. Else ``base`` is a pointer
+    (``_key_tile_ptrs``) and the loads are masked where a tile can leave the tensor."""
+    if TMA:
+        return base.load([tma_b, tma_h, start_n, 0]).reshape([BLOCK_N, BLOCK_D])
+    else:
+        ptrs = _key_tile_ptrs(base, stride_n, start_n, offs_n0, offs_d, HOIST)
+        return _load_key_rows(ptrs, start_n + offs_n0, offs_d, N_K, HEAD_DIM, BLOCK_D, MASKED)
+
+
 def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
-                  k_base, v_base, bias_base, f_base,
+                  k_base, v_base, k_b, v_b, kv_h, bias_base, f_base,
                   stride_kn, stride_vn, qk_scale, cap_in, cap_out, lo, hi, N_K,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAPER: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, HOIST: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, HOIST: tl.constexpr, TMA: tl.constexpr):
     """Online softmax (base 2) over the key tiles in [lo, hi); MASKED = the diagonal/ragged
     stage (causal and bounds masks), else every key of every tile is visible to every row.
-    SOFTCAP: scores are soft-capped (``_soft_cap``) before the factors, bias and masks."""
+    SOFTCAP: scores are soft-capped (``_soft_cap``) before the factors, bias and masks.
+    K/V tiles: ``_load_kv_tile`` (TMA: k_base / v_base are descriptors, k_b / v_b / kv_h the
+    batch and head coordinates; else pointers to the (batch, head)'s row 0)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if HOIST:
@@ -150,8 +176,8 @@ def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        k_ptrs = _key_tile_ptrs(k_base, stride_kn, start_n, offs_n0, offs_d, HOIST)
-        k = _load_key_rows(k_ptrs, offs_n, offs_d, N_K, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_kv_tile(k_base, k_b, kv_h, stride_kn, start_n, offs_n0, offs_d, N_K,
+                          HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, HOIST, TMA)  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             n_ok = offs_n < N_K
@@ -163,7 +189,14 @@ def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
             # s' - m = f (s - m): the softmax of a row ignores the row constant m, so the
             # online softmax runs on f (s - m) directly (2 operations per score, 1 vector).
             if MASKED:
-                f = tl.load(f_base + offs_n, mask=n_ok, other=1.0)
+                # Past Nk (keys masked below) any finite f works. With TMA: 0, a zero fill
+                # that saves a compare and a select per factor (33 instructions per sm_90
+                # tile); on the pointer path that fill spilled registers on sm_80 (d256
+                # fp32 with padding, d64 fp16 with soft-capping), so it keeps 1.
+                if TMA:
+                    f = tl.load(f_base + offs_n, mask=n_ok, other=0.0)
+                else:
+                    f = tl.load(f_base + offs_n, mask=n_ok, other=1.0)
             else:
                 f = tl.load(f_base + offs_n)
             s = (s - row_min[:, None]) * f[None, :]
@@ -190,8 +223,8 @@ def _attend_tiles(acc, l_i, m_i, q, row_min, row_pos,
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = _key_tile_ptrs(v_base, stride_vn, start_n, offs_n0, offs_d, HOIST)
-        v = _load_key_rows(v_ptrs, offs_n, offs_d, N_K, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_kv_tile(v_base, v_b, kv_h, stride_vn, start_n, offs_n0, offs_d, N_K,
+                          HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, HOIST, TMA)  # fmt: skip
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -218,10 +251,13 @@ def _suppressed_attention_fwd(
     HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HOIST: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (variant, query head); see the module docstring.
 
     Last-dim strides are 1 (the launcher guarantees it). ``qk_scale`` = scale * log2(e).
+    TMA: Q, K, V are [B or 1, H, N, D] tensor descriptors (blocks [1, 1, BLOCK_M or BLOCK_N,
+    BLOCK_D]); their strides are then read only for the batch: 0 = every variant reads batch 0.
     PAPER: F [B, Nk] the factors (fp32), ROW_MIN [1 or B, Hq, Nq] the base-2 row minima from
     ``_row_min_fwd``. HAS_BIAS: BIAS [1 or B, Nk] added to every score (after the factor).
     SOFTCAP: scores soft-capped with ``cap_in`` / ``cap_out`` (``_soft_cap``). HAS_SINKS:
@@ -232,19 +268,29 @@ def _suppressed_attention_fwd(
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_bh = pid // num_m
-    b = (pid_bh // H_Q).to(tl.int64)
-    h = pid_bh % H_Q
-    h_kv = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
+    b32 = pid_bh // H_Q
+    h32 = pid_bh % H_Q
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
+    h_kv = (h32 // GROUP).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N_Q
     io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=io_mask, other=0.0)
+    if TMA:
+        k_base = K
+        v_base = V
+        q = Q.load([tl.where(stride_qb == 0, 0, b32), h32, pid_m * BLOCK_M, 0])
+        q = q.reshape([BLOCK_M, BLOCK_D])
+    else:
+        k_base = K + b * stride_kb + h_kv * stride_kh
+        v_base = V + b * stride_vb + h_kv * stride_vh
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                    + offs_d[None, :], mask=io_mask, other=0.0)  # fmt: skip
+    k_b = tl.where(stride_kb == 0, 0, b32)  # descriptor coordinates (TMA only)
+    v_b = tl.where(stride_vb == 0, 0, b32)
+    kv_h = h32 // GROUP
     row_pos = offs_m + (N_K - N_Q)
     full_end, hi = _key_ranges(pid_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     row_min = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -264,16 +310,16 @@ def _suppressed_attention_fwd(
     f_base = F + b * stride_fb
     # Stage 1: whole tiles, no masks. Stage 2: the diagonal and ragged tiles.
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, row_min, row_pos, k_base, v_base, bias_base, f_base,
+        acc, l_i, m_i, q, row_min, row_pos, k_base, v_base, k_b, v_b, kv_h, bias_base, f_base,
         stride_kn, stride_vn, qk_scale, cap_in, cap_out, 0, full_end, N_K,
         HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAPER, HAS_BIAS, SOFTCAP, DOT_PRECISION,
-        HOIST,
+        HOIST, TMA,
     )
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, row_min, row_pos, k_base, v_base, bias_base, f_base,
+        acc, l_i, m_i, q, row_min, row_pos, k_base, v_base, k_b, v_b, kv_h, bias_base, f_base,
         stride_kn, stride_vn, qk_scale, cap_in, cap_out, full_end, hi, N_K,
         HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAPER, HAS_BIAS, SOFTCAP, DOT_PRECISION,
-        HOIST,
+        HOIST, TMA,
     )
     # l = 0 only where acc = 0: zeros (with sinks l >= the sink's share > 0, and a row with
     # no visible key has acc = 0: zeros too)
@@ -298,6 +344,7 @@ def _row_min_fwd(
     SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HOIST: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     """Paper mode's row minima: ROW_MIN[b, h, i] = qk_scale * min over visible j of q_i . k_j
     (0 for a row with no visible key). SOFTCAP: the soft cap of that minimum (the cap is
@@ -305,33 +352,43 @@ def _row_min_fwd(
     ``_soft_cap`` per row, none per score). One program per BLOCK_M rows of one (b, h); b runs over
     the batch that q, k and the padding mask really have (1 when all three are shared by the
     variants: the minima are then computed once per head and row, not once per variant).
-    QK^T and a minimum only: no exponential, no PV product."""
+    QK^T and a minimum only: no exponential, no PV product. TMA: Q and K are descriptors, as
+    in ``_suppressed_attention_fwd``."""
     num_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_bh = pid // num_m
-    b = (pid_bh // H_Q).to(tl.int64)
-    h = pid_bh % H_Q
-    h_kv = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    if HOIST:
-        k_base += tl.arange(0, BLOCK_N)[:, None] * stride_kn + tl.arange(0, BLOCK_D)[None, :]
+    b32 = pid_bh // H_Q
+    h32 = pid_bh % H_Q
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
+    h_kv = (h32 // GROUP).to(tl.int64)
     mask_base = MASK + b * stride_mb
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N_Q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if TMA:
+        k_base = K
+        q = Q.load([tl.where(stride_qb == 0, 0, b32), h32, pid_m * BLOCK_M, 0])
+        q = q.reshape([BLOCK_M, BLOCK_D])
+    else:
+        k_base = K + b * stride_kb + h_kv * stride_kh
+        if HOIST:
+            k_base += offs_n0[:, None] * stride_kn + offs_d[None, :]
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                    + offs_d[None, :], mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+                    other=0.0)  # fmt: skip
+    k_b = tl.where(stride_kb == 0, 0, b32)  # descriptor coordinates (TMA only)
+    kv_h = h32 // GROUP
     row_pos = offs_m + (N_K - N_Q)
     full_end, hi = _key_ranges(pid_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     row_min = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
     for start_n in range(0, full_end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        k_ptrs = _key_tile_ptrs(k_base, stride_kn, start_n, offs_n0, offs_d, HOIST)
-        k = _load_key_rows(k_ptrs, offs_n, offs_d, N_K, HEAD_DIM, BLOCK_D, False)
+        k = _load_kv_tile(k_base, k_b, kv_h, stride_kn, start_n, offs_n0, offs_d, N_K,
+                          HEAD_DIM, BLOCK_N, BLOCK_D, False, HOIST, TMA)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_MASK:
             real = tl.load(mask_base + offs_n)
@@ -341,8 +398,8 @@ def _row_min_fwd(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         n_ok = offs_n < N_K
-        k_ptrs = _key_tile_ptrs(k_base, stride_kn, start_n, offs_n0, offs_d, HOIST)
-        k = _load_key_rows(k_ptrs, offs_n, offs_d, N_K, HEAD_DIM, BLOCK_D, True)
+        k = _load_kv_tile(k_base, k_b, kv_h, stride_kn, start_n, offs_n0, offs_d, N_K,
+                          HEAD_DIM, BLOCK_N, BLOCK_D, True, HOIST, TMA)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         visible = n_ok[None, :]
         if CAUSAL:
@@ -371,6 +428,9 @@ class KernelConfig:
     # per tile (fewer live registers). ``kernel_config`` hoists on sm_90 at power-of-two head
     # dims, where the ahead-of-time compiles show no spill; elsewhere the hoisted tile spilled.
     hoist: bool = False
+    # Q/K/V through tensor descriptors (TMA, sm_90 and up), where ``run`` finds the layout
+    # TMA can read (``_tma_descriptors``); else the pointer path. Never hoisted then.
+    tma: bool = False
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket (BLOCK_D). NOT TIMED: no GPU has
@@ -418,7 +478,7 @@ def kernel_config(
     if softcap and (family, size, block_d) in _SOFTCAP_CONFIGS:
         return KernelConfig(*_SOFTCAP_CONFIGS[(family, size, block_d)])
     hoist = family == 90 and head_dim == block_d
-    return KernelConfig(*_CONFIGS[(family, size)][block_d], hoist=hoist)
+    return KernelConfig(*_CONFIGS[(family, size)][block_d], hoist=hoist, tma=family == 90)
 
 
 def _block_d(head_dim: int) -> int:
@@ -445,7 +505,8 @@ def _constexprs(
         "BLOCK_M": cfg.block_m,
         "BLOCK_N": cfg.block_n,
         "CAUSAL": causal,
-        "HOIST": cfg.hoist,
+        "HOIST": cfg.hoist and not cfg.tma,
+        "TMA": cfg.tma,
     }
     # fp32 operands: TF32 tensor cores (see the module docstring); no effect on 16-bit ones.
     tail = {"DOT_PRECISION": "tf32"}
@@ -461,7 +522,8 @@ _KERNEL_SOURCES = {"attention": _suppressed_attention_fwd, "row_min": _row_min_f
 # Plain functions until _triton() runs; the kernels call them by these global names.
 _HELPER_SOURCES = {
     fn.__name__: fn
-    for fn in (_key_ranges, _key_tile_ptrs, _load_key_rows, _soft_cap, _attend_tiles)
+    for fn in (_key_ranges, _key_tile_ptrs, _load_key_rows, _load_kv_tile, _soft_cap,
+               _attend_tiles)
 }
 
 
@@ -529,6 +591,37 @@ def _batch_stride(t: torch.Tensor) -> int:
 def _shared(t: torch.Tensor | None) -> bool:
     """Whether every variant reads the same rows (batch 1, or a stride-0 expand)."""
     return t is None or t.shape[0] == 1 or t.stride(0) == 0
+
+
+def _tma_descriptor(t: torch.Tensor, block_rows: int, block_d: int):
+    """A [Bt, H, N, D] tensor descriptor of ``t`` with [1, 1, block_rows, block_d] blocks, or
+    None where TMA cannot read it. A shared batch (``_batch_stride`` 0) is described as its
+    batch 0 (the kernels read batch 0 when the batch stride is 0). TMA needs a 16-byte
+    aligned base, a unit last-dim stride and the other strides multiples of 16 bytes; a
+    dimension of size 1 is never stepped along, so its stride is replaced by a valid one."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if _batch_stride(t) == 0:
+        t = t[:1]
+    size = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16 != 0 or 0 in t.shape:
+        return None
+    strides = list(t.stride())
+    for dim in (2, 1, 0):
+        if t.shape[dim] == 1:
+            strides[dim] = t.shape[dim + 1] * strides[dim + 1]
+    if any(s <= 0 or (s * size) % 16 != 0 for s in strides[:-1]):
+        return None
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_d])
+
+
+def _tma_descriptors(q, k, v, cfg: KernelConfig, head_dim: int):
+    """(q, k, v) descriptors for the TMA path, or None if any of them cannot be one (the
+    launcher then takes the pointer path: decided on the host, per call)."""
+    block_d = _block_d(head_dim)
+    descs = (_tma_descriptor(q, cfg.block_m, block_d), _tma_descriptor(k, cfg.block_n, block_d),
+             _tma_descriptor(v, cfg.block_n, block_d))  # fmt: skip
+    return None if any(d is None for d in descs) else descs
 
 
 def _key_vectors(factors, key_padding_mask, mode: str):
@@ -608,6 +701,13 @@ def run(
         major, minor = torch.cuda.get_device_capability(q.device)
         arch = 10 * major + minor
     cfg = kernel_config(call.head_dim, q.dtype, arch, softcap=call.softcap is not None)
+    q_arg, k_arg, v_arg = q, k, v
+    if cfg.tma:
+        descs = _tma_descriptors(q, k, v, cfg, call.head_dim)
+        if descs is None:
+            cfg = replace(cfg, tma=False)
+        else:
+            q_arg, k_arg, v_arg = descs
     num_m = triton.cdiv(call.len_q, cfg.block_m)
     group = call.heads_q // call.heads_kv
     flags = (call.head_dim, q.dtype, call.mode, call.causal, factors is not None,
@@ -625,7 +725,7 @@ def run(
             row_min = torch.empty(rows, call.heads_q, call.len_q, dtype=torch.float32,
                                   device=q.device)  # fmt: skip
             kernels["row_min"][(num_m * rows * call.heads_q,)](
-                q, k, mask if mask is not None else q, row_min,
+                q_arg, k_arg, mask if mask is not None else q, row_min,
                 _batch_stride(q), q.stride(1), q.stride(2),
                 _batch_stride(k), k.stride(1), k.stride(2),
                 0 if mask is None else _batch_stride(mask),
@@ -635,7 +735,7 @@ def run(
             )  # fmt: skip
         unused = q  # the pointer passed where a constexpr flag says it is never read
         kernels["attention"][(num_m * call.batch * call.heads_q,)](
-            q, k, v,
+            q_arg, k_arg, v_arg,
             bias if bias is not None else unused,
             paper_factors if paper else unused,
             row_min if paper else unused,
@@ -708,6 +808,10 @@ def compile_kernel(
     constexprs = _constexprs(kernel, head_dim, dtype, mode, causal, has_factors, has_mask, cfg,
                              softcap, has_sinks)  # fmt: skip
     pointers = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "Out": f"*{ty}"}
+    if cfg.tma:  # what ``_tma_descriptors`` hands the kernels
+        block_d = _block_d(head_dim)
+        for name, rows in (("Q", cfg.block_m), ("K", cfg.block_n), ("V", cfg.block_n)):
+            pointers[name] = f"tensordesc<{ty}[1, 1, {rows}, {block_d}]>"
     for name, flag in _FP32_POINTERS.items():
         pointers[name] = "*fp32" if constexprs.get(flag) else f"*{ty}"
     pointers["MASK"] = "*u8" if has_mask else f"*{ty}"
@@ -719,7 +823,8 @@ def compile_kernel(
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = pointers[name]
-            attrs[(i,)] = divisible
+            if pointers[name].startswith("*"):
+                attrs[(i,)] = divisible
         elif name in _FP32_SCALARS:
             signature[name] = "fp32"
         elif name.startswith("stride_"):
