@@ -60,13 +60,17 @@ namespace atman {
 at::Tensor suppressed_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const std::optional<at::Tensor>& factors,
                                     const std::optional<at::Tensor>& key_padding_mask, bool causal,
-                                    double scale, c10::string_view mode);
+                                    double scale, c10::string_view mode,
+                                    std::optional<double> softcap,
+                                    const std::optional<at::Tensor>& sinks);
 
 // Same, written into `out` ([B, Hq, Nq, D], contiguous, q's dtype); every element is written.
 void suppressed_attention_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const std::optional<at::Tensor>& factors,
                                   const std::optional<at::Tensor>& key_padding_mask, bool causal,
-                                  double scale, c10::string_view mode, const at::Tensor& out);
+                                  double scale, c10::string_view mode, const at::Tensor& out,
+                                  std::optional<double> softcap,
+                                  const std::optional<at::Tensor>& sinks);
 
 // Whether a BLAS GEMM from libtorch_cpu was found at load time (else a plain-loop fallback).
 bool blas_available();
