@@ -52,6 +52,7 @@ struct Problem {
   int kind;                // 0 no factors, 1 paper, 2 log
   // Work split (chosen by the generic code; see plan_work in suppressed_attention.cpp).
   int64_t block_rows, n_blocks, variants_per_item, ld_scores;
+  int64_t key_tile;        // keys per tile, a multiple of 16
   int share_scores;        // every variant reads the same q and k: one QK^T per item
   int store_scores;        // keep the block's [rows, ld_scores] scores (paper, shared), else
                            // stream them tile by tile

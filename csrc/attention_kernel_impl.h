@@ -1,6 +1,6 @@
 // The inner CPU kernel, compiled once per instruction-set level: csrc/isa/attention_kernel_*.cpp
-// define ATMAN_ISA_TABLE (the KernelTable to define), ATMAN_ISA_NAME, ATMAN_ISA_VECTOR_BYTES
-// (16 baseline, 32 AVX2, 64 AVX-512) and ATMAN_ISA_KEY_TILE, then include this file; setup.py
+// define ATMAN_ISA_TABLE (the KernelTable to define), ATMAN_ISA_NAME and ATMAN_ISA_VECTOR_BYTES
+// (16 baseline, 32 AVX2, 64 AVX-512), then include this file; setup.py
 // compiles each with its own -march. Semantics and algorithm: suppressed_attention.h.
 //
 // Everything here has internal linkage (anonymous namespace) except the one table, and nothing
@@ -9,7 +9,7 @@
 // function elsewhere in the library. `nm` on the object shows only the table and C symbols.
 //
 // Per work item (variant chunk, query head, block of rows), with K = the keys the block may see,
-// cut into tiles of kKeyTile keys, an online ("flash") softmax per row:
+// cut into tiles of pb.key_tile keys, an online ("flash") softmax per row:
 //   - streaming (log mode, no factors): tile by tile, S = scale Q K_tile^T (one BLAS GEMM into
 //     a [rows, tile] buffer that stays in cache), soft-capped in place, then per row the tile's
 //     maximum of s', the running maximum and sum (the accumulator row rescaled when the
@@ -18,8 +18,7 @@
 //     the first exp, and shared q/k, whose scores serve every variant of the item): a first
 //     sweep computes every tile's S into a [rows, K] buffer (soft-capped) and each row's minimum
 //     while the tile is hot; the second sweep runs the same online softmax over the stored
-//     tiles. The buffer is kept to ~512 KiB (fewer rows per block at long K) so the second sweep
-//     reads it from L2, not memory.
+//     tiles (exact: the minimum is known by then, and the running maximum is exact too).
 // The transform is s' = s (no factors), m + f (s - m) (paper), s + log f (log; log f
 // precomputed per key); a key that is padded, causally hidden or removed gets exactly 0. Sinks
 // start each row's running maximum at the head's sink logit with a sum of 1 (one more softmax
@@ -424,8 +423,6 @@ T* alloc_aligned(int64_t n) {
   return static_cast<T*>(aligned_alloc(64, static_cast<size_t>(bytes)));
 }
 
-constexpr int64_t kKeyTile = ATMAN_ISA_KEY_TILE;  // keys per tile (a multiple of 16)
-
 // Work item numbering: item = (chunk * Hq + h) * n_blocks + row block; a chunk is
 // variants_per_item consecutive variants (1 unless the scores are shared).
 template <typename T>
@@ -433,6 +430,7 @@ int run_items(const Problem<T>& pb, int64_t begin, int64_t end) {
   const int64_t len_q = pb.len_q, len_k = pb.len_k, dim = pb.dim;
   const int64_t block = pb.block_rows, n_blocks = pb.n_blocks;
   const bool stored = pb.store_scores != 0;
+  const int64_t kKeyTile = pb.key_tile;  // keys per tile (a multiple of 16)
   const int64_t ld_s = stored ? pb.ld_scores : kKeyTile;
   const int64_t group = pb.heads_q / pb.heads_kv;
   const int64_t offset = len_k - len_q;  // causal: row i sees keys j <= i + offset

@@ -4,9 +4,9 @@ The kernel (``csrc/suppressed_attention.cpp``, built by ``setup.py`` into ``atma
 is parallel over variants x heads x blocks of query rows; per block and tile of 256 keys it
 computes the scores with one BLAS GEMM into a per-thread buffer, applies soft-capping, masks and
 factors, runs an online (flash-style) softmax with vector loops, and multiplies by V with a
-second GEMM. Paper mode costs the FLOPs of plain attention (the block's scores are kept, in a
-buffer of ~512 KiB per thread, so the row minimum needs no second QK^T); log mode and plain
-attention stream the scores tile by tile. Memory is O(rows per block x Nk) per thread at most,
+second GEMM. Paper mode costs the FLOPs of plain attention (the block's scores are kept, so
+the row minimum needs no second QK^T); log mode and plain attention stream the scores tile by
+tile. Memory is O(rows per block x Nk) per thread at most,
 never [N, N]. fp32 math for fp32/fp16/bf16, fp64 for fp64. Soft-capping (``call.softcap``) and
 per-head sink logits (``sinks``) are computed in the kernel.
 
@@ -40,6 +40,10 @@ from ._checks import AttentionCall
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 ISA_LEVELS = ("default", "avx2", "avx512")  # lowest first
+
+# Whether ops/suppressed_attention.py hands ``sinks=`` to :func:`run`. Until it does, a call with
+# sinks is refused here (``auto`` then takes the reference) rather than run without them.
+DISPATCH_PASSES_SINKS = False
 
 _IMPORT_ERROR: str | None
 _C = None
@@ -119,6 +123,11 @@ def unsupported_reason(q: torch.Tensor, call: AttentionCall) -> str | None:
         return f"needs CPU tensors, got {q.device}"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64 are)"
+    if call.has_sinks and not DISPATCH_PASSES_SINKS:
+        return (
+            "sinks: the kernel computes them (cpp_backend.run(..., sinks=)), but the dispatch in "
+            "ops/suppressed_attention.py does not pass them to this backend yet"
+        )
     return None
 
 
