@@ -6,9 +6,9 @@ computes the scores with one BLAS GEMM into a per-thread buffer, applies soft-ca
 factors, runs an online (flash-style) softmax with vector loops, and multiplies by V with a
 second GEMM. Paper mode costs the FLOPs of plain attention (the block's scores are kept, so
 the row minimum needs no second QK^T); log mode and plain attention stream the scores tile by
-tile. Memory is O(rows per block x Nk) per thread at most,
-never [N, N]. fp32 math for fp32/fp16/bf16, fp64 for fp64. Soft-capping (``call.softcap``) and
-per-head sink logits (``sinks``) are computed in the kernel.
+tile. Memory is O(rows per block x Nk) per thread at most, never [N, N]. fp32 math for
+fp32/fp16/bf16, fp64 for fp64. Soft-capping (``call.softcap``) and per-head sink logits
+(``sinks``) are computed in the kernel.
 
 Ops (importing ``atman_kernels._C`` registers them; this module adds their fake kernels so
 ``torch.compile`` and ``torch.library.opcheck`` accept them):
