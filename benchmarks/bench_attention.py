@@ -20,7 +20,8 @@ own kernels, SDPA among them, do), else the best the CPU has. ``--isa avx2 avx51
 level in turn: every cell's process gets ``ATEN_CPU_CAPABILITY=<level>`` and, so that MKL's
 GEMMs (used by SDPA and the kernel alike) also run what such a host would run,
 ``MKL_ENABLE_INSTRUCTIONS`` (AVX2 / AVX512). Every CSV row records the kernel's level
-(``isa``), ATen's (``aten_isa``) and the 1-minute load average.
+(``isa``), ATen's (``aten_isa``) and the 1-minute load average (``--paired``: the median and
+the maximum over the rounds, ``loadavg_1m`` / ``loadavg_1m_max``).
 
 ``--paired``: the kernel against SDPA, fairly under a shared machine's load: one process per
 (level, N) times cpp paper, cpp log and SDPA interleaved, round after round (median of >= 3
@@ -259,6 +260,7 @@ def measure_paired(row: dict) -> list[dict]:
             "ratio_to_fp32": f"{median / fp32:.3f}" if fp32 else "",
             "round_s": " ".join(f"{t:.4f}" for t in rounds[method, dt]),
             "loadavg_1m": f"{statistics.median(loads):.1f}",
+            "loadavg_1m_max": f"{max(loads):.1f}",
         })
     return rows
 

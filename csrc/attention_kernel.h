@@ -46,11 +46,16 @@ struct Problem {
   T* out;                  // [B, Hq, Nq, D] contiguous, compute type
   int64_t batch, heads_q, heads_kv, len_q, len_k, dim;
   T scale;
+  T softcap;               // > 0: s -> softcap * tanh(s / softcap) after the scale; 0: none
+  const T* sinks;          // [Hq] sink logits (one more softmax column per head), or null
   int causal;
   int kind;                // 0 no factors, 1 paper, 2 log
   // Work split (chosen by the generic code; see plan_work in suppressed_attention.cpp).
   int64_t block_rows, n_blocks, variants_per_item, ld_scores;
+  int64_t key_tile;        // keys per tile, a multiple of 16
   int share_scores;        // every variant reads the same q and k: one QK^T per item
+  int store_scores;        // keep the block's [rows, ld_scores] scores (paper, shared), else
+                           // stream them tile by tile
   SgemmFn sgemm;           // used when T = float
   DgemmFn dgemm;           // used when T = double
 };

@@ -1,23 +1,30 @@
 // The inner CPU kernel, compiled once per instruction-set level: csrc/isa/attention_kernel_*.cpp
 // define ATMAN_ISA_TABLE (the KernelTable to define), ATMAN_ISA_NAME and ATMAN_ISA_VECTOR_BYTES
-// (16 baseline, 32 AVX2, 64 AVX-512), then include this file; setup.py compiles each with its
-// own -march. Semantics and algorithm: suppressed_attention.h.
+// (16 baseline, 32 AVX2, 64 AVX-512), then include this file; setup.py
+// compiles each with its own -march. Semantics and algorithm: suppressed_attention.h.
 //
 // Everything here has internal linkage (anonymous namespace) except the one table, and nothing
 // from torch or the C++ standard library is used: an inline function with external linkage
 // compiled here with -march=x86-64-v4 could otherwise replace the baseline copy of the same
 // function elsewhere in the library. `nm` on the object shows only the table and C symbols.
 //
-// Per work item (variant chunk, query head, block of rows), with K = the keys the block may see:
-//   1. S = scale * Q K^T: one BLAS GEMM into a per-thread buffer;
-//   2. per row, three vector passes over the visible keys: paper mode's row minimum (reads S),
-//      the row maximum of the transformed scores (reads S), then p = exp(s' - max) with the
-//      transform recomputed on the fly, written as P, and the row sum. The transform is
-//      s' = s (no factors), m + f (s - m) (paper), s + log f (log; log f precomputed per key);
-//      a key that is padded, causally hidden or removed gets exactly 0;
-//   3. O = P V: a second GEMM, scaled by 1 / rowsum.
+// Per work item (variant chunk, query head, block of rows), with K = the keys the block may see,
+// cut into tiles of pb.key_tile keys, an online ("flash") softmax per row:
+//   - streaming (log mode, no factors): tile by tile, S = scale Q K_tile^T (one BLAS GEMM into
+//     a [rows, tile] buffer that stays in cache), soft-capped in place, then per row the tile's
+//     maximum of s', the running maximum and sum (the accumulator row rescaled when the
+//     maximum grows), P = exp(s' - max), and acc += P V_tile (a second GEMM);
+//   - stored scores (paper mode, whose s' needs the row minimum over *all* visible keys before
+//     the first exp, and shared q/k, whose scores serve every variant of the item): a first
+//     sweep computes every tile's S into a [rows, K] buffer (soft-capped) and each row's minimum
+//     while the tile is hot; the second sweep runs the same online softmax over the stored
+//     tiles (exact: the minimum is known by then, and the running maximum is exact too).
+// The transform is s' = s (no factors), m + f (s - m) (paper), s + log f (log; log f
+// precomputed per key); a key that is padded, causally hidden or removed gets exactly 0. Sinks
+// start each row's running maximum at the head's sink logit with a sum of 1 (one more softmax
+// column whose value row is zero). Out = acc / sum.
 // Vectors are GCC/Clang vector extensions of ATMAN_ISA_VECTOR_BYTES bytes (one register of the
-// level); the exp is a vector polynomial (below). Reductions keep one accumulator per lane,
+// level); exp and tanh are vector polynomials (below). Reductions keep one accumulator per lane,
 // combined in a fixed order: each output row is computed the same way whatever the threads.
 
 #ifndef ATMAN_ISA_TABLE
@@ -143,16 +150,44 @@ inline Vec<float>::V exp_nonpositive(Vec<float>::V x) {
 
 // fp64 (the reference-grade path): the C library's exp per lane.
 inline Vec<double>::V exp_nonpositive(Vec<double>::V x) {
-  Vec<double>::V r;
+  Vec<double>::V r = x;
   for (int64_t l = 0; l < Vec<double>::W; ++l) r[l] = __builtin_exp(x[l]);
   return r;
 }
 
+// tanh for fp32 lanes (Cephes tanhf's split, about 2 ulp): a polynomial in x^2 below |x| =
+// 0.625, else (1 - e) / (1 + e) with e = exp(-2|x|) (no cancellation there: e <= 0.29).
+inline Vec<float>::V tanh_lanes(Vec<float>::V x) {
+  typedef Vec<float>::V V;
+  const V neg = -x;
+  const V a = x < 0.0f ? neg : x;
+  const V z = x * x;
+  V p = splat<float>(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const V small = p * z * x + x;
+  const V e = exp_nonpositive(-2.0f * a);
+  const V big = (1.0f - e) / (1.0f + e);
+  const V big_signed = x < 0.0f ? -big : big;
+  return a < 0.625f ? small : big_signed;
+}
+
+inline Vec<double>::V tanh_lanes(Vec<double>::V x) {
+  Vec<double>::V r = x;
+  for (int64_t l = 0; l < Vec<double>::W; ++l) r[l] = __builtin_tanh(x[l]);
+  return r;
+}
+
+inline float exp_scalar(float x) { return __builtin_expf(x); }
+inline double exp_scalar(double x) { return __builtin_exp(x); }
+
 // ---------------------------------------------------------------------------------------------
-// Row passes over the visible keys s[0, n) of one row. kKind: 0 no factors, 1 paper, 2 log.
-// A tail shorter than a vector is one more vector with the lanes past n switched off: the
-// score rows are padded to a multiple of 16 elements and the factor / mask rows likewise, so
-// the reads stay inside their buffers.
+// Row passes over the keys s[0, n) of one row of one tile (s, f, logf and mask all point at the
+// tile's first key). kKind: 0 no factors, 1 paper, 2 log. A tail shorter than a vector is one
+// more vector with the lanes past n switched off: score rows, tile buffers and factor / mask
+// rows are padded to a multiple of 16 elements, so the reads stay inside their buffers.
 
 template <typename T>
 struct RowArgs {
@@ -161,6 +196,15 @@ struct RowArgs {
   const T* logf;        // log
   T row_min;            // paper
 };
+
+template <typename T>
+inline RowArgs<T> shifted(const RowArgs<T>& a, int64_t j0) {
+  RowArgs<T> r = a;
+  if (r.mask) r.mask += j0;
+  if (r.f) r.f += j0;
+  if (r.logf) r.logf += j0;
+  return r;
+}
 
 // s' for one vector (kKind as above).
 template <typename T, int kKind>
@@ -175,8 +219,18 @@ inline typename Vec<T>::V transform(typename Vec<T>::V s, const RowArgs<T>& a, i
   }
 }
 
+template <typename T>
+inline typename Vec<T>::V vmin(typename Vec<T>::V a, typename Vec<T>::V b) {
+  return a < b ? a : b;
+}
+template <typename T>
+inline typename Vec<T>::V vmax(typename Vec<T>::V a, typename Vec<T>::V b) {
+  return a > b ? a : b;
+}
+
+// Minimum of s over the real keys of [0, n) (+inf if none).
 template <typename T, bool kMasked>
-T row_min(const T* s, const RowArgs<T>& a, int64_t n) {
+T segment_min(const T* s, const RowArgs<T>& a, int64_t n) {
   typedef typename Vec<T>::V V;
   constexpr int64_t W = Vec<T>::W;
   const V inf = splat<T>(__builtin_inf());
@@ -188,25 +242,36 @@ T row_min(const T* s, const RowArgs<T>& a, int64_t n) {
       x0 = mask_lanes<T>(a.mask + j) ? x0 : inf;
       x1 = mask_lanes<T>(a.mask + j + W) ? x1 : inf;
     }
-    acc0 = x0 < acc0 ? x0 : acc0;
-    acc1 = x1 < acc1 ? x1 : acc1;
+    acc0 = vmin<T>(acc0, x0);
+    acc1 = vmin<T>(acc1, x1);
   }
   for (; j < n; j += W) {
     auto vis = first_lanes<T>(n - j);
     if constexpr (kMasked) vis = vis & mask_lanes<T>(a.mask + j);
-    const V x = vis ? load<T>(s + j) : inf;
-    acc0 = x < acc0 ? x : acc0;
+    acc0 = vmin<T>(acc0, vis ? load<T>(s + j) : inf);
   }
-  acc0 = acc1 < acc0 ? acc1 : acc0;
-  return lanes_min<T>(acc0);
+  return lanes_min<T>(vmin<T>(acc0, acc1));
 }
 
+template <typename T>
+T row_segment_min(const T* s, const RowArgs<T>& a, int64_t n) {
+  if (n <= 0) return T(__builtin_inf());
+  return a.mask ? segment_min<T, true>(s, a, n) : segment_min<T, false>(s, a, n);
+}
+
+// One row of one tile of the online softmax. Keys [0, n) of the tile are the row's visible
+// ones (causally; the mask and log f = -inf hide more), [n, width) are hidden. Writes
+// p[0, width) = exp(s' - max) (0 where hidden) with max the running maximum after this tile,
+// adds the row sum of p to *sum, and rescales *sum and acc[0, dim) when the maximum grows.
 template <typename T, int kKind, bool kMasked>
-T row_max(const T* s, const RowArgs<T>& a, int64_t n) {
+void online_row(const T* s, T* p, const RowArgs<T>& a, int64_t n, int64_t width, T* max, T* sum,
+                T* acc, int64_t dim) {
   typedef typename Vec<T>::V V;
+  typedef typename Vec<T>::I I;
   constexpr int64_t W = Vec<T>::W;
   const V ninf = splat<T>(-__builtin_inf());
-  V acc0 = ninf, acc1 = ninf;
+  // pass 1: s' into p (hidden lanes -inf) and its maximum
+  V top0 = ninf, top1 = ninf;
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
     V x0 = transform<T, kKind>(load<T>(s + j), a, j);
@@ -215,234 +280,80 @@ T row_max(const T* s, const RowArgs<T>& a, int64_t n) {
       x0 = mask_lanes<T>(a.mask + j) ? x0 : ninf;
       x1 = mask_lanes<T>(a.mask + j + W) ? x1 : ninf;
     }
-    acc0 = x0 > acc0 ? x0 : acc0;
-    acc1 = x1 > acc1 ? x1 : acc1;
+    store<T>(p + j, x0);
+    store<T>(p + j + W, x1);
+    top0 = vmax<T>(top0, x0);
+    top1 = vmax<T>(top1, x1);
   }
   for (; j < n; j += W) {
-    auto vis = first_lanes<T>(n - j);
+    I vis = first_lanes<T>(n - j);
     if constexpr (kMasked) vis = vis & mask_lanes<T>(a.mask + j);
     const V x = vis ? transform<T, kKind>(load<T>(s + j), a, j) : ninf;
-    acc0 = x > acc0 ? x : acc0;
+    store<T>(p + j, x);
+    top0 = vmax<T>(top0, x);
   }
-  acc0 = acc1 > acc0 ? acc1 : acc0;
-  return lanes_max<T>(acc0);
-}
-
-// p = exp(s' - row_max) into dst (may be s itself), tail lanes past n written as 0; returns the
-// row sum.
-template <typename T, int kKind, bool kMasked>
-T exp_row(const T* s, T* dst, const RowArgs<T>& a, T max, int64_t n) {
-  typedef typename Vec<T>::V V;
-  constexpr int64_t W = Vec<T>::W;
-  const V max_v = splat<T>(max);
-  const V ninf = splat<T>(-__builtin_inf());
-  V acc0{}, acc1{};
-  int64_t j = 0;
-  for (; j + 2 * W <= n; j += 2 * W) {
-    V x0 = transform<T, kKind>(load<T>(s + j), a, j) - max_v;
-    V x1 = transform<T, kKind>(load<T>(s + j + W), a, j + W) - max_v;
-    if constexpr (kMasked) {
-      x0 = mask_lanes<T>(a.mask + j) ? x0 : ninf;
-      x1 = mask_lanes<T>(a.mask + j + W) ? x1 : ninf;
+  const int64_t filled = j;  // n rounded up to W
+  const T top = lanes_max<T>(vmax<T>(top0, top1));
+  if (!(top > *max)) {
+    if (!(*max > -__builtin_inf())) {  // nothing attended yet, nor in this tile
+      for (int64_t c = 0; c < width; ++c) p[c] = T(0);
+      return;
     }
-    const V p0 = exp_nonpositive(x0), p1 = exp_nonpositive(x1);
-    store<T>(dst + j, p0);
-    store<T>(dst + j + W, p1);
-    acc0 += p0;
-    acc1 += p1;
+  } else {
+    const T alpha = exp_scalar(*max - top);  // 0 when the old maximum is -inf
+    *sum *= alpha;
+    for (int64_t c = 0; c < dim; ++c) acc[c] *= alpha;
+    *max = top;
   }
-  for (; j < n; j += W) {
-    auto vis = first_lanes<T>(n - j);
-    if constexpr (kMasked) vis = vis & mask_lanes<T>(a.mask + j);
-    const V x = vis ? transform<T, kKind>(load<T>(s + j), a, j) - max_v : ninf;
-    const V p = exp_nonpositive(x);
-    store<T>(dst + j, p);
-    acc0 += p;
+  // pass 2: p = exp(s' - max) in place
+  const V shift = splat<T>(*max);
+  V sum0{}, sum1{};
+  j = 0;
+  for (; j + 2 * W <= filled; j += 2 * W) {
+    const V e0 = exp_nonpositive(load<T>(p + j) - shift);
+    const V e1 = exp_nonpositive(load<T>(p + j + W) - shift);
+    store<T>(p + j, e0);
+    store<T>(p + j + W, e1);
+    sum0 += e0;
+    sum1 += e1;
   }
-  return lanes_sum<T>(acc0 + acc1);
-}
-
-template <typename T, int kKind, bool kMasked>
-T softmax_row_impl(const T* s, T* dst, RowArgs<T> a, int64_t n) {
-  if constexpr (kKind == 1) {
-    a.row_min = row_min<T, kMasked>(s, a, n);
-    if (!(a.row_min < __builtin_inf())) return T(0);  // no visible key
-  }
-  const T max = row_max<T, kKind, kMasked>(s, a, n);
-  if (!(max > -__builtin_inf())) return T(0);  // nothing attended
-  return T(1) / exp_row<T, kKind, kMasked>(s, dst, a, max, n);
-}
-
-// Writes the unnormalised probabilities of row s[0, n) into dst[0, round_up(n, W)) and returns
-// 1 / rowsum, or 0 for a row that attends to nothing (dst then holds garbage: the caller
-// zeroes the row).
-template <typename T>
-T softmax_row(const T* s, T* dst, const RowArgs<T>& a, int kind, int64_t n) {
-  if (n <= 0) return T(0);
-  if (a.mask != nullptr) {
-    if (kind == 1) return softmax_row_impl<T, 1, true>(s, dst, a, n);
-    if (kind == 2) return softmax_row_impl<T, 2, true>(s, dst, a, n);
-    return softmax_row_impl<T, 0, true>(s, dst, a, n);
-  }
-  if (kind == 1) return softmax_row_impl<T, 1, false>(s, dst, a, n);
-  if (kind == 2) return softmax_row_impl<T, 2, false>(s, dst, a, n);
-  return softmax_row_impl<T, 0, false>(s, dst, a, n);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Key-tile passes (the main path). A row's visible keys are visited tile by tile, twice:
-// segment_stats right after the tile's scores are computed (hot in cache), segment_exp when
-// the tile's P V product is formed. s points at the row's first key; j indexes keys.
-//
-// The shift: log mode and no factors use the row's exact maximum of s' (from segment_stats).
-// Paper mode's s' = m + f (s - m) needs the row minimum m, known only after the last tile, so
-// its shift is an upper bound known then: keys with f <= 1 have s' <= s, keys with f > 1 have
-// s' <= m + f_max (s_max - m) (f_max, s_max over those keys). Any shift >= max s' gives the
-// same softmax up to rounding; segment_exp also tracks the exact max, and a row whose bound
-// overshoots it by more than kMaxShiftGap is redone with the exact one (softmax_row).
-
-template <typename T>
-struct RowStats {
-  T min;      // paper: min of s
-  T max;      // paper: max of s over keys with f <= 1; else max of s'
-  T max_big;  // paper: max of s over keys with f > 1
-  T f_big;    // paper: max of f over keys with f > 1 (0 if none)
-};
-
-template <typename T>
-inline typename Vec<T>::V vmin(typename Vec<T>::V a, typename Vec<T>::V b) {
-  return a < b ? a : b;
-}
-template <typename T>
-inline typename Vec<T>::V vmax(typename Vec<T>::V a, typename Vec<T>::V b) {
-  return a > b ? a : b;
-}
-
-template <typename T, int kKind>
-struct StatsAcc {
-  typedef typename Vec<T>::V V;
-  typedef typename Vec<T>::I I;
-  V mn, mx, mx_big, f_big;
-  StatsAcc()
-      : mn(splat<T>(__builtin_inf())),
-        mx(splat<T>(-__builtin_inf())),
-        mx_big(splat<T>(-__builtin_inf())),
-        f_big(V{}) {}
-  inline void add(const T* s, const RowArgs<T>& a, int64_t j, I vis) {
-    const V x = load<T>(s + j);
-    const V inf = splat<T>(__builtin_inf()), ninf = splat<T>(-__builtin_inf());
-    if constexpr (kKind == 1) {
-      const V f = load<T>(a.f + j);
-      const I big = f > T(1);
-      mn = vmin<T>(mn, vis ? x : inf);
-      mx = vmax<T>(mx, (vis & ~big) ? x : ninf);
-      mx_big = vmax<T>(mx_big, (vis & big) ? x : ninf);
-      f_big = vmax<T>(f_big, (vis & big) ? f : V{});
-    } else {
-      mx = vmax<T>(mx, vis ? transform<T, kKind>(x, a, j) : ninf);
-    }
-  }
-};
-
-template <typename T, int kKind, bool kMasked>
-void segment_stats(const T* s, const RowArgs<T>& a, int64_t j0, int64_t j1, RowStats<T>& st) {
-  typedef typename Vec<T>::I I;
-  constexpr int64_t W = Vec<T>::W;
-  const I all = ~I{};
-  StatsAcc<T, kKind> acc0, acc1;
-  int64_t j = j0;
-  for (; j + 2 * W <= j1; j += 2 * W) {
-    acc0.add(s, a, j, kMasked ? mask_lanes<T>(a.mask + j) : all);
-    acc1.add(s, a, j + W, kMasked ? mask_lanes<T>(a.mask + j + W) : all);
-  }
-  for (; j < j1; j += W) {
-    I vis = first_lanes<T>(j1 - j);
-    if constexpr (kMasked) vis = vis & mask_lanes<T>(a.mask + j);
-    acc0.add(s, a, j, vis);
-  }
-  if constexpr (kKind == 1) {
-    const T mn = lanes_min<T>(vmin<T>(acc0.mn, acc1.mn));
-    const T mb = lanes_max<T>(vmax<T>(acc0.mx_big, acc1.mx_big));
-    const T fb = lanes_max<T>(vmax<T>(acc0.f_big, acc1.f_big));
-    st.min = mn < st.min ? mn : st.min;
-    st.max_big = mb > st.max_big ? mb : st.max_big;
-    st.f_big = fb > st.f_big ? fb : st.f_big;
-  }
-  const T mx = lanes_max<T>(vmax<T>(acc0.mx, acc1.mx));
-  st.max = mx > st.max ? mx : st.max;
-}
-
-// p[0, round_up(j1 - j0, W)) = exp(s'[j0, j1) - shift), lanes past j1 0; returns the sum and
-// (paper) raises *true_max to the largest s' seen.
-template <typename T, int kKind, bool kMasked>
-T segment_exp(const T* s, T* p, const RowArgs<T>& a, T shift, int64_t j0, int64_t j1,
-              T* true_max) {
-  typedef typename Vec<T>::V V;
-  typedef typename Vec<T>::I I;
-  constexpr int64_t W = Vec<T>::W;
-  const V shift_v = splat<T>(shift);
-  const V ninf = splat<T>(-__builtin_inf());
-  V sum0{}, sum1{}, top0 = ninf, top1 = ninf;
-  int64_t j = j0;
-  for (; j + 2 * W <= j1; j += 2 * W) {
-    V x0 = transform<T, kKind>(load<T>(s + j), a, j);
-    V x1 = transform<T, kKind>(load<T>(s + j + W), a, j + W);
-    if constexpr (kMasked) {
-      x0 = mask_lanes<T>(a.mask + j) ? x0 : ninf;
-      x1 = mask_lanes<T>(a.mask + j + W) ? x1 : ninf;
-    }
-    if constexpr (kKind == 1) {
-      top0 = vmax<T>(top0, x0);
-      top1 = vmax<T>(top1, x1);
-    }
-    const V p0 = exp_nonpositive(x0 - shift_v), p1 = exp_nonpositive(x1 - shift_v);
-    store<T>(p + (j - j0), p0);
-    store<T>(p + (j - j0) + W, p1);
-    sum0 += p0;
-    sum1 += p1;
-  }
-  for (; j < j1; j += W) {
-    I vis = first_lanes<T>(j1 - j);
-    if constexpr (kMasked) vis = vis & mask_lanes<T>(a.mask + j);
-    const V x = vis ? transform<T, kKind>(load<T>(s + j), a, j) : ninf;
-    if constexpr (kKind == 1) top0 = vmax<T>(top0, x);
-    const V e = exp_nonpositive(x - shift_v);
-    store<T>(p + (j - j0), e);
+  for (; j < filled; j += W) {
+    const V e = exp_nonpositive(load<T>(p + j) - shift);
+    store<T>(p + j, e);
     sum0 += e;
   }
-  if constexpr (kKind == 1) {
-    const T top = lanes_max<T>(vmax<T>(top0, top1));
-    *true_max = top > *true_max ? top : *true_max;
-  }
-  return lanes_sum<T>(sum0 + sum1);
-}
-
-// Dispatch on kind and masking for the two tile passes.
-template <typename T>
-void row_segment_stats(const T* s, const RowArgs<T>& a, int kind, int64_t j0, int64_t j1,
-                       RowStats<T>& st) {
-  if (j1 <= j0) return;
-  if (a.mask != nullptr) {
-    if (kind == 1) return segment_stats<T, 1, true>(s, a, j0, j1, st);
-    if (kind == 2) return segment_stats<T, 2, true>(s, a, j0, j1, st);
-    return segment_stats<T, 0, true>(s, a, j0, j1, st);
-  }
-  if (kind == 1) return segment_stats<T, 1, false>(s, a, j0, j1, st);
-  if (kind == 2) return segment_stats<T, 2, false>(s, a, j0, j1, st);
-  return segment_stats<T, 0, false>(s, a, j0, j1, st);
+  for (; j < width; ++j) p[j] = T(0);
+  *sum += lanes_sum<T>(sum0 + sum1);
 }
 
 template <typename T>
-T row_segment_exp(const T* s, T* p, const RowArgs<T>& a, int kind, T shift, int64_t j0,
-                  int64_t j1, T* true_max) {
-  if (a.mask != nullptr) {
-    if (kind == 1) return segment_exp<T, 1, true>(s, p, a, shift, j0, j1, true_max);
-    if (kind == 2) return segment_exp<T, 2, true>(s, p, a, shift, j0, j1, true_max);
-    return segment_exp<T, 0, true>(s, p, a, shift, j0, j1, true_max);
+void row_online(const T* s, T* p, const RowArgs<T>& a, int kind, int64_t n, int64_t width,
+                T* max, T* sum, T* acc, int64_t dim) {
+  if (n <= 0) {
+    for (int64_t c = 0; c < width; ++c) p[c] = T(0);
+    return;
   }
-  if (kind == 1) return segment_exp<T, 1, false>(s, p, a, shift, j0, j1, true_max);
-  if (kind == 2) return segment_exp<T, 2, false>(s, p, a, shift, j0, j1, true_max);
-  return segment_exp<T, 0, false>(s, p, a, shift, j0, j1, true_max);
+  if (a.mask != nullptr) {
+    if (kind == 1) return online_row<T, 1, true>(s, p, a, n, width, max, sum, acc, dim);
+    if (kind == 2) return online_row<T, 2, true>(s, p, a, n, width, max, sum, acc, dim);
+    return online_row<T, 0, true>(s, p, a, n, width, max, sum, acc, dim);
+  }
+  if (kind == 1) return online_row<T, 1, false>(s, p, a, n, width, max, sum, acc, dim);
+  if (kind == 2) return online_row<T, 2, false>(s, p, a, n, width, max, sum, acc, dim);
+  return online_row<T, 0, false>(s, p, a, n, width, max, sum, acc, dim);
+}
+
+// s <- cap * tanh(s / cap) on rows [0, rows) x keys [0, n) (whole vectors: the padding lanes
+// past n are capped too and never read).
+template <typename T>
+void softcap_rows(T* s, int64_t ld, int64_t rows, int64_t n, T cap) {
+  typedef typename Vec<T>::V V;
+  constexpr int64_t W = Vec<T>::W;
+  const V inv = splat<T>(T(1) / cap), c = splat<T>(cap);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * ld;
+    for (int64_t j = 0; j < n; j += W) store<T>(row + j, c * tanh_lanes(load<T>(row + j) * inv));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -483,23 +394,18 @@ void gemm_scores(const Problem<T>& pb, int64_t m, int64_t n, int64_t d, const T*
   }
 }
 
-// O[i, c] (+)= sum_j P[i, j] V[j, c]; P [m, n] (ld ldp), V [n, d] (ld ldv), O [m, d] (ld ldo);
-// accumulate: add to O instead of overwriting it.
+// O[i, c] += sum_j P[i, j] V[j, c]; P [m, n] (ld ldp), V [n, d] (ld ldv), O [m, d] (ld ldo).
 template <typename T>
 void gemm_pv(const Problem<T>& pb, int64_t m, int64_t n, int64_t d, const T* p, int64_t ldp,
-             const T* v, int64_t ldv, T* o, int64_t ldo, bool accumulate) {
+             const T* v, int64_t ldv, T* o, int64_t ldo) {
   if (has_blas(pb)) {
     // column-major: O^T [d, m] = V^T [d, n] ('N') x P^T [n, m] ('N')
     blas(pb, 'N', 'N', static_cast<int>(d), static_cast<int>(m), static_cast<int>(n), T(1), v,
-         static_cast<int>(ldv), p, static_cast<int>(ldp), accumulate ? T(1) : T(0), o,
-         static_cast<int>(ldo));
+         static_cast<int>(ldv), p, static_cast<int>(ldp), T(1), o, static_cast<int>(ldo));
     return;
   }
   for (int64_t i = 0; i < m; ++i) {
     T* oi = o + i * ldo;
-    if (!accumulate) {
-      for (int64_t c = 0; c < d; ++c) oi[c] = 0;
-    }
     for (int64_t j = 0; j < n; ++j) {
       const T pij = p[i * ldp + j];
       const T* vj = v + j * ldv;
@@ -517,39 +423,27 @@ T* alloc_aligned(int64_t n) {
   return static_cast<T*>(aligned_alloc(64, static_cast<size_t>(bytes)));
 }
 
-constexpr int64_t kKeyTile = ATMAN_ISA_KEY_TILE;  // keys per tile (a multiple of 16)
-// A paper-mode row whose shift overshoots its exact maximum by more than this is redone with
-// the exact maximum (exp(-40) = 4e-18 keeps every term that matters far from fp32 underflow).
-constexpr double kMaxShiftGap = 40.0;
-
 // Work item numbering: item = (chunk * Hq + h) * n_blocks + row block; a chunk is
 // variants_per_item consecutive variants (1 unless the scores are shared).
-//
-// Per item and variant, with K = the keys the block may see (causal: later keys are never
-// touched) cut into tiles of kKeyTile keys:
-//   tile by tile: S[:, tile] = scale Q K_tile^T (GEMM; shared scores: once per chunk), then
-//     each row's statistics over its visible keys of the tile (segment_stats);
-//   per row: the shift (exact max, or paper mode's bound);
-//   tile by tile: P = exp(s' - shift) for every row into a tile buffer (segment_exp), then
-//     acc += P V_tile (GEMM);
-//   per row: out = acc / rowsum (paper rows whose bound overshot: redone exactly).
 template <typename T>
 int run_items(const Problem<T>& pb, int64_t begin, int64_t end) {
   const int64_t len_q = pb.len_q, len_k = pb.len_k, dim = pb.dim;
-  const int64_t block = pb.block_rows, n_blocks = pb.n_blocks, ld_s = pb.ld_scores;
+  const int64_t block = pb.block_rows, n_blocks = pb.n_blocks;
+  const bool stored = pb.store_scores != 0;
+  const int64_t kKeyTile = pb.key_tile;  // keys per tile (a multiple of 16)
+  const int64_t ld_s = stored ? pb.ld_scores : kKeyTile;
   const int64_t group = pb.heads_q / pb.heads_kv;
   const int64_t offset = len_k - len_q;  // causal: row i sees keys j <= i + offset
   const T ninf = -__builtin_inf();
+  const T cap = pb.softcap;
   T* scores = alloc_aligned<T>(block * ld_s);
   T* probs = alloc_aligned<T>(block * kKeyTile);
-  T* row_probs = alloc_aligned<T>(ld_s);  // the exact redo of one row
   T* acc = alloc_aligned<T>(block * dim);
-  RowStats<T>* stats = static_cast<RowStats<T>*>(
-      aligned_alloc(64, (block * sizeof(RowStats<T>) + 63) / 64 * 64));
-  T* shift = alloc_aligned<T>(block);
-  T* sum = alloc_aligned<T>(block);
-  T* top = alloc_aligned<T>(block);
-  const bool ok = scores && probs && row_probs && acc && stats && shift && sum && top;
+  T* row_max = alloc_aligned<T>(block);
+  T* row_sum = alloc_aligned<T>(block);
+  T* row_min = alloc_aligned<T>(block);
+  const bool ok = scores && probs && acc && row_max && row_sum && row_min;
+  for (int64_t r = 0; ok && r < block; ++r) row_min[r] = T(__builtin_inf());  // read in paper only
   for (int64_t item = begin; ok && item < end; ++item) {
     const int64_t qb = item % n_blocks;
     const int64_t h = (item / n_blocks) % pb.heads_q;
@@ -559,98 +453,82 @@ int run_items(const Problem<T>& pb, int64_t begin, int64_t end) {
     const int64_t keys = pb.causal ? clamp_i64(row0 + rows + offset, 0, len_k) : len_k;
     const int64_t b_first = chunk * pb.variants_per_item;
     const int64_t b_end = min_i64(pb.batch, b_first + pb.variants_per_item);
+    auto visible = [&](int64_t r) {
+      return pb.causal ? clamp_i64(row0 + r + 1 + offset, 0, keys) : keys;
+    };
     for (int64_t b = b_first; b < b_end; ++b) {
-      T* out = pb.out + ((b * pb.heads_q + h) * len_q + row0) * dim;
-      if (keys == 0) {
-        for (int64_t i = 0; i < rows * dim; ++i) out[i] = T(0);
-        continue;
-      }
       const Operand<T>& oq = pb.q;
       const Operand<T>& ok_ = pb.k;
       const Operand<T>& ov = pb.v;
       const T* q = oq.data + b * oq.batch_stride + h * oq.head_stride + row0 * oq.row_stride;
       const T* k = ok_.data + b * ok_.batch_stride + (h / group) * ok_.head_stride;
       const T* v = ov.data + b * ov.batch_stride + (h / group) * ov.head_stride;
-      // shared scores: computed for the chunk's first variant, read by the others
-      const bool compute_scores = !pb.share_scores || b == b_first;
       RowArgs<T> args{};
       args.f = pb.factors ? pb.factors + b * pb.ld_keys : nullptr;
       args.logf = pb.logf ? pb.logf + b * pb.ld_keys : nullptr;
       args.mask = pb.mask ? pb.mask + b * pb.mask_batch_stride : nullptr;
-      auto visible = [&](int64_t r) {
-        return pb.causal ? clamp_i64(row0 + r + 1 + offset, 0, keys) : keys;
-      };
+      for (int64_t i = 0; i < rows * dim; ++i) acc[i] = T(0);
       for (int64_t r = 0; r < rows; ++r) {
-        stats[r] = RowStats<T>{T(__builtin_inf()), ninf, ninf, T(0)};
-        sum[r] = T(0);
-        top[r] = ninf;
+        row_max[r] = pb.sinks ? pb.sinks[h] : ninf;  // a sink: one more column, exp(0) = 1
+        row_sum[r] = pb.sinks ? T(1) : T(0);
+      }
+      if (stored) {
+        // shared scores: computed for the chunk's first variant, read by the others; the row
+        // minimum likewise unless the variants have masks of their own
+        const bool compute_scores = !pb.share_scores || b == b_first;
+        const bool need_min = pb.kind == 1 && (compute_scores || pb.mask_batch_stride != 0);
+        if (need_min) {
+          for (int64_t r = 0; r < rows; ++r) row_min[r] = T(__builtin_inf());
+        }
+        for (int64_t t0 = 0; t0 < keys && (compute_scores || need_min); t0 += kKeyTile) {
+          const int64_t t1 = min_i64(keys, t0 + kKeyTile);
+          if (compute_scores) {
+            gemm_scores<T>(pb, rows, t1 - t0, dim, q, oq.row_stride, k + t0 * ok_.row_stride,
+                           ok_.row_stride, scores + t0, ld_s);
+            if (cap > T(0)) softcap_rows<T>(scores + t0, ld_s, rows, t1 - t0, cap);
+          }
+          if (need_min) {
+            const RowArgs<T> ta = shifted(args, t0);
+            for (int64_t r = 0; r < rows; ++r) {
+              const T mn = row_segment_min<T>(scores + r * ld_s + t0, ta,
+                                              min_i64(t1, visible(r)) - t0);
+              row_min[r] = mn < row_min[r] ? mn : row_min[r];
+            }
+          }
+        }
       }
       for (int64_t t0 = 0; t0 < keys; t0 += kKeyTile) {
         const int64_t t1 = min_i64(keys, t0 + kKeyTile);
-        if (compute_scores) {
+        T* s_tile = scores + (stored ? t0 : 0);
+        if (!stored) {
           gemm_scores<T>(pb, rows, t1 - t0, dim, q, oq.row_stride, k + t0 * ok_.row_stride,
-                         ok_.row_stride, scores + t0, ld_s);
+                         ok_.row_stride, s_tile, ld_s);
+          if (cap > T(0)) softcap_rows<T>(s_tile, ld_s, rows, t1 - t0, cap);
         }
+        RowArgs<T> ta = shifted(args, t0);
         for (int64_t r = 0; r < rows; ++r) {
-          row_segment_stats<T>(scores + r * ld_s, args, pb.kind, t0, min_i64(t1, visible(r)),
-                               stats[r]);
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const RowStats<T>& st = stats[r];
-        T sh = st.max;
-        if (pb.kind == 1) {
-          const T m = st.min;
-          if (st.f_big > T(0)) {
-            const T big = m + st.f_big * (st.max_big - m);
-            sh = big > sh ? big : sh;
-          }
-          if (!(m < __builtin_inf())) sh = ninf;  // no visible key
-        }
-        shift[r] = sh;  // -inf: the row attends to nothing
-      }
-      for (int64_t t0 = 0; t0 < keys; t0 += kKeyTile) {
-        const int64_t t1 = min_i64(keys, t0 + kKeyTile);
-        for (int64_t r = 0; r < rows; ++r) {
-          T* p = probs + r * kKeyTile;
-          const int64_t j1 = min_i64(t1, visible(r));
-          RowArgs<T> row_args = args;
-          row_args.row_min = stats[r].min;
-          int64_t written = 0;
-          if (j1 > t0 && shift[r] > ninf) {
-            sum[r] += row_segment_exp<T>(scores + r * ld_s, p, row_args, pb.kind, shift[r], t0,
-                                         j1, &top[r]);
-            written = j1 - t0;
-          }
-          for (int64_t j = written; j < t1 - t0; ++j) p[j] = T(0);
+          ta.row_min = row_min[r];
+          row_online<T>(s_tile + r * ld_s, probs + r * kKeyTile, ta, pb.kind,
+                        min_i64(t1, visible(r)) - t0, t1 - t0, row_max + r, row_sum + r,
+                        acc + r * dim, dim);
         }
         gemm_pv<T>(pb, rows, t1 - t0, dim, probs, kKeyTile, v + t0 * ov.row_stride,
-                   ov.row_stride, acc, dim, t0 > 0);
+                   ov.row_stride, acc, dim);
       }
+      T* out = pb.out + ((b * pb.heads_q + h) * len_q + row0) * dim;
       for (int64_t r = 0; r < rows; ++r) {
-        T* o = out + r * dim;
-        T* a = acc + r * dim;
-        T inv = sum[r] > T(0) ? T(1) / sum[r] : T(0);
-        if (pb.kind == 1 && shift[r] > ninf && shift[r] - top[r] > T(kMaxShiftGap)) {
-          // the bound overshot: the exact three-pass softmax of this row, then its P V
-          RowArgs<T> row_args = args;
-          const int64_t n = visible(r);
-          inv = softmax_row<T>(scores + r * ld_s, row_probs, row_args, pb.kind, n);
-          for (int64_t j = inv == T(0) ? 0 : n; j < keys; ++j) row_probs[j] = T(0);
-          gemm_pv<T>(pb, 1, keys, dim, row_probs, ld_s, v, ov.row_stride, a, dim, false);
-        }
-        for (int64_t c = 0; c < dim; ++c) o[c] = a[c] * inv;
+        // a row that attended to nothing has acc = 0 (with or without a sink): zeros
+        const T inv = row_sum[r] > T(0) ? T(1) / row_sum[r] : T(0);
+        for (int64_t c = 0; c < dim; ++c) out[r * dim + c] = acc[r * dim + c] * inv;
       }
     }
   }
   free(scores);
   free(probs);
-  free(row_probs);
   free(acc);
-  free(stats);
-  free(shift);
-  free(sum);
-  free(top);
+  free(row_max);
+  free(row_sum);
+  free(row_min);
   return ok ? 0 : -1;
 }
 

@@ -41,8 +41,14 @@ using kernel::Operand;
 using kernel::Problem;
 
 constexpr int64_t kMaxBlockRows = 64;              // query rows per work item
+constexpr int64_t kKeyTile = 256;                  // keys per tile
 constexpr int64_t kMinBlockRows = 8;               // never fewer (unless Nq is smaller)
-constexpr int64_t kScoreBufferElems = 1 << 20;  // target size of the per-thread score buffer
+// Stored scores (paper mode, shared q/k): the per-thread [rows, Nk] buffer is kept to this many
+// elements (4 MiB fp32); at longer Nk the row block shrinks (down to kMinBlockRows). Measured
+// (N = 8192, one thread, AVX-512): 64-row blocks whose 2 MiB of scores are re-read from L3 beat
+// 16-row blocks whose scores stay in L2 by 15 % (the GEMMs lose more on 16 rows than the second
+// sweep loses on L3). Streamed scores (log mode, no factors) need [rows, kKeyTile] only.
+constexpr int64_t kScoreBufferElems = 1 << 20;
 constexpr int64_t kPad = 16;  // score, factor and mask rows are padded to a multiple of this
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -74,7 +80,8 @@ struct Shapes {
 Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& factors,
                     const std::optional<at::Tensor>& key_padding_mask, double scale,
-                    c10::string_view mode) {
+                    c10::string_view mode, std::optional<double> softcap,
+                    const std::optional<at::Tensor>& sinks) {
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->dim() == 4, "suppressed_attention: q, k and v must have rank 4 "
                 "[batch, heads, seq, head_dim], got a tensor of shape ", t->sizes());
@@ -140,6 +147,20 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 s.len_k, "], got ", m.sizes());
     TORCH_CHECK(m.device().is_cpu(), "suppressed_attention: key_padding_mask must be a CPU tensor");
   }
+  if (softcap.has_value()) {
+    TORCH_CHECK(std::isfinite(*softcap) && *softcap > 0, "suppressed_attention: softcap must be "
+                "finite and > 0 (s -> c * tanh(s / c)), got ", *softcap);
+  }
+  if (sinks.has_value()) {
+    const auto& z = *sinks;
+    TORCH_CHECK(z.dim() == 1 && z.size(0) == s.heads_q, "suppressed_attention: sinks must have "
+                "shape [", s.heads_q, "] (one logit per query head), got ", z.sizes());
+    TORCH_CHECK(z.is_floating_point(), "suppressed_attention: sinks must be a floating tensor, "
+                "got ", z.scalar_type());
+    TORCH_CHECK(z.device().is_cpu(), "suppressed_attention: sinks must be a CPU tensor");
+    TORCH_CHECK(z.isfinite().all().item<bool>(), "suppressed_attention: sinks must be finite, "
+                "got NaN or inf");
+  }
   return s;
 }
 
@@ -160,16 +181,22 @@ Operand<T> as_operand(const at::Tensor& t, at::Tensor& keep) {
 template <typename T>
 void plan_work(Problem<T>& pb) {
   const int64_t ld_s = round_up(pb.len_k, kPad);
-  int64_t block = std::min(pb.len_q, kMaxBlockRows);
-  while (block > kMinBlockRows && block * ld_s > kScoreBufferElems) block = (block + 1) / 2;
-  pb.ld_scores = ld_s;
-  pb.block_rows = block;
-  pb.n_blocks = (pb.len_q + block - 1) / block;
   // When every variant reads the same q and k (batch 1 or expanded: AtMan's first layer), the
   // scores are equal for all variants: a work item then takes a chunk of variants and computes
   // QK^T once for the chunk. The chunking only decides which items share that GEMM; every
   // variant's result is computed the same way whatever the chunks are.
   pb.share_scores = pb.batch > 1 && pb.q.batch_stride == 0 && pb.k.batch_stride == 0;
+  // Paper mode needs each row's minimum over all its keys before its first exp: its scores are
+  // stored for the block (one QK^T), as are shared ones; log mode and no factors stream them.
+  pb.store_scores = pb.kind == 1 || pb.share_scores;
+  pb.key_tile = kKeyTile;
+  int64_t block = std::min(pb.len_q, kMaxBlockRows);
+  if (pb.store_scores) {
+    while (block > kMinBlockRows && block * ld_s > kScoreBufferElems) block = (block + 1) / 2;
+  }
+  pb.ld_scores = ld_s;
+  pb.block_rows = block;
+  pb.n_blocks = (pb.len_q + block - 1) / block;
   int64_t per_item = 1;
   if (pb.share_scores) {
     const int64_t base = pb.heads_q * pb.n_blocks;
@@ -205,6 +232,7 @@ template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const std::optional<at::Tensor>& factors,
             const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+            std::optional<double> softcap, const std::optional<at::Tensor>& sinks,
             const Shapes& s, const at::Tensor& out) {
   const auto compute = c10::CppTypeToScalarType<T>::value;
   // A batch expanded with stride 0 is one shared batch: keep it as batch 1 (never copied).
@@ -246,6 +274,12 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   pb.len_k = s.len_k;
   pb.dim = s.dim;
   pb.scale = static_cast<T>(scale);
+  pb.softcap = softcap.has_value() ? static_cast<T>(*softcap) : T(0);
+  at::Tensor sink_values;
+  if (sinks.has_value()) {
+    sink_values = sinks->to(compute).contiguous();
+    pb.sinks = sink_values.const_data_ptr<T>();
+  }
   pb.causal = causal ? 1 : 0;
   pb.kind = s.kind;
   set_blas(pb, have_blas<T>() && !blas_disabled());
@@ -266,12 +300,15 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const std::optional<at::Tensor>& factors,
               const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+              std::optional<double> softcap, const std::optional<at::Tensor>& sinks,
               const Shapes& s, const at::Tensor& out) {
   if (q.scalar_type() == at::kDouble) {
-    return launch<double>(q, k, v, factors, key_padding_mask, causal, scale, s, out);
+    return launch<double>(q, k, v, factors, key_padding_mask, causal, scale, softcap, sinks, s,
+                          out);
   }
   // fp32 math for fp32, fp16 and bf16
-  return launch<float>(q, k, v, factors, key_padding_mask, causal, scale, s, out);
+  return launch<float>(q, k, v, factors, key_padding_mask, causal, scale, softcap, sinks, s,
+                       out);
 }
 
 }  // namespace
@@ -281,25 +318,29 @@ bool blas_available() { return have_blas<float>() && have_blas<double>(); }
 at::Tensor suppressed_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const std::optional<at::Tensor>& factors,
                                     const std::optional<at::Tensor>& key_padding_mask, bool causal,
-                                    double scale, c10::string_view mode) {
-  const Shapes s = check_inputs(q, k, v, factors, key_padding_mask, scale, mode);
+                                    double scale, c10::string_view mode,
+                                    std::optional<double> softcap,
+                                    const std::optional<at::Tensor>& sinks) {
+  const Shapes s = check_inputs(q, k, v, factors, key_padding_mask, scale, mode, softcap, sinks);
   at::Tensor out = at::empty({s.batch, s.heads_q, s.len_q, s.dim}, q.options());
-  dispatch(q, k, v, factors, key_padding_mask, causal, scale, s, out);
+  dispatch(q, k, v, factors, key_padding_mask, causal, scale, softcap, sinks, s, out);
   return out;
 }
 
 void suppressed_attention_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const std::optional<at::Tensor>& factors,
                                   const std::optional<at::Tensor>& key_padding_mask, bool causal,
-                                  double scale, c10::string_view mode, const at::Tensor& out) {
-  const Shapes s = check_inputs(q, k, v, factors, key_padding_mask, scale, mode);
+                                  double scale, c10::string_view mode, const at::Tensor& out,
+                                  std::optional<double> softcap,
+                                  const std::optional<at::Tensor>& sinks) {
+  const Shapes s = check_inputs(q, k, v, factors, key_padding_mask, scale, mode, softcap, sinks);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == q.scalar_type() &&
                   out.is_contiguous() &&
                   out.sizes() == at::IntArrayRef({s.batch, s.heads_q, s.len_q, s.dim}),
               "suppressed_attention_out: out must be a contiguous CPU tensor of shape [", s.batch,
               ", ", s.heads_q, ", ", s.len_q, ", ", s.dim, "] and dtype ", q.scalar_type(),
               ", got shape ", out.sizes(), ", dtype ", out.scalar_type());
-  dispatch(q, k, v, factors, key_padding_mask, causal, scale, s, out);
+  dispatch(q, k, v, factors, key_padding_mask, causal, scale, softcap, sinks, s, out);
 }
 
 }  // namespace atman

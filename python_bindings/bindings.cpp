@@ -76,11 +76,12 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(atman_kernels, m) {
   m.def(
       "suppressed_attention(Tensor q, Tensor k, Tensor v, Tensor? factors, "
-      "Tensor? key_padding_mask, bool causal, float scale, str suppression_mode) -> Tensor");
+      "Tensor? key_padding_mask, bool causal, float scale, str suppression_mode, "
+      "float? softcap=None, Tensor? sinks=None) -> Tensor");
   m.def(
       "suppressed_attention_out(Tensor q, Tensor k, Tensor v, Tensor? factors, "
       "Tensor? key_padding_mask, bool causal, float scale, str suppression_mode, "
-      "Tensor(a!) out) -> ()");
+      "Tensor(a!) out, float? softcap=None, Tensor? sinks=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(atman_kernels, CPU, m) {

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from atman_kernels import BackendUnavailable, suppressed_attention
 from atman_kernels.ops import choose_backend, cpp_backend
 from atman_kernels.ops._checks import check_call
+from atman_kernels.ops.reference import reference_attention
 
 pytestmark = pytest.mark.skipif(
     cpp_backend.extension_error() is not None,
@@ -48,13 +49,15 @@ def isa(request):
     assert cpp_backend.isa() == before
 
 
-def run_poisoned(q, k, v, factors, mask, *, causal=False, mode="paper", scale=None):
+def run_poisoned(
+    q, k, v, factors, mask, *, causal=False, mode="paper", scale=None, softcap=None, sinks=None
+):
     """The kernel's output, written into a NaN-filled tensor."""
-    call = check_call(q, k, v, factors, causal, scale, mode, mask)
+    call = check_call(q, k, v, factors, causal, scale, mode, mask, softcap=softcap, sinks=sinks)
     out = torch.full(
         (call.batch, call.heads_q, call.len_q, call.head_dim), float("nan"), dtype=q.dtype
     )
-    result = cpp_backend.run(q, k, v, factors, mask, call, out=out)
+    result = cpp_backend.run(q, k, v, factors, mask, call, sinks=sinks, out=out)
     assert result is out
     return out
 
@@ -120,11 +123,16 @@ def _reference_case(case, mode, dtype, isa):
 
 
 def test_long_keys_use_smaller_row_blocks(isa):
-    # Nk = 33000: the per-thread score buffer caps the row block at 16 rows (70 = 4 x 16 + 6);
-    # 129 key tiles, the last one ragged.
+    # Nk = 33000: paper mode's stored scores cap the row block at 16 rows (70 = 4 x 16 + 6);
+    # log mode streams them in 64-row blocks. 129 key tiles, the last one ragged.
     q, k, v, factors, mask = make_inputs(1, 2, 1, 70, 33000, 32, padding=True, seed=3)
     check_case(q, k, v, factors, mask, causal=True, mode="paper")
     check_case(q, k, v, factors, mask, causal=False, mode="log")
+    sinks = torch.tensor([0.5, -1.0])
+    out = run_poisoned(q, k, v, factors, mask, causal=True, mode="paper", softcap=2.0, sinks=sinks)
+    exact, plain = capped_reference_pair(q, k, v, factors, mask, causal=True, mode="paper",
+                                         softcap=2.0, sinks=sinks)  # fmt: skip
+    assert_close_to_reference(out, exact, plain, what=f"{isa} long keys, softcap and sinks")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -137,12 +145,11 @@ def test_plain_loop_gemm_fallback(dtype, monkeypatch, isa):
 
 
 @pytest.mark.parametrize("big_factor", [False, True], ids=["argmax-suppressed", "f-above-1"])
-def test_paper_mode_far_off_shift_bound_is_redone_exactly(big_factor, isa):
-    # Paper mode shifts each row by an upper bound of its transformed scores (the row minimum is
-    # known only after the last key tile). Here the bound overshoots by far more than exp's
-    # range: for query row 30 of head 0 one key scores ~160 above the rest but is suppressed
-    # (f = 0.01), or a low key has f = 50. The kernel must notice and redo such rows with the
-    # exact maximum (else every term of the row underflows and the row comes out 0).
+def test_paper_mode_extreme_suppressed_or_amplified_key(big_factor, isa):
+    # For query row 30 of head 0 one key scores ~160 above the rest but is suppressed
+    # (f = 0.01), or a low key has f = 50: the largest s' of the row is far from the largest s.
+    # A softmax shifted by anything but the exact maximum of s' (e.g. an upper bound from the
+    # raw scores) underflows every term of such a row, and the row comes out 0.
     q, k, v, _, _ = make_inputs(2, 2, 1, 40, 300, 16, factor_kind="none", seed=11)
     k[:, 0, 5] = q[:, 0, 30] * 40  # scale 1/4: q_30 . k_5 / 4 = 10 |q_30|^2, about 160
     factors = torch.ones(2, 300)
@@ -204,15 +211,21 @@ def test_reruns_are_bit_identical_for_any_thread_count(shared, isa):
         12, 6, 2, 150, 150, 64, padding=True, shared_qkv=shared, seed=9
     )
     threads = torch.get_num_threads()
+    sinks = torch.linspace(-1, 1, 6)
     try:
         runs = []
         for n_threads in (threads, threads, 1, 3):
             torch.set_num_threads(n_threads)
-            runs.append(run_poisoned(q, k, v, factors, mask, causal=True, mode="paper"))
+            runs.append([
+                run_poisoned(q, k, v, factors, mask, causal=True, mode="paper"),
+                run_poisoned(q, k, v, factors, mask, causal=True, mode="log", softcap=3.0,
+                             sinks=sinks),
+            ])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:
-        assert torch.equal(runs[0], other)
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_shared_qkv_equals_per_variant_copies(isa):
@@ -227,6 +240,94 @@ def test_shared_qkv_equals_per_variant_copies(isa):
             mode=mode,
         )
         torch.testing.assert_close(shared, copies, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft-capping and sinks in the kernel (semantics: atman_kernels/ops/reference.py)
+
+
+def capped_reference_pair(q, k, v, factors, mask, *, causal, mode, softcap=None, sinks=None):
+    """(float64 reference, plain PyTorch at q's precision) with soft-capping and sinks."""
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    f64 = None if factors is None else factors.double()
+    z64 = None if sinks is None else sinks.double()
+    call64 = check_call(q64, k64, v64, f64, causal, None, mode, mask, softcap=softcap, sinks=z64)
+    exact = reference_attention(q64, k64, v64, f64, mask, call64, sinks=z64)
+    call = check_call(q, k, v, factors, causal, None, mode, mask, softcap=softcap, sinks=sinks)
+    plain = reference_attention(q, k, v, factors, mask, call, sinks=sinks, upcast=False)
+    return exact, plain
+
+
+# (batch, heads_q, heads_kv, len_q, len_k, head_dim, options): key tiles of 256 with a ragged
+# last one, causal with Nq < Nk, GQA / MQA, padding, factors 0 and > 1, shared q/k/v (scores
+# stored and shared by the variants in both modes), no factors.
+CAPPED_CASES = {
+    "tiles-suffix-pad-gqa": (2, 6, 2, 300, 601, 24, dict(causal=True, padding=True,
+                                                          factor_kind="zero_and_big")),
+    "odd-mqa-full": (3, 3, 1, 37, 53, 40, dict(causal=False, factor_kind="random")),
+    "shared-qkv": (5, 4, 2, 70, 300, 32, dict(causal=True, shared_qkv=True, factor_kind="single",
+                                              padding=True)),
+    "no-factors": (2, 2, 1, 70, 270, 16, dict(causal=True, factor_kind="none")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize(
+    "softcap,with_sinks,dtype",
+    [(0.3, False, torch.float32), (50.0, True, torch.float32), (1.5, True, torch.float32),
+     (1.5, True, torch.float64)],
+    ids=["cap", "cap50-sinks", "cap-sinks", "cap-sinks-fp64"],
+)  # fmt: skip
+@pytest.mark.parametrize("case", list(CAPPED_CASES))
+def test_softcap_and_sinks_match_the_reference(case, softcap, with_sinks, dtype, mode, isa):
+    # caps 0.3 / 1.5 / 50 against scores of about N(0, 1): the fp32 tanh's large- and
+    # small-argument branches both run (fp64 uses the C library's tanh)
+    b, hq, hkv, nq, nk, d, opts = CAPPED_CASES[case]
+    opts = dict(opts)
+    causal = opts.pop("causal")
+    q, k, v, factors, mask = make_inputs(b, hq, hkv, nq, nk, d, dtype=dtype, seed=13, **opts)
+    g = torch.Generator().manual_seed(hq)
+    sinks = torch.randn(hq, generator=g) * 2 if with_sinks else None
+    out = run_poisoned(q, k, v, factors, mask, causal=causal, mode=mode, softcap=softcap,
+                       sinks=sinks)  # fmt: skip
+    exact, plain = capped_reference_pair(q, k, v, factors, mask, causal=causal, mode=mode,
+                                         softcap=softcap, sinks=sinks)  # fmt: skip
+    assert_close_to_reference(out, exact, plain, what=f"cpp {isa} {case} {mode} cap {softcap}")
+    # the cap and the sinks changed the result
+    bare, _ = capped_reference_pair(q, k, v, factors, mask, causal=causal, mode=mode)
+    assert float((exact - bare).abs().max()) > 1e-3
+
+
+def test_sinks_with_empty_rows_and_extreme_sinks(isa):
+    q, k, v, factors, mask = make_inputs(3, 2, 1, 7, 40, 16, fully_padded_row=True, seed=1)
+    for mode in ("paper", "log"):
+        # a variant whose keys are all padded gives exact zeros, sinks or not
+        out = run_poisoned(q, k, v, factors, mask, mode=mode, sinks=torch.tensor([1.0, -2.0]))
+        assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+        assert bool(out[:-1].abs().amax(-1).gt(0).all())
+        # a sink far below every score takes no weight (the same operations as no sink), one
+        # far above takes all of it
+        plain = run_poisoned(q, k, v, factors, mask, causal=True, mode=mode)
+        low = run_poisoned(q, k, v, factors, mask, causal=True, mode=mode,
+                           sinks=torch.full((2,), -1e4))  # fmt: skip
+        assert torch.equal(low, plain)
+        high = run_poisoned(q, k, v, factors, mask, causal=True, mode=mode,
+                            sinks=torch.full((2,), 1e4))  # fmt: skip
+        assert bool(torch.isfinite(high).all()) and float(high.abs().max()) == 0.0
+
+
+def test_sinks_must_match_the_call():
+    q, k, v, factors, _ = make_inputs(1, 2, 1, 4, 6, 16)
+    call = check_call(q, k, v, factors, False, None, "paper", None, sinks=torch.zeros(2))
+    with pytest.raises(ValueError, match="sinks must be given exactly when"):
+        cpp_backend.run(q, k, v, factors, None, call)
+    op = torch.ops.atman_kernels.suppressed_attention
+    with pytest.raises(RuntimeError, match=r"sinks must have shape \[2\]"):
+        op(q, k, v, factors, None, False, 0.25, "paper", sinks=torch.zeros(3))
+    with pytest.raises(RuntimeError, match="sinks must be finite"):
+        op(q, k, v, factors, None, False, 0.25, "paper", sinks=torch.tensor([0.0, float("nan")]))
+    with pytest.raises(RuntimeError, match="softcap must be finite and > 0"):
+        op(q, k, v, factors, None, False, 0.25, "paper", softcap=0.0)
 
 
 def test_public_api_dispatches_to_cpp():
@@ -337,6 +438,11 @@ def test_opcheck_both_ops():
         torch.library.opcheck(torch.ops.atman_kernels.suppressed_attention, args)
         out = torch.empty(2, 4, 9, 16)
         torch.library.opcheck(torch.ops.atman_kernels.suppressed_attention_out, (*args, out))
+    extra = dict(softcap=2.0, sinks=torch.linspace(-1, 1, 4))
+    args = (q, k, v, factors, mask, True, scale, "log")
+    torch.library.opcheck(torch.ops.atman_kernels.suppressed_attention, args, extra)
+    out = torch.empty(2, 4, 9, 16)
+    torch.library.opcheck(torch.ops.atman_kernels.suppressed_attention_out, (*args, out), extra)
 
 
 @pytest.mark.skipif(

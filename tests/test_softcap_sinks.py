@@ -181,24 +181,57 @@ def test_sinks_and_q_of_different_float_dtypes_are_accepted():
 
 
 # ----------------------------------------------------------------------------- dispatch
-@pytest.mark.skipif(cpp_backend.extension_error() is not None, reason="C++ extension not built")
-@pytest.mark.parametrize("arg", ["softcap", "sinks"])
-def test_cpp_backend_refuses_by_name_and_auto_falls_back_to_the_reference(arg):
+needs_cpp = pytest.mark.skipif(
+    cpp_backend.extension_error() is not None, reason="C++ extension not built"
+)
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode", ["paper", "log"])
+def test_cpp_backend_takes_softcap_through_the_public_op(mode):
+    q, k, v, factors, mask, _ = _inputs(nq=5, nk=9)
+    call = check_call(q, k, v, factors, True, None, mode, mask, softcap=1.5)
+    assert choose_backend(q, call) == ("cpp", None)
+    got = suppressed_attention(q, k, v, factors, causal=True, mode=mode, key_padding_mask=mask,
+                               softcap=1.5, backend="cpp")  # fmt: skip
+    expected = _by_formula(q, k, v, factors, mask, causal=True, mode=mode, softcap=1.5)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    auto = suppressed_attention(q, k, v, factors, causal=True, mode=mode, key_padding_mask=mask,
+                                softcap=1.5)  # fmt: skip
+    assert torch.equal(auto, got)
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("name,shape,causal", CASES, ids=[c[0] for c in CASES])
+def test_cpp_kernel_equals_the_formula_with_softcap_and_sinks(name, shape, causal, mode):
+    """The kernel itself (cpp_backend.run), fp64, against the row-by-row formula."""
+    q, k, v, factors, mask, sinks = _inputs(**shape)
+    call = check_call(q, k, v, factors, causal, None, mode, mask, softcap=2.0, sinks=sinks)
+    got = cpp_backend.run(q, k, v, factors, mask, call, sinks=sinks)
+    expected = _by_formula(q, k, v, factors, mask, causal=causal, mode=mode, softcap=2.0,
+                           sinks=sinks)  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@needs_cpp
+def test_sinks_reach_the_cpp_kernel_only_where_the_dispatch_passes_them():
+    """The kernel computes sinks (above); the public op's dispatch hands them to the C++ backend
+    only once ``cpp_backend.DISPATCH_PASSES_SINKS`` says so, and until then refuses by name and
+    lets ``auto`` take the reference (never a run without the sinks)."""
     q, k, v, factors, _, sinks = (t.float() for t in _inputs())
-    extra = {"softcap": dict(softcap=2.0), "sinks": dict(sinks=sinks)}[arg]
-    with pytest.raises(BackendUnavailable, match=rf"backend='cpp' cannot run this call: {arg}"):
-        suppressed_attention(q, k, v, factors, backend="cpp", **extra)
-    call = check_call(q, k, v, factors, False, None, "paper", None, **extra)
+    call = check_call(q, k, v, factors, False, None, "paper", None, sinks=sinks)
+    expected = suppressed_attention(q, k, v, factors, sinks=sinks, backend="reference")
+    got = suppressed_attention(q, k, v, factors, sinks=sinks)
     name, reason = choose_backend(q, call)
-    assert name == "reference" and reason.startswith(f"cpp: {arg}")
-    got = suppressed_attention(q, k, v, factors, **extra)
-    expected = suppressed_attention(q, k, v, factors, backend="reference", **extra)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    # without the argument the C++ kernel still takes the call
-    assert choose_backend(q, check_call(q, k, v, factors, False, None, "paper", None)) == (
-        "cpp",
-        None,
-    )
+    if cpp_backend.DISPATCH_PASSES_SINKS:
+        assert (name, reason) == ("cpp", None)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert name == "reference" and reason.startswith("cpp: sinks")
+        with pytest.raises(BackendUnavailable, match="backend='cpp' cannot run this call: sinks"):
+            suppressed_attention(q, k, v, factors, backend="cpp", sinks=sinks)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- fallback

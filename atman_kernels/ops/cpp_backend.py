@@ -2,17 +2,21 @@
 
 The kernel (``csrc/suppressed_attention.cpp``, built by ``setup.py`` into ``atman_kernels._C``)
 is parallel over variants x heads x blocks of query rows; per block and tile of 256 keys it
-computes the scores with one BLAS GEMM into a per-thread buffer, applies masks, factors and the
-softmax with vector loops, and multiplies by V with a second GEMM. Paper mode costs the FLOPs
-of plain attention (the block's scores are kept, so the row minimum needs no second QK^T); memory is
-O(rows per block x Nk) per thread, never [N, N]. fp32 math for fp32/fp16/bf16, fp64 for fp64.
+computes the scores with one BLAS GEMM into a per-thread buffer, applies soft-capping, masks and
+factors, runs an online (flash-style) softmax with vector loops, and multiplies by V with a
+second GEMM. Paper mode costs the FLOPs of plain attention (the block's scores are kept, so
+the row minimum needs no second QK^T); log mode and plain attention stream the scores tile by
+tile. Memory is O(rows per block x Nk) per thread at most, never [N, N]. fp32 math for
+fp32/fp16/bf16, fp64 for fp64. Soft-capping (``call.softcap``) and per-head sink logits
+(``sinks``) are computed in the kernel.
 
 Ops (importing ``atman_kernels._C`` registers them; this module adds their fake kernels so
 ``torch.compile`` and ``torch.library.opcheck`` accept them):
 
-- ``suppressed_attention(q, k, v, factors, key_padding_mask, causal, scale, suppression_mode)``
-  ``-> Tensor``;
-- ``suppressed_attention_out(..., suppression_mode, out) -> None`` (writes into ``out``).
+- ``suppressed_attention(q, k, v, factors, key_padding_mask, causal, scale, suppression_mode,``
+  ``softcap=None, sinks=None) -> Tensor``;
+- ``suppressed_attention_out(..., suppression_mode, out, softcap=None, sinks=None) -> None``
+  (writes into ``out``).
 
 One build runs on any CPU of its architecture: the inner kernel is compiled per instruction-set
 level ("default", "avx2" = x86-64-v3, "avx512" = x86-64-v4) and the level is chosen at run time
@@ -36,6 +40,10 @@ from ._checks import AttentionCall
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 ISA_LEVELS = ("default", "avx2", "avx512")  # lowest first
+
+# Whether ops/suppressed_attention.py hands ``sinks=`` to :func:`run`. Until it does, a call with
+# sinks is refused here (``auto`` then takes the reference) rather than run without them.
+DISPATCH_PASSES_SINKS = False
 
 _IMPORT_ERROR: str | None
 _C = None
@@ -91,7 +99,8 @@ if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("atman_kernels::suppressed_attention")
     def _suppressed_attention_fake(
-        q, k, v, factors, key_padding_mask, causal, scale, suppression_mode
+        q, k, v, factors, key_padding_mask, causal, scale, suppression_mode, softcap=None,
+        sinks=None,
     ):
         torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q and k must have rank 4")
         shape = (_batch(q, k, factors), q.shape[1], q.shape[2], q.shape[3])
@@ -99,7 +108,8 @@ if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("atman_kernels::suppressed_attention_out")
     def _suppressed_attention_out_fake(
-        q, k, v, factors, key_padding_mask, causal, scale, suppression_mode, out
+        q, k, v, factors, key_padding_mask, causal, scale, suppression_mode, out, softcap=None,
+        sinks=None,
     ):
         return None
 
@@ -113,10 +123,11 @@ def unsupported_reason(q: torch.Tensor, call: AttentionCall) -> str | None:
         return f"needs CPU tensors, got {q.device}"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64 are)"
-    if call.softcap is not None:
-        return "softcap (attention logit soft-capping) is not implemented in the C++ kernel"
-    if call.has_sinks:
-        return "sinks (per-head attention sink logits) are not implemented in the C++ kernel"
+    if call.has_sinks and not DISPATCH_PASSES_SINKS:
+        return (
+            "sinks: the kernel computes them (cpp_backend.run(..., sinks=)), but the dispatch in "
+            "ops/suppressed_attention.py does not pass them to this backend yet"
+        )
     return None
 
 
@@ -128,6 +139,7 @@ def run(
     key_padding_mask: torch.Tensor | None,
     call: AttentionCall,
     *,
+    sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the kernel on validated inputs.
@@ -135,17 +147,24 @@ def run(
     Args:
         q: [Bq, Hq, Nq, D]; k, v: [Bk, Hkv, Nk, D] with Bq, Bk in {1, B}; any strides.
         factors: [B, Nk] float or None; key_padding_mask: [1 or B, Nk] bool or None.
-        call: the validated call (scale, causal, mode).
+        call: the validated call (scale, causal, mode, softcap, whether there are sinks).
+        sinks: [Hq] sink logits (any float dtype), exactly when ``call.has_sinks``.
         out: optional [B, Hq, Nq, D] contiguous tensor of q's dtype to write into.
 
     Returns:
         [B, Hq, Nq, D] contiguous, q's dtype (``out`` itself when given).
     """
+    if call.has_sinks != (sinks is not None):
+        raise ValueError(
+            "sinks must be given exactly when the validated call has sinks "
+            f"(call.has_sinks={call.has_sinks}, sinks {'given' if sinks is not None else 'None'})"
+        )
+    args = (q, k, v, factors, key_padding_mask, call.causal, call.scale, call.mode)
     if out is None:
         return torch.ops.atman_kernels.suppressed_attention(
-            q, k, v, factors, key_padding_mask, call.causal, call.scale, call.mode
+            *args, softcap=call.softcap, sinks=sinks
         )
     torch.ops.atman_kernels.suppressed_attention_out(
-        q, k, v, factors, key_padding_mask, call.causal, call.scale, call.mode, out
+        *args, out, softcap=call.softcap, sinks=sinks
     )
     return out

@@ -2,5 +2,4 @@
 #define ATMAN_ISA_TABLE kTableAvx2
 #define ATMAN_ISA_NAME "avx2"
 #define ATMAN_ISA_VECTOR_BYTES 32
-#define ATMAN_ISA_KEY_TILE 256
 #include "../attention_kernel_impl.h"

@@ -2,5 +2,4 @@
 #define ATMAN_ISA_TABLE kTableDefault
 #define ATMAN_ISA_NAME "default"
 #define ATMAN_ISA_VECTOR_BYTES 16
-#define ATMAN_ISA_KEY_TILE 256
 #include "../attention_kernel_impl.h"
