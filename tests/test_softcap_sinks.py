@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from atman_kernels import BackendUnavailable, suppressed_attention
+from atman_kernels import suppressed_attention
 from atman_kernels._materialised import materialised_suppressed_attention
 from atman_kernels.ops import choose_backend, cpp_backend
 from atman_kernels.ops._checks import check_call
@@ -215,23 +215,20 @@ def test_cpp_kernel_equals_the_formula_with_softcap_and_sinks(name, shape, causa
 
 
 @needs_cpp
-def test_sinks_reach_the_cpp_kernel_only_where_the_dispatch_passes_them():
-    """The kernel computes sinks (above); the public op's dispatch hands them to the C++ backend
-    only once ``cpp_backend.DISPATCH_PASSES_SINKS`` says so, and until then refuses by name and
-    lets ``auto`` take the reference (never a run without the sinks)."""
+def test_sinks_reach_the_cpp_kernel_through_the_public_op():
+    """The public op hands sinks to the C++ backend, which ``auto`` picks on CPU: its result
+    is the reference's, and it differs from the same call without sinks (so the sinks were
+    not dropped on the way)."""
     q, k, v, factors, _, sinks = (t.float() for t in _inputs())
     call = check_call(q, k, v, factors, False, None, "paper", None, sinks=sinks)
+    assert choose_backend(q, call) == ("cpp", None)
     expected = suppressed_attention(q, k, v, factors, sinks=sinks, backend="reference")
-    got = suppressed_attention(q, k, v, factors, sinks=sinks)
-    name, reason = choose_backend(q, call)
-    if cpp_backend.DISPATCH_PASSES_SINKS:
-        assert (name, reason) == ("cpp", None)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    else:
-        assert name == "reference" and reason.startswith("cpp: sinks")
-        with pytest.raises(BackendUnavailable, match="backend='cpp' cannot run this call: sinks"):
-            suppressed_attention(q, k, v, factors, backend="cpp", sinks=sinks)
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got = suppressed_attention(q, k, v, factors, sinks=sinks, backend="cpp")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(suppressed_attention(q, k, v, factors, sinks=sinks), got,
+                               rtol=0, atol=0)
+    without = suppressed_attention(q, k, v, factors, backend="cpp")
+    assert (got - without).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- fallback

@@ -41,10 +41,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 ISA_LEVELS = ("default", "avx2", "avx512")  # lowest first
 
-# Whether ops/suppressed_attention.py hands ``sinks=`` to :func:`run`. Until it does, a call with
-# sinks is refused here (``auto`` then takes the reference) rather than run without them.
-DISPATCH_PASSES_SINKS = False
-
 _IMPORT_ERROR: str | None
 _C = None
 try:  # loading the library registers torch.ops.atman_kernels.*
@@ -123,11 +119,6 @@ def unsupported_reason(q: torch.Tensor, call: AttentionCall) -> str | None:
         return f"needs CPU tensors, got {q.device}"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64 are)"
-    if call.has_sinks and not DISPATCH_PASSES_SINKS:
-        return (
-            "sinks: the kernel computes them (cpp_backend.run(..., sinks=)), but the dispatch in "
-            "ops/suppressed_attention.py does not pass them to this backend yet"
-        )
     return None
 
 

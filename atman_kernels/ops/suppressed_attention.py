@@ -109,6 +109,4 @@ def suppressed_attention(
         reason = _interpreter_refusal(q)
     if reason is not None:
         raise BackendUnavailable(f"backend={backend!r} cannot run this call: {reason}")
-    if module is triton_backend:
-        return triton_backend.run(q, k, v, factors, key_padding_mask, call, sinks=sinks)
-    return module.run(q, k, v, factors, key_padding_mask, call)
+    return module.run(q, k, v, factors, key_padding_mask, call, sinks=sinks)
