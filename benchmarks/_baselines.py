@@ -18,6 +18,10 @@ the summed log-probability of the target tokens under teacher forcing, over ever
   probabilities (``output_attentions=True``); the [B, H, N, N] probabilities of every layer are
   kept for backward.
 
+- :func:`contrastive_input_x_gradient`, :func:`contrastive_integrated_gradients`: the same
+  two methods (Captum ``InputXGradient`` / ``IntegratedGradients`` on the prompt's embeddings)
+  for log p(fact) - log p(foil) (:func:`contrast_log_prob_fn`); scores over the prompt only.
+
 All return a 1-D float tensor of scores over the N positions of ``ids``. Scores are summed over
 the embedding dimension where the method attributes to embeddings.
 """
@@ -101,3 +105,66 @@ def attention_x_gradient(model: torch.nn.Module, ids: torch.Tensor,
             cam = (grad[0].float() * attn[0].float()).clamp(min=0).mean(0)  # [N, N]
             relevance = relevance + cam @ relevance
     return relevance[n - n_target:].sum(0)
+
+
+# ------------------------------------------------------------- contrastive (fact against foil)
+def contrast_log_prob_fn(model: torch.nn.Module, fact_ids: torch.Tensor,
+                         foil_ids: torch.Tensor):
+    """forward(prompt embeddings [b, n, H]) -> [b] log p(fact) - log p(foil), each summed over
+    its tokens under teacher forcing (the continuation's embeddings but the last are appended
+    to the prompt's; they are constants, not attributed). When both continuations are one
+    token, one forward reads both from the last position's logits."""
+    fact_ids, foil_ids = fact_ids.reshape(-1), foil_ids.reshape(-1)
+    if fact_ids.numel() == 0 or foil_ids.numel() == 0:
+        raise ValueError("fact_ids and foil_ids must each hold at least one token")
+    embed = model.get_input_embeddings()
+
+    def summed(prompt_embeds: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        n_target = int(tgt.numel())
+        tail = embed(tgt[:-1].to(prompt_embeds.device))[None].to(prompt_embeds.dtype)
+        embeds = torch.cat([prompt_embeds, tail.expand(prompt_embeds.shape[0], -1, -1)], dim=1)
+        logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=n_target).logits
+        logp = torch.log_softmax(logits[:, -n_target:].float(), dim=-1)
+        index = tgt.to(logp.device).expand(logp.shape[0], n_target)[..., None]
+        return logp.gather(-1, index).sum(dim=(1, 2))
+
+    def forward(prompt_embeds: torch.Tensor) -> torch.Tensor:
+        if fact_ids.numel() == 1 and foil_ids.numel() == 1:
+            logits = model(inputs_embeds=prompt_embeds, use_cache=False, logits_to_keep=1).logits
+            logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+            return logp[:, int(fact_ids)] - logp[:, int(foil_ids)]
+        return summed(prompt_embeds, fact_ids) - summed(prompt_embeds, foil_ids)
+
+    return forward
+
+
+def contrastive_input_x_gradient(model: torch.nn.Module, prompt_ids: torch.Tensor,
+                                 fact_ids: torch.Tensor, foil_ids: torch.Tensor) -> torch.Tensor:
+    """Captum InputXGradient of log p(fact) - log p(foil) on the prompt's embeddings:
+    prompt_ids [1, n] -> scores [n] (summed over the embedding dimension)."""
+    from captum.attr import InputXGradient
+
+    embeds = model.get_input_embeddings()(prompt_ids).detach()
+    attr = InputXGradient(contrast_log_prob_fn(model, fact_ids, foil_ids)).attribute(embeds)
+    return attr.sum(-1)[0].detach()
+
+
+def contrastive_integrated_gradients(model: torch.nn.Module, prompt_ids: torch.Tensor,
+                                     fact_ids: torch.Tensor, foil_ids: torch.Tensor, *,
+                                     n_steps: int, internal_batch_size: int,
+                                     baseline_id: int = 0) -> torch.Tensor:
+    """Captum IntegratedGradients of log p(fact) - log p(foil) on the prompt's embeddings, from
+    the embeddings of ``baseline_id`` at every prompt position: prompt_ids [1, n] -> scores [n].
+
+    The same path as :func:`integrated_gradients` (Captum's default Gauss-Legendre steps) over
+    the prompt; the teacher-forced continuation tokens stay fixed instead of being interpolated
+    (which changes nothing for one-token continuations)."""
+    from captum.attr import IntegratedGradients
+
+    embed = model.get_input_embeddings()
+    embeds = embed(prompt_ids).detach()
+    baseline = embed(torch.full_like(prompt_ids, baseline_id)).detach()
+    ig = IntegratedGradients(contrast_log_prob_fn(model, fact_ids, foil_ids))
+    attr = ig.attribute(embeds, baselines=baseline, n_steps=n_steps,
+                        internal_batch_size=internal_batch_size)
+    return attr.sum(-1)[0].detach()

@@ -305,3 +305,112 @@ def make_sentiment_items(n: int, seed: int,
         items.append(SentimentItem(prompt=prompt, target=" " + label, tweet_span=span,
                                    label=label))
     return items
+
+
+# ---------------------------------------------------------------------- contrast (fact/foil)
+# gold relation -> (statement, question, values); {e} = one person, {v} = the value. The
+# statement puts the value before the name so that its opening is the cloze the model completes
+# ("Answer: The red car is driven by" -> " Mara"), as in the QA and document tasks.
+CONTRAST_RELATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "worked": ("{v} is where {e} once worked.", "Who once worked in {v}?",
+               ("Oslo", "Lisbon", "Prague", "Dublin", "Warsaw", "Zurich", "Madrid", "Vienna")),
+    "plays": ("The {v} is played by {e}.", "Who plays the {v}?",
+              ("violin", "piano", "guitar", "flute", "cello", "trumpet", "drums")),
+    "speaks": ("{v} is spoken by {e}.", "Who speaks {v}?",
+               ("Spanish", "Italian", "Polish", "Greek", "Dutch", "Russian", "Turkish")),
+    "owns": ("The {v} belongs to {e}.", "Who owns the {v}?",
+             ("horse", "parrot", "rabbit", "turtle", "hamster", "goat", "canary")),
+    "drives": ("The {v} car is driven by {e}.", "Who drives the {v} car?",
+               ("red", "blue", "green", "yellow", "white", "black", "silver")),
+}
+# sentences naming both people ({a}, {b}); {c} a city of the shared-city list
+CONTRAST_OPENINGS = ("{a} and {b} both applied for the post.",
+                     "{a} and {b} joined the choir in the same year.",
+                     "{a} and {b} are old friends.",
+                     "{a} and {b} share an office at the bank.")
+CONTRAST_SHARED = ("{a} and {b} had both studied in {c}.",
+                   "{a} met {b} at a party in {c}.",
+                   "{a} and {b} both enjoy long walks.",
+                   "{a} and {b} both like cheese.",
+                   "{a} and {b} often cook dinner together.",
+                   "{a} and {b} spent a summer in {c}.",
+                   "{a} sometimes calls {b} on Sundays.")
+CONTRAST_SHARED_CITIES = ("Paris", "London", "Berlin", "Rome", "Munich", "Boston", "Tokyo",
+                          "Sydney")
+CONTRAST_PEOPLE = ("Anna", "Mark", "Paul", "Maria", "Peter", "Laura", "Tom", "Sarah", "David",
+                   "Emma", "Lucas", "Julia", "Nina", "Oscar", "Felix", "Clara", "Hugo",
+                   "Ella", "Ivan", "Omar", "Rosa", "Simon", "Vera", "Adam")
+CONTRAST_SHARED_SENTENCES = 3  # sentences naming both people, besides the opening
+
+
+@dataclass(frozen=True)
+class ContrastItem:
+    """One fact-against-foil item; spans are [start, end) character offsets into ``prompt``.
+
+    ``target`` (the fact) and ``foil`` are the two people's names with a leading space;
+    ``evidence_index`` is the one sentence that tells them apart (the gold sentence);
+    ``foil_index`` the foil's sentence of the same relation with another value.
+    """
+
+    prompt: str
+    target: str
+    foil: str
+    context_span: tuple[int, int]
+    sentence_spans: tuple[tuple[int, int], ...]
+    evidence_index: int
+    foil_index: int
+    relation: str
+
+    @property
+    def n_sentences(self) -> int:
+        return len(self.sentence_spans)
+
+
+def make_contrast_item(rng: random.Random) -> ContrastItem:
+    """One random fact/foil item of 7 sentences (see :data:`CONTRAST_RELATIONS`).
+
+    The document: an opening naming both people, :data:`CONTRAST_SHARED_SENTENCES` more
+    sentences naming both (each with the two names in a random order), the gold sentence (the
+    asked relation and value, about the fact's person only), the foil's sentence of the same
+    relation with another value, and another relation's fact about the fact's person alone. So
+    the fact's name stands in every sentence but the foil's own, the gold sentence is not the
+    only one naming the fact's person alone, and only the gold sentence holds the asked value.
+    The prompt ends with the question and the gold sentence's opening (the cloze).
+    """
+    fact, foil = rng.sample(CONTRAST_PEOPLE, 2)
+    relations = sorted(CONTRAST_RELATIONS)
+    gold_relation, fact_other = (relations[i] for i in rng.sample(range(len(relations)), 2))
+
+    def pair(template: str) -> str:
+        a, b = (fact, foil) if rng.random() < 0.5 else (foil, fact)
+        return template.format(a=a, b=b, c=rng.choice(CONTRAST_SHARED_CITIES))
+
+    statement, question, values = CONTRAST_RELATIONS[gold_relation]
+    value, foil_value = rng.sample(values, 2)
+    gold = statement.format(e=fact, v=value)
+    foil_sentence = statement.format(e=foil, v=foil_value)
+    other = CONTRAST_RELATIONS[fact_other]
+    body = [pair(t) for t in rng.sample(CONTRAST_SHARED, CONTRAST_SHARED_SENTENCES)]
+    body += [other[0].format(e=fact, v=rng.choice(other[2])), foil_sentence, gold]
+    rng.shuffle(body)
+    sentences = [pair(rng.choice(CONTRAST_OPENINGS)), *body]
+    prompt = "Document:"
+    spans = []
+    for sentence in sentences:
+        prompt += " "
+        spans.append((len(prompt), len(prompt) + len(sentence)))
+        prompt += sentence
+    opening = statement.format(e="\0", v=value).split("\0")[0].rstrip()
+    prompt += f"\nQuestion: {question.format(v=value)}\nAnswer: {opening}"
+    return ContrastItem(prompt=prompt, target=" " + fact, foil=" " + foil,
+                        context_span=(spans[0][0], spans[-1][1]), sentence_spans=tuple(spans),
+                        evidence_index=sentences.index(gold),
+                        foil_index=sentences.index(foil_sentence), relation=gold_relation)
+
+
+def make_contrast_items(n: int, seed: int) -> list[ContrastItem]:
+    """``n`` random fact/foil items from a fixed seed (the same seed gives the same items)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    return [make_contrast_item(rng) for _ in range(n)]

@@ -28,6 +28,14 @@ conceptual suppression at kappa 0.7 (for a sentence: the union of its tokens'); 
 number per sentence. Every method uses the same sentence units (the tokens overlapping each
 sentence's character range).
 
+Contrast task (``CONTRAST_METHODS``, issue 12): the sentences scored for "why the fact rather
+than the foil". ``atman_contrast``: one AtMan variant per sentence with ``contrast=`` the foil
+(score = rise of CE(fact) minus rise of CE(foil)); ``atman_fact``: the same on the fact alone;
+``ixg_contrast`` / ``ig_contrast``: input x gradient / integrated gradients (``IG_STEPS``
+steps, baseline token ``ABLATION_ID``) of log p(fact) - log p(foil) (each summed over its
+tokens) on the prompt's embeddings, summed per sentence; ``ixg_fact``: the token IxG of the fact
+alone, summed per sentence; ``random``: one number per sentence.
+
 Attention methods switch the model to transformers' "eager" attention for their forward and
 restore the previous implementation.
 """
@@ -272,4 +280,81 @@ DOC_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "ixg_sum": token_method_per_sentence("ixg"),
     "chefer_sum": token_method_per_sentence("chefer"),
     "random": random_sentences,
+}
+
+
+# --------------------------------------------------------- contrast task (fact against foil)
+# A contrast method scores the sentences of a document prompt for "why the fact rather than the
+# foil" -> [n_sentences]. Arguments as for the document methods, with the foil's ids after the
+# fact's (``fact_ids``, ``foil_ids``: the two continuations, each any length).
+def atman_contrast_method(contrastive: bool) -> Callable[..., torch.Tensor]:
+    """AtMan with one variant per sentence (``spans=``; paper mode, factor 0.1, no conceptual
+    suppression): ``contrast=`` the foil (the rise of CE(fact) minus the rise of CE(foil)), or
+    the fact alone (the rise of CE(fact))."""
+
+    def run(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[int],
+            fact_ids: list[int], foil_ids: list[int], spans: list[tuple[int, int]],
+            positions: list[list[int]], seed: int) -> torch.Tensor:
+        from atman_kernels import AtManExplainer
+
+        explainer = AtManExplainer(model, tokenizer, factor=0.1, mode="paper",
+                                   conceptual_threshold=None, progress=False)
+        contrast = list(foil_ids) if contrastive else None
+        expl = explainer.explain(prompt, list(fact_ids), spans=list(spans), contrast=contrast)
+        _check_units(expl, prompt_ids, [list(p) for p in positions])
+        return expl.scores.float()
+
+    return run
+
+
+def contrast_gradient_method(kind: str) -> Callable[..., torch.Tensor]:
+    """IxG or IG (``IG_STEPS`` steps, baseline token ``ABLATION_ID``) of log p(fact) -
+    log p(foil) on the prompt's embeddings, summed over the embedding dimension and then over
+    each sentence's tokens."""
+
+    def run(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[int],
+            fact_ids: list[int], foil_ids: list[int], spans: list[tuple[int, int]],
+            positions: list[list[int]], seed: int) -> torch.Tensor:
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+        fact = torch.tensor(list(fact_ids), dtype=torch.long)
+        foil = torch.tensor(list(foil_ids), dtype=torch.long)
+        if kind == "ixg":
+            scores = _baselines.contrastive_input_x_gradient(model, ids, fact, foil)
+        else:
+            scores = _baselines.contrastive_integrated_gradients(
+                model, ids, fact, foil, n_steps=IG_STEPS, internal_batch_size=IG_STEPS,
+                baseline_id=ABLATION_ID)
+        return sum_per_sentence(scores, positions)
+
+    return run
+
+
+def fact_token_method(name: str) -> Callable[..., torch.Tensor]:
+    """A token method of :data:`METHODS` on the fact alone (the foil unused), summed per
+    sentence."""
+    per_sentence = token_method_per_sentence(name)
+
+    def run(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[int],
+            fact_ids: list[int], foil_ids: list[int], spans: list[tuple[int, int]],
+            positions: list[list[int]], seed: int) -> torch.Tensor:
+        return per_sentence(model, tokenizer, prompt, prompt_ids, fact_ids, spans, positions,
+                            seed)
+
+    return run
+
+
+def random_contrast(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[int],
+                    fact_ids: list[int], foil_ids: list[int], spans: list[tuple[int, int]],
+                    positions: list[list[int]], seed: int) -> torch.Tensor:
+    """Uniform noise per sentence [n_sentences] from ``seed``."""
+    return torch.rand(len(positions), generator=torch.Generator().manual_seed(int(seed)))
+
+
+CONTRAST_METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "atman_contrast": atman_contrast_method(contrastive=True),
+    "atman_fact": atman_contrast_method(contrastive=False),
+    "ixg_contrast": contrast_gradient_method("ixg"),
+    "ig_contrast": contrast_gradient_method("ig"),
+    "ixg_fact": fact_token_method("ixg"),
+    "random": random_contrast,
 }

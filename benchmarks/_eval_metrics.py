@@ -22,6 +22,8 @@ Conventions (the same for every method):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -105,3 +107,44 @@ def curve_auc(values: torch.Tensor | list[float]) -> float:
     if v.dim() != 1 or v.numel() < 2:
         raise ValueError(f"values must be a 1-D curve of at least 2 points, got {tuple(v.shape)}")
     return float(((v[1:] + v[:-1]) / 2).sum() / (v.numel() - 1))
+
+
+# ------------------------------------------------------------------ intervals (contrast task)
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% for the default z): (low, high)."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need n >= 1 and 0 <= successes <= n, got successes={successes}, n={n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(values: list[float] | torch.Tensor, seed: int = 0, n_boot: int = 2000,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled ``n_boot`` times with
+    a seeded generator): (low, high)."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if v.numel() < 1 or n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need at least one value, n_boot >= 1 and 0 < level < 1, got "
+                         f"{v.numel()} values, n_boot={n_boot}, level={level}")
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(v.numel(), (n_boot, v.numel()), generator=gen)
+    means = v[idx].mean(dim=1)
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for paired binary outcomes: ``only_a`` pairs where A
+    succeeds and B fails, ``only_b`` the reverse (a binomial test of only_a ~ Bin(sum, 1/2))."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"counts must be >= 0, got {only_a}, {only_b}")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

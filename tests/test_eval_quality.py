@@ -270,7 +270,12 @@ def test_smoke_run_writes_sane_csvs(smollm2, tmp_path):
         per_item = list(csv.DictReader(fh))
     assert [(r["task"], r["method"]) for r in written] == [
         ("qa", "atman_paper"), ("qa", "ixg"), ("sentiment", "atman_paper"),
-        ("sentiment", "ixg"), ("doc", "atman_sentence"), ("doc", "ixg_sum"), ("doc", "random")]
+        ("sentiment", "ixg"), ("doc", "atman_sentence"), ("doc", "ixg_sum"), ("doc", "random"),
+        *(("contrast", m) for m in eq.SMOKE["contrast_methods"])]
+    pairs = [r for r in per_item if r["task"] == "contrast"]
+    assert len(pairs) == len(eq.SMOKE["contrast_methods"]) * eq.SMOKE["contrast_items"]
+    for r in pairs:  # kept: SmolLM2 puts the fact over the foil
+        assert float(r["margin"]) > 0 and 1 <= int(r["evidence_rank"]) <= int(r["n_sentences"])
     docs = [r for r in per_item if r["task"] == "doc"]
     assert len(docs) == 3 * eq.SMOKE["doc_items"]
     for r in docs:
@@ -282,8 +287,8 @@ def test_smoke_run_writes_sane_csvs(smollm2, tmp_path):
     for r in (r for r in written if r["task"] == "doc"):
         assert int(r["n_items"]) == int(r["n_kept"]) == eq.SMOKE["doc_items"]
         assert r["deletion_auc"] == "" and 0 <= float(r["top1"]) <= 1
-    per_item = [r for r in per_item if r["task"] != "doc"]
-    written = [r for r in written if r["task"] != "doc"]
+    per_item = [r for r in per_item if r["task"] not in ("doc", "contrast")]
+    written = [r for r in written if r["task"] not in ("doc", "contrast")]
     for r in written:
         assert int(r["n_items"]) == int(r["n_kept"]) <= int(r["n_generated"])
         assert r["seed"] == "0" and r["torch"] == torch.__version__ and "SmolLM2" in r["model"]
@@ -294,7 +299,7 @@ def test_smoke_run_writes_sane_csvs(smollm2, tmp_path):
                 assert 0 <= float(r[metric]) <= 1
         else:
             assert r["ap"] == "" and int(r["n_items"]) == eq.SMOKE["sentiment_items"]
-    assert len(per_item) == len(rows) - len(docs) == 2 * (eq.SMOKE["items"]
+    assert len(per_item) == len(rows) - len(docs) - len(pairs) == 2 * (eq.SMOKE["items"]
                                                            + eq.SMOKE["sentiment_items"])
     # both methods' curves start from the same full prompt and the same emptied one
     for key in {(r["task"], r["item"]) for r in per_item}:
@@ -386,8 +391,11 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "expected an integer >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eq.parse_args(["--tasks", "qa,bogus"])
-    assert "--tasks must be a comma-separated subset of qa,sentiment,doc" in (
+    assert "--tasks must be a comma-separated subset of qa,sentiment,doc,contrast" in (
         capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        eq.parse_args(["--contrast-methods", "atman_contrast,ig"])
+    assert "--contrast-methods must be a comma-separated subset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eq.parse_args(["--doc-methods", "ig"])
     assert "--doc-methods must be a comma-separated subset" in capsys.readouterr().err
@@ -396,8 +404,264 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "--max-minutes must be > 0" in capsys.readouterr().err
     args = eq.parse_args(["--smoke", "--out", "x.csv"])
     assert args.items == 2 and args.methods == ["atman_paper", "ixg"]
-    assert args.tasks == ["qa", "sentiment", "doc"] and args.doc_items == 1
+    assert args.tasks == ["qa", "sentiment", "doc", "contrast"] and args.doc_items == 1
+    assert args.contrast_items == eq.SMOKE["contrast_items"]
     assert eq.parse_args(["--tasks", "doc"]).tasks == ["doc"]
     assert eq.parse_args([]).tasks == eq.DEFAULT_TASKS
     assert args.items_out == Path("x_items.csv")
     assert eq.parse_args([]).items == eq.DEFAULT_ITEMS
+
+
+# --------------------------------------------------------- contrast task (fact against foil)
+def test_contrast_items_are_seeded_and_name_both_people():
+    from atman_kernels.explain import split_sentences
+
+    first = items.make_contrast_items(40, seed=0)
+    assert first == items.make_contrast_items(40, seed=0)
+    assert first != items.make_contrast_items(40, seed=1)
+    assert len({it.relation for it in first}) == len(items.CONTRAST_RELATIONS)
+    fact_first = 0
+    for it in first:
+        fact, foil = it.target.strip(), it.foil.strip()
+        assert fact != foil and it.target.startswith(" ") and it.foil.startswith(" ")
+        context = it.prompt[slice(*it.context_span)]
+        sentences = [it.prompt[a:b] for a, b in it.sentence_spans]
+        shift = it.context_span[0]
+        # the explainer's sentence splitter cuts the document into the same sentences
+        assert [(a + shift, b + shift) for a, b in split_sentences(context)] == list(
+            it.sentence_spans)
+        question, opening = it.prompt.split("\nQuestion: ", 1)[1].split("\nAnswer: ")
+        assert question.startswith("Who ")
+        statement, asked, values = items.CONTRAST_RELATIONS[it.relation]
+        value = next(v for v in values if asked.format(v=v) == question)
+        # the gold sentence states the asked fact about the fact's person and no one else ...
+        gold = sentences[it.evidence_index]
+        assert gold == statement.format(e=fact, v=value)
+        # ... the prompt ends with its opening (the cloze), which no other sentence shares ...
+        assert [s.startswith(opening + " ") for s in sentences].count(True) == 1
+        assert gold == f"{opening}{it.target}." or gold.startswith(f"{opening}{it.target} ")
+        # ... the foil's sentence has the same relation and another value ...
+        foil_value = next(v for v in values
+                          if sentences[it.foil_index] == statement.format(e=foil, v=v))
+        assert foil_value != value and it.foil_index != it.evidence_index
+        # ... and is the only sentence holding the asked value
+        assert [i for i, s in enumerate(sentences) if value in s.replace(".", " ").split()
+                ] == [it.evidence_index]
+        names = [(fact in s.split() or fact + "." in s.split(),
+                  foil in s.split() or foil + "." in s.split()) for s in sentences]
+        both = [i for i, n in enumerate(names) if n == (True, True)]
+        fact_alone = [i for i, n in enumerate(names) if n == (True, False)]
+        foil_alone = [i for i, n in enumerate(names) if n == (False, True)]
+        # distractors name both people; the gold sentence is not the only one naming the fact
+        # alone, and the fact's name stands in every sentence but the foil's own fact
+        assert len(both) == 1 + items.CONTRAST_SHARED_SENTENCES and both[0] == 0
+        assert it.evidence_index in fact_alone and len(fact_alone) == 2
+        assert foil_alone == [it.foil_index]
+        assert len(both) + len(fact_alone) == it.n_sentences - 1
+        fact_first += sum(sentences[i].startswith(fact + " ") for i in both)
+    # neither name is always the first of a pair
+    n_pairs = 40 * (1 + items.CONTRAST_SHARED_SENTENCES)
+    assert 0.3 * n_pairs < fact_first < 0.7 * n_pairs
+    assert {it.evidence_index for it in first} >= {1, 2, 3, 4, 5, 6}
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        items.make_contrast_items(-1, seed=0)
+
+
+def test_intervals_and_paired_test_known_values():
+    # Wilson: 0 of 10 -> [0, 0.2775]; 5 of 10 -> symmetric around 0.5
+    lo, hi = metrics.wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = metrics.wilson_interval(5, 10)
+    assert lo == pytest.approx(1 - hi) and lo == pytest.approx(0.2366, abs=1e-4)
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        metrics.wilson_interval(3, 2)
+    # bootstrap of the mean: seeded, inside the values' range, around the mean
+    values = [0.0, 1.0, 0.5, 0.25, 1.0, 0.0, 1.0, 0.5]
+    lo, hi = metrics.bootstrap_interval(values, seed=1)
+    assert (lo, hi) == metrics.bootstrap_interval(values, seed=1)
+    assert 0.0 <= lo < sum(values) / len(values) < hi <= 1.0
+    assert metrics.bootstrap_interval([0.3] * 5) == pytest.approx((0.3, 0.3))
+    with pytest.raises(ValueError, match="at least one value"):
+        metrics.bootstrap_interval([])
+    # exact McNemar: 0 vs 5 discordant pairs -> 2 / 2^5; balanced -> 1
+    assert metrics.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert metrics.mcnemar_exact(5, 0) == metrics.mcnemar_exact(0, 5)
+    assert metrics.mcnemar_exact(3, 3) == 1.0 and metrics.mcnemar_exact(0, 0) == 1.0
+    assert metrics.mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+
+
+CONTRAST_VOCAB = 400
+
+
+@pytest.fixture(scope="module")
+def contrast_tok():
+    """A small byte-level BPE tokenizer (no BOS) trained here on contrast items (offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=CONTRAST_VOCAB, special_tokens=["<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [it.prompt + it.target for it in items.make_contrast_items(50, seed=5)]
+    bpe.train_from_iterator(texts * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<s>")
+
+
+def _tiny_lm(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=CONTRAST_VOCAB, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _log_prob(model, prompt_ids, continuation):
+    ids = torch.tensor([list(prompt_ids) + list(continuation[:-1])])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -len(continuation):].double()
+    return float(torch.log_softmax(logits, -1).gather(
+        -1, torch.tensor(continuation)[:, None]).sum())
+
+
+@pytest.mark.parametrize("fact, foil", [([7], [11]), ([7, 30, 2], [11, 5])],
+                         ids=["one_token", "multi_token"])
+def test_contrastive_ixg_is_the_difference_of_the_two_ixg(fact, foil):
+    """Input x gradient is linear in the explained function: on the prompt's embeddings, IxG of
+    log p(fact) - log p(foil) = IxG of log p(fact) - IxG of log p(foil), each computed by the
+    existing one-target baseline on its own teacher-forced sequence."""
+    import _baselines
+
+    pytest.importorskip("captum", reason="captum (bench extra) runs the attribution baselines")
+    model = _tiny_lm()
+    prompt = [3, 17, 42, 5, 17, 9, 30, 11, 8, 25]
+    n = len(prompt)
+    got = _baselines.contrastive_input_x_gradient(model, torch.tensor([prompt]),
+                                                  torch.tensor(fact), torch.tensor(foil))
+    want = [_baselines.input_x_gradient(model, torch.tensor([prompt + t[:-1]]),
+                                        torch.tensor(t))[:n] for t in (fact, foil)]
+    assert got.shape == (n,)
+    torch.testing.assert_close(got, want[0] - want[1], rtol=1e-4, atol=1e-6)
+    assert got.abs().sum() > 0
+    if len(fact) == 1:  # one-token continuations: IG follows the same path as the layer IG
+        ig = _baselines.contrastive_integrated_gradients(
+            model, torch.tensor([prompt]), torch.tensor(fact), torch.tensor(foil), n_steps=5,
+            internal_batch_size=5)
+        ig_want = [_baselines.integrated_gradients(model, torch.tensor([prompt]),
+                                                   torch.tensor(t), n_steps=5,
+                                                   internal_batch_size=5) for t in (fact, foil)]
+        torch.testing.assert_close(ig, ig_want[0] - ig_want[1], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one token"):
+        _baselines.contrast_log_prob_fn(model, torch.tensor(fact), torch.tensor([], dtype=int))
+
+
+def test_contrast_atman_methods_on_a_tiny_model(contrast_tok):
+    """The contrastive AtMan method = AtMan on the fact minus AtMan on the foil (each sentence
+    suppressed alone, both CE rises summed over tokens): the foil reaches the explainer."""
+    import eval_quality as eq
+
+    model = _tiny_lm(1)
+    item = items.make_contrast_items(1, seed=2)[0]
+    prompt_ids, offsets, fact = eq._encode(contrast_tok, item.prompt, item.target)
+    foil = contrast_tok(item.foil, add_special_tokens=False)["input_ids"]
+    positions = [items.token_positions(offsets, s) for s in item.sentence_spans]
+    args = (item.prompt, prompt_ids, fact, foil, list(item.sentence_spans), positions, 0)
+    contrast = methods.CONTRAST_METHODS["atman_contrast"](model, contrast_tok, *args)
+    on_fact = methods.CONTRAST_METHODS["atman_fact"](model, contrast_tok, *args)
+    on_foil = methods.CONTRAST_METHODS["atman_fact"](model, contrast_tok, item.prompt,
+                                                     prompt_ids, foil, fact,
+                                                     list(item.sentence_spans), positions, 0)
+    assert contrast.shape == (item.n_sentences,)
+    torch.testing.assert_close(contrast, on_fact - on_foil, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(contrast, on_fact)
+    # the gradient method sums its token scores over exactly the sentences' tokens
+    ixg = methods.CONTRAST_METHODS["ixg_contrast"](model, contrast_tok, *args)
+    import _baselines
+
+    tokens = _baselines.contrastive_input_x_gradient(model, torch.tensor([prompt_ids]),
+                                                     torch.tensor(fact), torch.tensor(foil))
+    want = torch.stack([tokens[p].sum() for p in positions])
+    torch.testing.assert_close(ixg, want, rtol=1e-5, atol=1e-6)
+
+
+def test_contrast_task_end_to_end_on_a_tiny_model(contrast_tok, tmp_path):
+    import eval_quality as eq
+
+    pytest.importorskip("captum", reason="captum (bench extra) runs the attribution baselines")
+    model = _tiny_lm(3)
+    out = tmp_path / "c.csv"
+    args = eq.parse_args(["--tasks", "contrast", "--contrast-items", "3", "--seed", "4",
+                          "--out", str(out)])
+    assert args.contrast_methods == list(methods.CONTRAST_METHODS)
+    summary, rows = eq.run(args, model, contrast_tok)
+    with open(out) as fh:
+        written = list(csv.DictReader(fh))
+    with open(tmp_path / "c_items.csv") as fh:
+        per_item = list(csv.DictReader(fh))
+    # kept = exactly the generated items on which the model puts the fact over the foil
+    n_generated = int(written[0]["n_generated"])
+    kept = []
+    for i, it in enumerate(items.make_contrast_items(n_generated, seed=4)):
+        prompt_ids = contrast_tok(it.prompt)["input_ids"]
+        margin = (_log_prob(model, prompt_ids, contrast_tok(it.target)["input_ids"])
+                  - _log_prob(model, prompt_ids, contrast_tok(it.foil)["input_ids"]))
+        if margin > 0:
+            kept.append((i, it, margin))
+    kept = kept[:3]
+    assert len(kept) == 3 and int(written[0]["n_kept"]) == 3
+    assert sorted({int(r["item"]) for r in per_item}) == [i for i, _, _ in kept]
+    assert [r["method"] for r in written] == list(methods.CONTRAST_METHODS)
+    for column in ("top1", "top1_lo", "top1_hi", "mrr", "mrr_lo", "mrr_hi", "evidence_rank",
+                   "evidence_rank_lo", "evidence_rank_hi", "n_items", "n_generated",
+                   "n_kept", "wins_vs_reference", "losses_vs_reference", "mcnemar_p",
+                   "seconds", "threads", "load_avg_1m_start", "model", "seed"):
+        assert column in written[0], column
+    by_item = {i: (it, margin) for i, it, margin in kept}
+    for r in per_item:
+        it, margin = by_item[int(r["item"])]
+        assert r["task"] == "contrast" and float(r["margin"]) == pytest.approx(margin, abs=1e-3)
+        assert int(r["evidence_index"]) == it.evidence_index
+        assert int(r["foil_index"]) == it.foil_index
+        foil_rank = int(r["foil_sentence_rank"])
+        assert 1 <= foil_rank <= it.n_sentences and foil_rank != int(r["evidence_rank"])
+        assert r["fact"] == it.target and r["foil"] == it.foil
+        rank = int(r["evidence_rank"])
+        scores = [float(v) for v in r["scores"].split()]
+        assert len(scores) == int(r["n_sentences"]) == it.n_sentences
+        assert 1 <= rank <= it.n_sentences and float(r["rr"]) == pytest.approx(1 / rank)
+        assert float(r["top1"]) == (rank == 1)
+        # the rank is the gold sentence's place among the scores (ties aside)
+        gold = scores[it.evidence_index]
+        assert sum(s > gold for s in scores) < rank <= sum(s >= gold for s in scores)
+    for r in written:
+        sel = [x for x in per_item if x["method"] == r["method"]]
+        assert int(r["n_items"]) == len(sel) == 3
+        top1 = sum(float(x["top1"]) for x in sel) / 3
+        assert float(r["top1"]) == pytest.approx(top1, abs=1e-4)
+        assert float(r["top1_lo"]) <= float(r["top1"]) <= float(r["top1_hi"])
+        assert float(r["mrr_lo"]) <= float(r["mrr"]) <= float(r["mrr_hi"])
+        if r["method"] == eq.CONTRAST_REFERENCE:
+            assert r["wins_vs_reference"] == ""
+            continue
+        ref = {x["item"]: float(x["top1"]) for x in per_item
+               if x["method"] == eq.CONTRAST_REFERENCE}
+        wins = sum(float(x["top1"]) > ref[x["item"]] for x in sel)
+        losses = sum(float(x["top1"]) < ref[x["item"]] for x in sel)
+        assert (int(r["wins_vs_reference"]), int(r["losses_vs_reference"])) == (wins, losses)
+    table = eq.markdown_table(summary)
+    assert "| atman_contrast | 3 |" in table and "top-1 gold sentence" in table
+    assert len(rows) == 3 * len(methods.CONTRAST_METHODS)
+
+
+@pytest.mark.parametrize("fact, foil", [([7], [11]), ([7, 30, 2], [11]), ([7], [11, 5])])
+def test_log_prob_margin_matches_plain_forwards(fact, foil):
+    import eval_quality as eq
+
+    model = _tiny_lm(2)
+    prompt = [3, 17, 42, 5, 17, 9, 30]
+    want = _log_prob(model, prompt, fact) - _log_prob(model, prompt, foil)
+    assert eq.log_prob_margin(model, prompt, fact, foil) == pytest.approx(want, abs=1e-4)
+    assert abs(want) > 1e-3
