@@ -292,7 +292,10 @@ def floor_benchmark(args: argparse.Namespace) -> None:
              "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct fp32",
              "mode": "paper", "factor": 0.1, "conceptual_threshold": "none",
              "plain_forward": f"{model.config._attn_implementation}, no cache"}
-    rows = []
+    old, rows = [], []
+    if args.append and args.out.exists():  # the rows of earlier runs, read once
+        with open(args.out, newline="") as fh:
+            old = list(csv.DictReader(fh))
     for n_tokens in sizes:
         doc = build_document(tokenizer, n_tokens)
         for granularity in granularities:
@@ -344,21 +347,16 @@ def floor_benchmark(args: argparse.Namespace) -> None:
                   f"(cpu {row['floor_ratio_cpu']:.3f}, runs {row['floor_ratio_runs']})  "
                   f"{row['seconds']:.1f} s  {len(picked)}/{len(units)} variants, chunk "
                   f"{chunk}, token-forwards {result.token_forwards}  load {load}", flush=True)
-            _write_floor(rows, args)
+            _write_floor(old + rows, args.out)
     _plot_floor(rows, args.out.with_suffix(".png"))
 
 
-def _write_floor(rows: list[dict], args: argparse.Namespace) -> None:
-    out = args.out
-    old = []
-    if args.append and out.exists():
-        with open(out, newline="") as fh:
-            old = list(csv.DictReader(fh))
+def _write_floor(rows: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(rows[-1]))
         writer.writeheader()
-        writer.writerows(old + rows)
+        writer.writerows(rows)
 
 
 def _plot_floor(rows: list[dict], path: Path) -> None:
