@@ -34,6 +34,30 @@ and the rank of the evidence sentence ("Weiss grew up in Hamburg, ...") among th
 sentences (token scores summed per sentence at token granularity). Writes
 ``benchmarks/results/explain_granularity.csv``.
 
+Floor (``--floor``, issue 15): a causal LM's explanation must run its token-forwards (the query
+tokens of all its forwards, baseline included) at the throughput of a plain batched forward of
+the same model. Per prompt length (``--floor-sizes``, documents of
+``bench_long_docs.build_document``: filler sentences and one evidence sentence, target
+" Hamburg") and granularity (token: one variant per position but the last; sentence: one per
+sentence of the prompt), paper mode, factor 0.1, conceptual suppression off, prefix reuse on,
+the explainer's automatic chunk size for the whole explanation:
+
+    floor ratio = token-forwards x (seconds per token of a plain forward) / seconds of the run
+
+where the plain forward is ``model(input_ids [chunk, N], logits_to_keep=T)`` with the model's
+own attention (sdpa), no suppression, no cache, timed right before and right after every run
+(the mean of the two), so both parts of the ratio see the same load; the ratio of process CPU
+times is reported beside it. The run is the explainer's engine (:func:`run_variants` on a
+:class:`CausalLMTask` under the "atman" attention, what ``AtManExplainer.explain`` runs after
+building the units). A token-granularity explanation of N tokens needs about N^2/2
+token-forwards (hours at 2048 on 2 cores), so above ``--floor-variants`` variants the run holds
+only whole chunks of the full explanation's sorted variants, evenly spread over it: every timed
+chunk is one the full explanation runs, with its start and length. Writes
+``benchmarks/results/explain_cpu_floor.{csv,png}`` (``--out`` to change). Note that at a fixed
+length an explanation's query tokens see more keys on average than a plain forward's (2N/3
+against N/2 at token granularity), which costs attention time the plain forward does not
+spend.
+
 Run: ``python benchmarks/bench_explain.py`` (several minutes; ``--sizes 32,64`` for a quick
 look; ``--naive-max 128`` skips the naive loop above 128 tokens; ``--threads 1`` on a machine
 whose cores are busy with other work, where 2 threads oversubscribe them; ``--append`` adds
@@ -207,6 +231,161 @@ def granularity_benchmark(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _floor_units(tokenizer, doc: dict, granularity: str) -> tuple[list[int], list[int],
+                                                                   list[list[int]]]:
+    """(prompt ids, target ids, the positions of each unit) as the explainer builds them."""
+    from bench_long_docs import sentence_units
+
+    prompt_ids, sentences, target_ids = sentence_units(tokenizer, doc)
+    if granularity == "sentence":
+        return prompt_ids, target_ids, [list(s.positions) for s in sentences]
+    special = set(tokenizer.all_special_ids)
+    ids = prompt_ids + target_ids[:-1]
+    return prompt_ids, target_ids, [[i] for i in range(len(ids) - 1) if ids[i] not in special]
+
+
+def _timed_chunks(starts: list[int], chunk: int, limit: int) -> list[int]:
+    """Variant indices of whole chunks (in the engine's order: sorted by start, stable) evenly
+    spread over the explanation, about ``limit`` variants (all of them when ``limit`` is 0
+    or not below their number)."""
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    chunks = [order[i:i + chunk] for i in range(0, len(order), chunk)]
+    if limit <= 0 or len(order) <= limit:
+        return order
+    take = max(1, min(len(chunks), round(limit / chunk)))
+    if take == 1:
+        picked = [len(chunks) // 2]
+    else:
+        picked = sorted({round(i * (len(chunks) - 1) / (take - 1)) for i in range(take)})
+    return [v for c in picked for v in chunks[c]]
+
+
+def _plain_per_token(model, batch: torch.Tensor, n_logits: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per token of one plain forward of ``batch`` [B, N]."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    model(input_ids=batch, use_cache=False, logits_to_keep=n_logits)
+    return ((time.perf_counter() - wall) / batch.numel(),
+            (time.process_time() - cpu) / batch.numel())
+
+
+def floor_benchmark(args: argparse.Namespace) -> None:
+    """The floor ratio per length and granularity (see the module docstring)."""
+    torch.set_num_threads(args.threads)
+    import transformers
+    from bench_long_docs import build_document
+
+    from atman_kernels.explain.batching import ChunkPolicy
+    from atman_kernels.explain.conceptual import unit_factors
+    from atman_kernels.explain.engine import run_variants
+    from atman_kernels.explain.tasks import CausalLMTask
+    from atman_kernels.hf import atman_attention
+    from atman_kernels.models import load_smollm2
+
+    model, tokenizer = load_smollm2(dtype=torch.float32)
+    model.eval()
+    sizes = [int(s) for s in args.floor_sizes.split(",")]
+    granularities = args.granularities.split(",")
+    bad = [g for g in granularities if g not in ("token", "sentence")]
+    if bad:
+        raise SystemExit(f"--granularities takes token and/or sentence, got {bad}")
+    stamp = {"machine": MACHINE, "threads": args.threads, "torch": torch.__version__,
+             "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct fp32",
+             "mode": "paper", "factor": 0.1, "conceptual_threshold": "none",
+             "plain_forward": f"{model.config._attn_implementation}, no cache"}
+    old, rows = [], []
+    if args.append and args.out.exists():  # the rows of earlier runs, read once
+        with open(args.out, newline="") as fh:
+            old = list(csv.DictReader(fh))
+    for n_tokens in sizes:
+        doc = build_document(tokenizer, n_tokens)
+        for granularity in granularities:
+            prompt_ids, target_ids, units = _floor_units(tokenizer, doc, granularity)
+            ids = torch.tensor(prompt_ids + target_ids[:-1])
+            n, t = int(ids.numel()), len(target_ids)
+            policy = ChunkPolicy("auto", None, torch.device("cpu"), torch.float32,
+                                 model.config)
+            chunk = policy.size(len(units), len_q=n, len_k=n, n_logits=t, reuse=True)
+            picked = _timed_chunks([u[0] for u in units], chunk, args.floor_variants)
+            factors = unit_factors(n, [units[i] for i in picked], 0.1).to(torch.float32)
+            batch = ids[None].expand(chunk, -1)
+            load, ratios, cpu_ratios, runs, plains = [os.getloadavg()[0]], [], [], [], []
+
+            with torch.inference_mode():
+                _plain_per_token(model, batch, t)  # warm-up at this shape
+                for _ in range(args.repeats):
+                    before = _plain_per_token(model, batch, t)
+                    task = CausalLMTask(model, ids, len(prompt_ids), torch.tensor(target_ids),
+                                        reuse=True)
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    with atman_attention(model):
+                        result = run_variants(task, factors, mode="paper", layers=None,
+                                              chunk_size=lambda reuse, c=chunk: c)
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                    after = _plain_per_token(model, batch, t)
+                    per_wall, per_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+                    ratios.append(result.token_forwards * per_wall / wall)
+                    cpu_ratios.append(result.token_forwards * per_cpu / cpu)
+                    runs.append(wall)
+                    plains.append(per_wall)
+                    load.append(os.getloadavg()[0])
+            row = {**stamp, "date": dt.datetime.now(dt.timezone.utc).isoformat(
+                       timespec="seconds"),
+                   "granularity": granularity, "prompt_tokens": len(prompt_ids),
+                   "seq_len": n, "target_tokens": t, "units": len(units),
+                   "variants_timed": len(picked), "chunk_size": chunk,
+                   "forwards": result.forwards, "token_forwards": result.token_forwards,
+                   "seconds": round(statistics.median(runs), 3),
+                   "plain_ms_per_token": round(statistics.median(plains) * 1e3, 4),
+                   "floor_ratio": round(statistics.median(ratios), 3),
+                   "floor_ratio_runs": " ".join(f"{r:.3f}" for r in ratios),
+                   "floor_ratio_cpu": round(statistics.median(cpu_ratios), 3),
+                   "repeats": len(runs), "load_avg_1m_before": round(load[0], 2),
+                   "load_avg_1m_after": round(load[-1], 2),
+                   "load_avg_1m_max": round(max(load), 2)}
+            rows.append(row)
+            print(f"{n:5d} tokens {granularity:8s} ratio {row['floor_ratio']:.3f} "
+                  f"(cpu {row['floor_ratio_cpu']:.3f}, runs {row['floor_ratio_runs']})  "
+                  f"{row['seconds']:.1f} s  {len(picked)}/{len(units)} variants, chunk "
+                  f"{chunk}, token-forwards {result.token_forwards}  load {load}", flush=True)
+            _write_floor(old + rows, args.out)
+    _plot_floor(rows, args.out.with_suffix(".png"))
+
+
+def _write_floor(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[-1]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot_floor(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for granularity in ("token", "sentence"):
+        pts = sorted((int(r["seq_len"]), float(r["floor_ratio"])) for r in rows
+                     if r["granularity"] == granularity)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{granularity} granularity")
+    ax.axhline(0.9, color="grey", linestyle="--", label="target 0.9")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens (prompt + target[:-1])")
+    ax.set_ylabel("floor ratio (plain-forward time of its token-forwards / its time)")
+    loads = [float(r["load_avg_1m_max"]) for r in rows]
+    ax.set_title(f"AtMan explanation vs plain forward, SmolLM2-135M fp32, {MACHINE}, "
+                 f"{rows[0]['threads']} threads\nload average up to {max(loads):.1f}",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="32,64,128,256", help="prompt lengths in tokens")
@@ -228,7 +407,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-repeats", type=int, default=None,
                         help="--granularity-doc: timed runs at token granularity (default "
                              "--repeats; the token run is the long one)")
+    parser.add_argument("--floor", action="store_true",
+                        help="the floor ratio (explanation vs plain forward throughput) per "
+                             "length and granularity; see the module docstring")
+    parser.add_argument("--floor-sizes", default="128,512,1024,2048,4096",
+                        help="--floor: prompt lengths in tokens")
+    parser.add_argument("--granularities", default="token,sentence",
+                        help="--floor: token and/or sentence")
+    parser.add_argument("--floor-variants", type=int, default=64,
+                        help="--floor: time about this many variants (whole chunks spread over "
+                             "the explanation); 0 = all")
     args = parser.parse_args(argv)
+    if args.floor_variants < 0:
+        parser.error(f"--floor-variants must be >= 0, got {args.floor_variants}")
     if args.token_repeats is not None and args.token_repeats < 1:
         parser.error(f"--token-repeats must be >= 1, got {args.token_repeats}")
     if args.repeats < 1 or args.threads < 1:
@@ -236,6 +427,11 @@ def main(argv: list[str] | None = None) -> None:
                      f"{args.threads}")
     if args.granularity_doc:
         granularity_benchmark(args)
+        return
+    if args.floor:
+        if args.out == RESULTS / "explain_cpu.csv":
+            args.out = RESULTS / "explain_cpu_floor.csv"
+        floor_benchmark(args)
         return
     kappa = None if args.conceptual_threshold.lower() == "none" else float(
         args.conceptual_threshold)

@@ -11,6 +11,7 @@ A task only runs forwards: the front ends in :mod:`.explainer` build its inputs 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Any
@@ -68,16 +69,128 @@ def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     return out
 
 
-def prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], p: int, batch: int) -> Any:
-    """A DynamicCache holding the first ``p`` positions of ``kv``, expanded (not copied) to
-    ``batch`` variants."""
+def _cache_of(layers: list[Any]) -> Any:
+    """A DynamicCache made of ``layers`` (cache layers built here, not by the cache)."""
     from transformers import DynamicCache
 
-    data = [
-        (k[:, :, :p].expand(batch, -1, -1, -1), v[:, :, :p].expand(batch, -1, -1, -1))
-        for k, v in kv
-    ]
-    return DynamicCache(data)
+    cache = DynamicCache()
+    cache.layers = list(layers)
+    return cache
+
+
+def prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], p: int, batch: int) -> Any:
+    """A DynamicCache holding the first ``p`` positions of ``kv``, expanded (not copied) to
+    ``batch`` variants: the forward's update then writes prefix and new states into one new
+    tensor per layer (one copy; :class:`PrefixBuffer` avoids even that where it can)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = []
+    for k, v in kv:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys = k[:, :, :p].expand(batch, -1, -1, -1)
+        layer.values = v[:, :, :p].expand(batch, -1, -1, -1)
+        layers.append(layer)
+    return _cache_of(layers)
+
+
+@functools.lru_cache(maxsize=1)
+def _buffer_layer_class() -> type:
+    """The cache layer of :class:`PrefixBuffer` (a DynamicLayer that writes in place)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """Keys and values [B, H, L, D] in preallocated buffers. ``keys``/``values`` are the
+        views [:batch, :, :length] of the cached part; :meth:`update` copies the new states
+        into the buffers right after it and widens the views (a DynamicLayer concatenates,
+        i.e. copies the whole cache, at every update)."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self.key_buffer, self.value_buffer = keys, values
+
+        def show(self, batch: int, length: int) -> None:
+            self.keys = self.key_buffer[:batch, :, :length]
+            self.values = self.value_buffer[:batch, :, :length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            batch, have = self.keys.shape[0], self.keys.shape[-2]
+            end = have + key_states.shape[-2]
+            if key_states.shape[0] != batch or end > self.key_buffer.shape[-2]:
+                raise RuntimeError(
+                    f"prefix buffer: new states of batch {key_states.shape[0]} and length "
+                    f"{key_states.shape[-2]} do not fit after {have} positions of batch {batch} "
+                    f"(buffer holds {self.key_buffer.shape[-2]})")
+            self.key_buffer[:batch, :, have:end].copy_(key_states)
+            self.value_buffer[:batch, :, have:end].copy_(value_states)
+            self.show(batch, end)
+            return self.keys, self.values
+
+    return BufferLayer
+
+
+class PrefixBuffer:
+    """The unsuppressed sequence's keys and values, served as the prefix cache of every chunk.
+
+    One buffer [B, Hkv, N, D] per layer and per keys/values, allocated once for the largest
+    chunk and filled with the unsuppressed states once. A chunk that starts at position p gets
+    a cache whose layers show rows [:batch] and positions [:p] of the buffers; its forward
+    writes its own states for positions p.. in place (no concatenation, and the views over the
+    whole length N are contiguous, as the attention wants them). Before the next chunk only the
+    positions a previous chunk overwrote below the new start are restored from the
+    unsuppressed states: with chunks sorted by start, about N positions per row over a whole
+    explanation. A DynamicCache instead copies the prefix of every row into a new tensor in
+    every layer at every chunk.
+
+    Args:
+        kv: per layer (keys, values) [1, Hkv, N, D] of the unsuppressed forward.
+    """
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.kv = kv
+        self.length = int(kv[0][0].shape[-2])
+        self.layers: list[Any] = []
+        self.clean: list[int] = []  # row b holds the unsuppressed states at [0, clean[b])
+        self.cache: Any = None
+
+    def _allocate(self, batch: int) -> None:
+        layer_class = _buffer_layer_class()
+        self.layers = [layer_class(k.expand(batch, -1, -1, -1).clone(),
+                                   v.expand(batch, -1, -1, -1).clone()) for k, v in self.kv]
+        self.clean = [self.length] * batch
+        self.cache = _cache_of(self.layers)
+
+    def for_chunk(self, batch: int, start: int) -> Any:
+        """The cache of a chunk of ``batch`` variants that recomputes positions ``start``..;
+        valid until the next call."""
+        if not 0 < start <= self.length:
+            raise ValueError(f"start must be in 1..{self.length}, got {start}")
+        if batch > len(self.clean):
+            self._allocate(batch)
+        row = 0
+        while row < batch:  # restore [clean, start) of runs of rows with the same clean
+            clean = self.clean[row]
+            end = row + 1
+            while end < batch and self.clean[end] == clean:
+                end += 1
+            if clean < start:
+                for layer, (k, v) in zip(self.layers, self.kv, strict=True):
+                    layer.key_buffer[row:end, :, clean:start].copy_(k[:, :, clean:start])
+                    layer.value_buffer[row:end, :, clean:start].copy_(v[:, :, clean:start])
+            row = end
+        for b in range(batch):  # the forward overwrites start..: mark it before it runs
+            self.clean[b] = start
+        for layer in self.layers:
+            layer.show(batch, start)
+        return self.cache
+
+    def states(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) [batch, Hkv, length, D] of every layer as the last forward left
+        them."""
+        return [(layer.key_buffer[:batch, :, :length], layer.value_buffer[:batch, :, :length])
+                for layer in self.layers]
 
 
 class CausalLMTask:
@@ -104,6 +217,7 @@ class CausalLMTask:
         self._cache_arg = _cache_argument(model)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._prefix: PrefixBuffer | None = None  # made from _kv at the first reusing chunk
         self._base: torch.Tensor | None = None
         self.forwards = 0  # model forwards run, and the query tokens they held
         self.token_forwards = 0
@@ -141,11 +255,19 @@ class CausalLMTask:
         self._base = cross_entropy(logits[0], self.target)
         return self._base
 
+    def _past(self, batch: int, start: int) -> Any:
+        """The prefix cache of a chunk that recomputes positions ``start``.. (None at 0)."""
+        if start == 0:
+            return None
+        if self._prefix is None:
+            self._prefix = PrefixBuffer(self._kv)
+        return self._prefix.for_chunk(batch, start)
+
     def run(self, batch: int, start: int) -> torch.Tensor:
         assert self._base is not None, "baseline() runs first"
         n, t = self.seq_len, self.n_targets
         keep = n - max(self.n_prompt - 1, start)  # target positions this chunk recomputes
-        past = prefix_cache(self._kv, start, batch) if start > 0 else None
+        past = self._past(batch, start)
         logits, _ = self._logits(self._variant_inputs(batch, start), past, keep, False)
         ce = self._base.expand(batch, t).clone()
         ce[:, t - keep:] = cross_entropy(logits, self.target[t - keep:])
@@ -181,7 +303,9 @@ class ContrastiveLMTask(CausalLMTask):
         not a plain full-attention cache (the continuations cannot share it)."""
         ids = self.ids[:, start:].expand(batch, -1)
         logits, cache = self._logits({"input_ids": ids}, past, 1, True)
-        kv = cache_tensors(cache)
+        # the prompt's states: in the prefix buffer when it served the prefix
+        kv = self._prefix.states(batch, self.seq_len) if past is not None else cache_tensors(
+            cache)
         if kv is None:
             return None, None
         rows = []
@@ -217,8 +341,7 @@ class ContrastiveLMTask(CausalLMTask):
     def run(self, batch: int, start: int) -> torch.Tensor:
         if self._plain:
             return self._whole_sequences(batch)
-        past = prefix_cache(self._kv, start, batch) if start > 0 else None
-        ce, _ = self._prompt_and_continuations(batch, start, past)
+        ce, _ = self._prompt_and_continuations(batch, start, self._past(batch, start))
         return ce
 
 
