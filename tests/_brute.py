@@ -44,7 +44,14 @@ def _brute_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         if getattr(module, "is_causal", False) and s.shape[-2] > 1:
             visible = torch.ones(s.shape[-2:], dtype=torch.bool).tril()[None, None]
     else:
-        visible = attention_mask.bool()
+        # a mask sized for a longer cache (models that build their own, e.g. Falcon-H1 on
+        # transformers 5.0) covers the keys first: cut it to them, as eager attention does
+        mask = attention_mask[..., : s.shape[-1]]
+        if mask.dtype == torch.bool:
+            visible = mask
+        else:  # additive: the dtype's minimum hides a key, other values are added
+            visible = mask > torch.finfo(mask.dtype).min / 2
+            s = s + mask.double().masked_fill(~visible, 0.0)
     visible = visible.expand_as(s)
     state = current_suppression()
     if state is not None and state.applies_to(getattr(module, "layer_idx", None)):
