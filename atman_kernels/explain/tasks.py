@@ -426,10 +426,14 @@ class ClassificationTask:
         self.forwards = 0
         self.token_forwards = 0
 
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, C] the class logits of a batch of inputs."""
+        return self.model(**inputs).logits
+
     def _ce(self, inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
         self.forwards += 1
         self.token_forwards += batch * self.seq_len
-        logits = self.model(**inputs).logits  # [B, C]
+        logits = self.logits(inputs)  # [B, C]
         rows = logits[:, None, :].expand(-1, self.n_targets, -1)
         return cross_entropy(rows, self.labels.expand(batch, -1))
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..engine import cross_entropy
+from ..tasks import ClassificationTask
 from .base import FrontEnd, Prepared
 from .classify import check_patch_units, image_units, vision_tower
 
@@ -39,7 +39,7 @@ ZERO_SHOT_FAMILIES = {
 ZERO_SHOT_SCORE = "softmax over the candidates' logits_per_image"
 
 
-class ZeroShotTask:
+class ZeroShotTask(ClassificationTask):
     """Zero-shot classification of one image among K candidate texts, for the engine.
 
     The text embeddings are fixed (computed once); each forward runs the vision tower over the
@@ -54,20 +54,13 @@ class ZeroShotTask:
         labels: candidate indices: the target, then the foil if any.
     """
 
-    reuse = False
-
     def __init__(self, model: Any, image_inputs: dict[str, torch.Tensor], seq_len: int,
                  text_embeds: torch.Tensor, labels: list[int]) -> None:
-        self.model = model
-        self.inputs = image_inputs
-        self.seq_len = int(seq_len)
+        super().__init__(model, image_inputs, seq_len, labels)
         self.text_embeds = text_embeds
-        self.n_targets = len(labels)
-        self.labels = torch.tensor(labels, device=text_embeds.device)
-        self.forwards = 0
-        self.token_forwards = 0
+        self.labels = self.labels.to(text_embeds.device)
 
-    def logits_per_image(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, K] the model's image-text logits for a batch of image inputs."""
         image = _pooled(self.model.get_image_features(**inputs))
         image = image / image.norm(p=2, dim=-1, keepdim=True)
@@ -77,20 +70,6 @@ class ZeroShotTask:
         if bias is not None:
             logits = logits + bias
         return logits.t()
-
-    def _ce(self, inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
-        self.forwards += 1
-        self.token_forwards += batch * self.seq_len
-        logits = self.logits_per_image(inputs)
-        rows = logits[:, None, :].expand(-1, self.n_targets, -1)
-        return cross_entropy(rows, self.labels.expand(batch, -1))
-
-    def baseline(self) -> torch.Tensor:
-        return self._ce(self.inputs, 1)[0]
-
-    def run(self, batch: int, start: int) -> torch.Tensor:
-        batched = {k: v.expand(batch, *v.shape[1:]) for k, v in self.inputs.items()}
-        return self._ce(batched, batch)
 
 
 def _pooled(out: Any) -> torch.Tensor:
