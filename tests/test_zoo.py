@@ -732,6 +732,6 @@ def test_memory_estimate_reads_per_layer_configs():
     len_k, elt = 1000, 4
     got = bytes_per_variant(config, len_q=1, len_k=len_k, n_logits=1)
     base = bytes_per_variant(homogeneous, len_q=1, len_k=len_k, n_logits=1)
-    extra_kv = sum(2 * 2 * (h * d - kv_heads[0] * dims[0]) * len_k * elt
+    extra_kv = sum(2 * (h * d - kv_heads[0] * dims[0]) * len_k * elt  # keys and values
                    for h, d in zip(kv_heads, dims, strict=True))
     assert got - base == extra_kv > 0

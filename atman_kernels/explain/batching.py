@@ -109,8 +109,9 @@ def bytes_per_variant(
 ) -> int:
     """Estimated memory of one variant in a forward over ``len_q`` queries and ``len_k`` keys.
 
-    Sum of: the KV cache of every layer (counted twice: the copied prefix and the grown
-    cache), transient activations of one layer (hidden states, MLP intermediate), the
+    Sum of: the KV cache of every layer (one copy per variant: chunks run on the prefix
+    buffer, which each forward writes in place, :class:`.tasks.PrefixBuffer`), transient
+    activations of one layer (hidden states, MLP intermediate), the
     materialised fp32 attention scores of one layer (the reference backend's [H, Nq, Nk] and
     a few temporaries) and the fp32 logits of ``n_logits`` positions (with log-softmax).
 
@@ -132,7 +133,7 @@ def bytes_per_variant(
     heads = max(s[1] for s in sizes)
     inter = max(s[4] for s in sizes)
     vocab = _cfg(first, "vocab_size", "num_labels", default=32000)
-    kv_cache = sum(2 * 2 * kv_heads * head_dim * len_k * elt
+    kv_cache = sum(2 * kv_heads * head_dim * len_k * elt  # keys and values
                    for _, _, kv_heads, head_dim, _ in sizes)
     activations = len_q * (8 * hidden + 3 * inter) * elt
     scores = 4 * heads * len_q * len_k * 4

@@ -135,42 +135,82 @@ class PrefixBuffer:
     """The unsuppressed sequence's keys and values, served as the prefix cache of every chunk.
 
     One buffer [B, Hkv, N, D] per layer and per keys/values, allocated once for the largest
-    chunk and filled with the unsuppressed states once. A chunk that starts at position p gets
-    a cache whose layers show rows [:batch] and positions [:p] of the buffers; its forward
-    writes its own states for positions p.. in place (no concatenation, and the views over the
-    whole length N are contiguous, as the attention wants them). Before the next chunk only the
-    positions a previous chunk overwrote below the new start are restored from the
-    unsuppressed states: with chunks sorted by start, about N positions per row over a whole
-    explanation. A DynamicCache instead copies the prefix of every row into a new tensor in
-    every layer at every chunk.
+    chunk. A chunk gets a cache whose layers show rows [:batch] and positions [:p] of the
+    buffers, where p is the first position it must recompute; its forward writes its own
+    states for positions p.. in place (no concatenation, and the views over the whole length N
+    are contiguous, as the attention wants them). A DynamicCache instead copies the prefix of
+    every row into a new tensor in every layer at every chunk.
+
+    A chunk that suppresses nothing before ``start`` leaves positions below ``start`` as the
+    unsuppressed forward has them, but an earlier chunk may have overwritten some of them
+    (row b is clean only at [0, clean[b])). They come back in one of two ways:
+
+    - **copies** (the first chunk holds several variants): a clean copy of the unsuppressed
+      states is kept and [clean[b], start) copied back before the chunk, so p = start. The
+      buffers hold B + 1 copies of the sequence's cache.
+    - **recompute** (the first chunk holds one variant: long inputs, the usual case on CPU):
+      the buffer *is* the unsuppressed forward's cache (adopted, not copied, and no clean copy
+      is kept); the chunk starts at p = min(start, clean) instead, and since its factors are 1
+      below ``start``, its forward recomputes [p, start) unsuppressed on the way. With chunks
+      sorted by start that is about one forward of the sequence over a whole explanation, and
+      AtMan's peak memory stays at one copy of the cache, as a plain forward's.
 
     Args:
         kv: per layer (keys, values) [1, Hkv, N, D] of the unsuppressed forward.
     """
 
     def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.kv = kv
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = kv
         self.length = int(kv[0][0].shape[-2])
         self.layers: list[Any] = []
         self.clean: list[int] = []  # row b holds the unsuppressed states at [0, clean[b])
         self.cache: Any = None
 
+    @property
+    def recomputes(self) -> bool:
+        """Whether chunks recompute overwritten positions (no clean copy is kept)."""
+        return self.kv is None
+
     def _allocate(self, batch: int) -> None:
         layer_class = _buffer_layer_class()
-        self.layers = [layer_class(k.expand(batch, -1, -1, -1).clone(),
-                                   v.expand(batch, -1, -1, -1).clone()) for k, v in self.kv]
-        self.clean = [self.length] * batch
+        if self.kv is not None and not self.layers and batch == 1:
+            self.layers = [layer_class(k, v) for k, v in self.kv]  # adopt: recompute mode
+            self.kv = None
+            self.clean = [self.length]
+        else:  # copies of the clean states, or in recompute mode of row 0 (clean at [0, c))
+            source = self.kv if self.kv is not None else [
+                (layer.key_buffer[:1], layer.value_buffer[:1]) for layer in self.layers]
+            clean = self.length if self.kv is not None else min(self.clean)
+            self.layers = [layer_class(k.expand(batch, -1, -1, -1).clone(),
+                                       v.expand(batch, -1, -1, -1).clone()) for k, v in source]
+            self.clean = [clean] * batch
         self.cache = _cache_of(self.layers)
 
-    def for_chunk(self, batch: int, start: int) -> Any:
-        """The cache of a chunk of ``batch`` variants that recomputes positions ``start``..;
+    def for_chunk(self, batch: int, start: int) -> tuple[Any, int]:
+        """(cache, p) for a chunk of ``batch`` variants that suppress nothing before
+        ``start``: its forward must run positions p.. (p <= start) on top of the cache;
         valid until the next call."""
         if not 0 < start <= self.length:
             raise ValueError(f"start must be in 1..{self.length}, got {start}")
         if batch > len(self.clean):
             self._allocate(batch)
+        if self.kv is None:
+            first = min(start, *self.clean[:batch])
+        else:
+            self._restore_copies(batch, start)
+            first = start
+        for b in range(batch):  # the forward writes first..; [first, start) unsuppressed
+            self.clean[b] = start
+        for layer in self.layers:
+            layer.show(batch, first)
+        return self.cache, first
+
+    def _restore_copies(self, batch: int, start: int) -> None:
+        """Copy [clean, start) back from the clean copy, one run of rows with the same clean
+        at a time."""
+        assert self.kv is not None
         row = 0
-        while row < batch:  # restore [clean, start) of runs of rows with the same clean
+        while row < batch:
             clean = self.clean[row]
             end = row + 1
             while end < batch and self.clean[end] == clean:
@@ -180,11 +220,6 @@ class PrefixBuffer:
                     layer.key_buffer[row:end, :, clean:start].copy_(k[:, :, clean:start])
                     layer.value_buffer[row:end, :, clean:start].copy_(v[:, :, clean:start])
             row = end
-        for b in range(batch):  # the forward overwrites start..: mark it before it runs
-            self.clean[b] = start
-        for layer in self.layers:
-            layer.show(batch, start)
-        return self.cache
 
     def states(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) [batch, Hkv, length, D] of every layer as the last forward left
@@ -255,20 +290,22 @@ class CausalLMTask:
         self._base = cross_entropy(logits[0], self.target)
         return self._base
 
-    def _past(self, batch: int, start: int) -> Any:
-        """The prefix cache of a chunk that recomputes positions ``start``.. (None at 0)."""
+    def _past(self, batch: int, start: int) -> tuple[Any, int]:
+        """(prefix cache, p) of a chunk that suppresses nothing before ``start``: its forward
+        runs positions p.. (p <= start, :meth:`PrefixBuffer.for_chunk`); (None, 0) at 0."""
         if start == 0:
-            return None
+            return None, 0
         if self._prefix is None:
             self._prefix = PrefixBuffer(self._kv)
+            self._kv = None  # the buffer holds (or adopted) the unsuppressed states
         return self._prefix.for_chunk(batch, start)
 
     def run(self, batch: int, start: int) -> torch.Tensor:
         assert self._base is not None, "baseline() runs first"
         n, t = self.seq_len, self.n_targets
         keep = n - max(self.n_prompt - 1, start)  # target positions this chunk recomputes
-        past = self._past(batch, start)
-        logits, _ = self._logits(self._variant_inputs(batch, start), past, keep, False)
+        past, first = self._past(batch, start)
+        logits, _ = self._logits(self._variant_inputs(batch, first), past, keep, False)
         ce = self._base.expand(batch, t).clone()
         ce[:, t - keep:] = cross_entropy(logits, self.target[t - keep:])
         return ce
@@ -297,11 +334,12 @@ class ContrastiveLMTask(CausalLMTask):
         self.n_targets = int(target_ids.numel() + foil_ids.numel())
         self._plain = False  # no reusable cache: each continuation as a whole sequence
 
-    def _prompt_and_continuations(self, batch: int, start: int, past: Any
+    def _prompt_and_continuations(self, batch: int, first: int, past: Any
                                   ) -> tuple[torch.Tensor | None, Any]:
-        """([batch, T + F] CE, the prompt's cache tensors), or (None, None) when the cache is
-        not a plain full-attention cache (the continuations cannot share it)."""
-        ids = self.ids[:, start:].expand(batch, -1)
+        """([batch, T + F] CE, the prompt's cache tensors) of a forward of the prompt from
+        position ``first`` on top of ``past``, or (None, None) when the cache is not a plain
+        full-attention cache (the continuations cannot share it)."""
+        ids = self.ids[:, first:].expand(batch, -1)
         logits, cache = self._logits({"input_ids": ids}, past, 1, True)
         # the prompt's states: in the prefix buffer when it served the prefix
         kv = self._prefix.states(batch, self.seq_len) if past is not None else cache_tensors(
@@ -341,7 +379,8 @@ class ContrastiveLMTask(CausalLMTask):
     def run(self, batch: int, start: int) -> torch.Tensor:
         if self._plain:
             return self._whole_sequences(batch)
-        ce, _ = self._prompt_and_continuations(batch, start, self._past(batch, start))
+        past, first = self._past(batch, start)
+        ce, _ = self._prompt_and_continuations(batch, first, past)
         return ce
 
 
