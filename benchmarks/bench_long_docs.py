@@ -2,7 +2,12 @@
 
 Issue 15, item 4. A seed-fixed document of about N model tokens (distinct sentences about
 people, their cities and jobs; one evidence sentence says where a person grew up), then the
-question and ``Answer:``; the target is the city (one token). Per (method, N), one fresh
+question and an answer stem that repeats the evidence's words ("Answer: <person> grew up
+in"); the target is the city (one token). The evidence only matters where the model uses it,
+so each length takes the first document seed from ``--seed`` on whose answer is the model's
+top-1 next token (:func:`answered_seed`, in the parent process; ``doc_seed``, ``p_target``
+and ``answered`` in every row; SmolLM2-135M does not answer the bare "Answer:" at these
+lengths: p(target) ~ 1e-7). Per (method, N), one fresh
 process (:func:`_harness.run_isolated`), ``torch.set_num_threads`` pinned (2 by default):
 
 - ``forward``: the memory yardstick: one plain forward of prompt + target[:-1], batch 1,
@@ -82,7 +87,7 @@ FILLERS = [
 ]
 EVIDENCE = "{p} grew up in {c}."
 ANSWER_CITY = "Hamburg"  # never used by a filler sentence, so only the evidence names it
-QUESTION = "\nQuestion: In which city did {p} grow up?\nAnswer:"
+QUESTION = "\nQuestion: In which city did {p} grow up?\nAnswer: {p} grew up in"
 
 
 # ----------------------------------------------------------------------------- documents
@@ -131,6 +136,25 @@ def build_document(tokenizer, n_tokens: int, seed: int = 0) -> dict[str, Any]:
     start = body.index(sentences[at])
     return {"prompt": prompt, "target": " " + ANSWER_CITY, "n_tokens": n,
             "evidence": (start, start + len(sentences[at])), "doc_end": len(body)}
+
+
+def answered_seed(model, tokenizer, n_tokens: int, seed: int = 0, tries: int = 20
+                  ) -> tuple[int, float, bool]:
+    """(document seed, p(target's first token), answered): the first seed in
+    ``seed .. seed + tries - 1`` whose document the model answers (the target's first token
+    is its top-1 next token after the prompt), else ``seed`` with answered False."""
+    first = None
+    for s in range(seed, seed + tries):
+        doc = build_document(tokenizer, n_tokens, seed=s)
+        ids, _, target = sentence_units(tokenizer, doc)
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+        p = float(torch.softmax(logits.float(), -1)[target[0]])
+        if int(logits.argmax()) == target[0]:
+            return s, p, True
+        if first is None:
+            first = p
+    return seed, float(first), False
 
 
 def sentence_units(tokenizer, doc: dict[str, Any]) -> tuple[list[int], list, list[int]]:
@@ -257,7 +281,7 @@ def measure_one(row: dict[str, Any]) -> dict[str, Any]:
     model, tok = load(row["model"])
     if row["method"] == "ig-10":
         model.requires_grad_(False)
-    doc = build_document(tok, int(row["n"]), seed=int(row.get("seed", 0)))
+    doc = build_document(tok, int(row["n"]), seed=int(row.get("doc_seed", row.get("seed", 0))))
     _, spans, _ = sentence_units(tok, doc)
     import captum.attr  # noqa: F401  (imported before the baseline RSS, for every method)
     # warm-up: the same method once on a short document (extension loads, first-call costs)
@@ -368,12 +392,18 @@ def main(argv: list[str] | None = None) -> None:
     png = args.csv.with_suffix(".png")
     if not args.plot:
         new: list[dict] = []
+        torch.set_num_threads(args.threads)
+        model, tok = load(args.model)
         for n in sorted(args.lengths):
             late = deadline is not None and time.time() >= deadline
             late = late or (end_by is not None and time.time() >= end_by - 30)
+            doc_seed, p_target, answered = (args.seed, "", "") if late else answered_seed(
+                model, tok, n, args.seed)
             for method in args.methods:
                 row = {"model": args.model, "method": method, "n": n, "threads": args.threads,
-                       "seed": args.seed}
+                       "seed": args.seed, "doc_seed": doc_seed,
+                       "p_target": p_target if p_target == "" else f"{p_target:.4g}",
+                       "answered": answered}
                 if late:
                     res = {**row, "status": "not run (deadline)"}
                 else:

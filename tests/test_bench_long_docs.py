@@ -48,7 +48,7 @@ def test_document_is_seed_fixed_long_enough_and_names_the_answer_once():
     assert a["prompt"].count(bl.ANSWER_CITY) == 1
     s, e = a["evidence"]
     assert bl.ANSWER_CITY in a["prompt"][s:e] and e <= a["doc_end"]
-    assert a["prompt"].endswith("Answer:") and a["target"] == " " + bl.ANSWER_CITY
+    assert a["prompt"].endswith("grew up in") and a["target"] == " " + bl.ANSWER_CITY
 
 
 def test_feature_ablation_scores_are_the_drop_when_each_sentence_is_replaced():
@@ -72,7 +72,28 @@ def test_atman_units_are_the_benchmark_sentences():
     _, spans, _ = bl.sentence_units(tok, doc)
     assert len(bl.make_runner("atman", model, tok, doc)()) == len(spans)
     texts = [s.text.strip() for s in spans]
-    assert any(bl.ANSWER_CITY in t for t in texts) and texts[-1] == "Answer:"
+    assert any(bl.ANSWER_CITY in t for t in texts) and texts[-1].startswith("Answer:")
+
+
+def test_answered_seed_is_the_first_document_the_model_answers():
+    tok = bl.tiny_tokenizer()
+    answer = tok(" " + bl.ANSWER_CITY, add_special_tokens=False)["input_ids"][0]
+    wanted = bl.sentence_units(tok, bl.build_document(tok, N, seed=3))[0]
+
+    class Fake:  # answers (top-1 = the city, p = 0.5) only the document of seed 3
+        def __init__(self, answers):
+            self.answers = answers
+
+        def __call__(self, ids, logits_to_keep):
+            logits = torch.zeros(1, 1, len(tok))
+            if self.answers and ids[0].tolist() == wanted:
+                logits[0, 0, answer] = torch.log(torch.tensor(0.5 * (len(tok) - 1) / 0.5))
+            return type("Out", (), {"logits": logits})()
+
+    doc_seed, p, answered = bl.answered_seed(Fake(True), tok, N, seed=1)
+    assert (doc_seed, answered) == (3, True) and p == pytest.approx(0.5)
+    doc_seed, p, answered = bl.answered_seed(Fake(False), tok, N, seed=1, tries=4)
+    assert (doc_seed, answered) == (1, False) and p == pytest.approx(1 / len(tok))
 
 
 def test_evidence_rank_counts_ties_against_the_evidence_and_skips_the_question():
