@@ -207,12 +207,12 @@ def test_explain_image_end_to_end(llava_dir, picture_file, tmp_path, capsys):
 )
 def test_image_input_errors_exit_2_before_the_model_loads(llava_dir, picture_file, tmp_path,
                                                           monkeypatch, capsys, extra, message):
-    import atman_kernels.cli as cli
+    from atman_kernels.cli import loading
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "load_model", no_load)
+    monkeypatch.setattr(loading, "load_model", no_load)
     bad = tmp_path / "notes.png"
     bad.write_text("not a picture")
     paths = {"missing": tmp_path / "nope.png", "not_a_picture": bad, "picture": picture_file}
@@ -226,9 +226,9 @@ def test_image_input_errors_exit_2_before_the_model_loads(llava_dir, picture_fil
 
 def test_image_with_a_text_only_model_exits_2_before_loading(model_dir, picture_file,
                                                             monkeypatch, capsys):
-    import atman_kernels.cli as cli
+    from atman_kernels.cli import loading
 
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(SystemExit) as exc:
         main(["explain", "--model", str(model_dir), "--image", str(picture_file),
               "--prompt", "<image> the capital", "--target", "paris"])
@@ -324,7 +324,7 @@ def _jsonl(path, items, blank_after_first=True):
 
 
 def test_input_output_explains_every_line_like_the_library(model_dir, tmp_path, capsys):
-    from atman_kernels.cli import load_model
+    from atman_kernels.cli.loading import load_model
     from atman_kernels.explain import AtManExplainer
     from atman_kernels.explain.many import read_many
 
@@ -441,9 +441,9 @@ def _bad_input(tmp_path, name):
 ])
 def test_input_failures_are_one_line_exit_2_before_loading_and_write_nothing(
         model_dir, tmp_path, capsys, monkeypatch, input_name, argv, message):
-    import atman_kernels.cli as cli
+    from atman_kernels.cli import loading
 
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text("not a record\n", encoding="utf-8")
     path = _bad_input(tmp_path, input_name or "good")
@@ -512,7 +512,7 @@ def chat_model_dir(model_dir, tmp_path_factory):
 
 
 def test_chat_explains_only_the_users_message(chat_model_dir, tmp_path):
-    from atman_kernels.cli import load_model
+    from atman_kernels.cli.loading import load_model
     from atman_kernels.explain import AtManExplainer
 
     message = "the capital of france is"

@@ -147,7 +147,7 @@ def test_image_classifier_end_to_end_matches_the_library(request, folder, target
     top = [line for line in printed.splitlines() if line.startswith(("   1.", "   2.", "   3."))]
     assert len(top) == 3 and all("'patch(" in line and "image position" in line for line in top)
     # the same numbers as the library on the pixels the folder's own image processor makes
-    from atman_kernels.cli import load_image_processor
+    from atman_kernels.cli.loading import load_image_processor
 
     image_processor = load_image_processor(str(folder))
     pixels = image_processor(images=_picture(picture_file), return_tensors="pt")
@@ -181,7 +181,7 @@ def test_zero_shot_end_to_end_matches_the_library(clip_dir, picture_file, tmp_pa
     expl = Explanation.from_json(out_json)
     assert expl.settings["task"] == "zero_shot" and expl.settings["candidates"] == CANDIDATES
     assert expl.target == "a photo of a dog" and expl.contrast == contrast
-    from atman_kernels.cli import load_processor
+    from atman_kernels.cli.loading import load_processor
 
     processor = load_processor(str(clip_dir))
     direct = _library(clip_dir, (_picture(picture_file), CANDIDATES), "a photo of a dog",
@@ -287,9 +287,9 @@ FAILURES = [
 def test_misuse_is_one_line_exit_2_before_the_model_loads_and_writes_nothing(
         vit_dir, clip_dir, picture_file, tmp_path_factory, monkeypatch, capsys, folder, argv,
         message):
-    import atman_kernels.cli as cli
+    from atman_kernels.cli import loading
 
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     tmp = tmp_path_factory.mktemp("run")
     bad = tmp / "notes.png"
     bad.write_text("not a picture")
