@@ -541,7 +541,8 @@ def _check_causal(module, attention_mask, len_q: int, is_causal_arg) -> None:
 # Model classes that do not set _supports_attention_backend but whose every softmax attention
 # was read in transformers 5.24's modeling file and calls the attention interface with the
 # standard arguments (q, k, v, the mask from the mask function, dropout, scaling, **kwargs of
-# the decoder layer): hybrids whose other layers are state-space or linear-attention mixers
+# the decoder layer): plain decoders and encoders that never set the flag, and
+# hybrids whose other layers are state-space or linear-attention mixers
 # (they hold no softmax attention to suppress; AtMan suppresses the attention layers only, as
 # in LFM2). Each entry is the family's PreTrainedModel base class name (matched in the MRO,
 # within transformers.models) and what was checked. The per-call argument checks and the
@@ -564,6 +565,27 @@ VERIFIED_ATTENTION_ROUTING: Mapping[str, str] = MappingProxyType(
         "Qwen3_5MoePreTrainedModel": "Qwen3.5-MoE: as Qwen3.5",
         "LaraMiniPreTrainedModel": "Lara mini: LaraMiniAttention (sliding_window= as the "
         "mask encodes it) between recurrent layers",
+        "OlmoHybridPreTrainedModel": "OLMo hybrid: OlmoHybridAttention (q/k norms, RoPE or "
+        "none) layers between gated-delta-net layers",
+        # plain softmax attention that calls the interface as Llama does, the flag unset
+        "StableLmPreTrainedModel": "StableLM: StableLmAttention (partial rotary, optional "
+        "per-head q/k layer norms before the call), causal mask from create_causal_mask",
+        "BioGptPreTrainedModel": "BioGPT: BioGptAttention, is_causal=True, causal mask from "
+        "create_causal_mask",
+        # decoder-only *ForCausalLM of encoder-decoder families: the decoder layer's self
+        # attention is causal; its cross-attention runs only with encoder states (the explainer
+        # never passes them; a non-causal call is refused per call)
+        "BartPreTrainedModel": "BART: BartAttention self-attention, is_causal=True",
+        "MBartPreTrainedModel": "mBART: as BART",
+        "MarianPreTrainedModel": "Marian: as BART",
+        "PegasusPreTrainedModel": "Pegasus: as BART",
+        "PLBartPreTrainedModel": "PLBart: as BART",
+        "BlenderbotPreTrainedModel": "Blenderbot: as BART",
+        "BlenderbotSmallPreTrainedModel": "Blenderbot small: as BART",
+        "WhisperPreTrainedModel": "Whisper: WhisperAttention decoder self-attention, as BART",
+        # BERT-style encoders with extra position inputs (boxes, XPaths)
+        "LayoutLMPreTrainedModel": "LayoutLM: BERT self-attention with the extended mask",
+        "MarkupLMPreTrainedModel": "MarkupLM: BERT self-attention with the extended mask",
     }
 )
 

@@ -525,9 +525,12 @@ def _brute_mode(model):
     run = _BruteRun(None, {m: n for n, m in model.named_modules()}, set(), set())
     _RUN.append(run)
     ran = set()
+    # attention modules by name; a decoder layer named after its mixer (OLMo hybrid's
+    # "LinearAttentionDecoderLayer" around a gated delta net) is a layer, not an attention
     hooks = [m.register_forward_hook(lambda mod, *_: ran.add(mod))
-             for m in model.modules() if "Attention" in type(m).__name__
-             or "Attn" in type(m).__name__]
+             for m in model.modules() if ("Attention" in type(m).__name__
+                                          or "Attn" in type(m).__name__)
+             and not type(m).__name__.endswith("Layer")]
     try:
         with torch.no_grad():
             yield run, ran
