@@ -230,7 +230,7 @@ def test_prefix_reuse_recomputes_image_variants_from_the_block_start():
     assert max(starts) > b  # text after the image still reuses its prefix
     full = AtManExplainer(model, progress=False, batch_size=1, prefix_reuse=False).explain(
         inputs, TARGET)
-    _close(reused.per_target, full.per_target, rel=1e-5)
+    _close(reused.per_target, full.per_target)
     assert reused.settings["token_forwards"] < full.settings["token_forwards"]
 
 
@@ -291,6 +291,8 @@ def test_text_only_gemma3_stays_a_causal_lm_and_bad_image_inputs_are_refused():
 
 
 def test_gemma4_with_images_is_refused_by_name_with_the_reason():
+    pytest.importorskip("transformers.models.gemma4", reason="Gemma 4 is newer than this "
+                        "transformers")
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     torch.manual_seed(0)
