@@ -512,7 +512,8 @@ def _gemma3(layer_types=("sliding_attention", "full_attention")):
 def test_gemma3_conditional_generation_on_text_is_a_causal_lm(reuse, layer_types):
     """Gemma3ForConditionalGeneration without pixel values is its language model: explained as
     a causal LM (with a sliding window of 4 over 14 positions, or full attention only), equal
-    to the brute force with and without prefix reuse; images are refused with the reason."""
+    to the brute force with and without prefix reuse. With pixel values it goes to the
+    vision-language front end (tests/test_gemma3_images.py), which wants image tokens."""
     model = _gemma3(layer_types)
     expected = brute_causal(model, PROMPT, TARGET)
     explainer = AtManExplainer(model, progress=False, batch_size=3, prefix_reuse=reuse)
@@ -521,8 +522,8 @@ def test_gemma3_conditional_generation_on_text_is_a_causal_lm(reuse, layer_types
     _close(expl.per_target, expected)
     if layer_types[0] == "full_attention":  # a plain cache: the prefix is reused when asked
         assert expl.settings["prefix_reuse"] is reuse
-    with pytest.raises(ValueError, match=r"inputs hold images, but "
-                       r"Gemma3ForConditionalGeneration is explained as a causal LM on text"):
+    with pytest.raises(ValueError, match=r"pixel_values are given but the prompt has no "
+                       r"image token \(id 60\)"):
         explainer.explain({"input_ids": torch.tensor([PROMPT]),
                            "pixel_values": torch.zeros(1, 3, 16, 16)}, TARGET)
     with pytest.raises(ValueError, match=r"inputs hold \['input_features'\], which the "

@@ -51,7 +51,7 @@ from .explanation import POSTPROCESS, Explanation, combine_scores
 from .front.base import Prepared, check_unit_arguments
 from .front.causal import CausalFrontEnd
 from .front.classify import IMAGE_REFUSED, ClassifierFrontEnd
-from .front.image_text import IMAGE_TEXT_FAMILIES, ImageTextFrontEnd
+from .front.image_text import CAUSAL_IMAGE_TEXT_FAMILIES, IMAGE_TEXT_FAMILIES, ImageTextFrontEnd
 from .front.zero_shot import ZERO_SHOT_FAMILIES, ZeroShotFrontEnd
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 SUPPORTED_KINDS = (
     "causal LMs (*ForCausalLM, *LMHeadModel), sequence classifiers "
     "(*ForSequenceClassification), ViT-style image classifiers (*ForImageClassification), "
-    f"vision-language models ({', '.join(sorted(IMAGE_TEXT_FAMILIES))}), zero-shot "
+    f"vision-language models "
+    f"({', '.join(sorted([*IMAGE_TEXT_FAMILIES, *CAUSAL_IMAGE_TEXT_FAMILIES]))}), zero-shot "
     f"image-text models ({', '.join(sorted(ZERO_SHOT_FAMILIES))})"
 )
 # Vision-language models refused with a reason of their own (none at present).
@@ -78,7 +79,9 @@ def kind_of_class_name(name: str) -> str:
     A multimodal class that transformers lists among its causal LMs
     (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: ``Gemma3ForConditionalGeneration``, Gemma 4, ...)
     and that is not an image-text family here is a causal LM on text: its text path is the
-    language model's, and inputs with images are refused.
+    language model's. Inputs with images go to the vision-language front end for the classes
+    of :data:`.front.image_text.CAUSAL_IMAGE_TEXT_FAMILIES` (Gemma 3) and are refused with the
+    reason for the others (Gemma 4: :data:`.front.causal.IMAGES_REFUSED`).
     """
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -256,7 +259,10 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         regions is smaller where k does not divide the grid). Suppression acts in the language
         model only; the vision tower keeps its own attention. ``score_map(image=i)`` gives
         each image's grid; with ``(text, images)`` every image unit's ``box`` is its rectangle
-        in the original picture.
+        in the original picture. ``Gemma3ForConditionalGeneration`` (a causal LM on text) goes
+        this way when the inputs hold images (with ``token_type_ids``, as its processor gives
+        them): its pooled soft tokens are the cells; the variants get the baseline's masks, in
+        which each image's tokens see each other.
 
         Contrastive ("why the target rather than the foil"): ``contrast`` is a foil
         continuation (str or ids, any length) for causal LMs, a foil class (index or label) for
@@ -291,7 +297,7 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                              "explain the target alone")
         if image_region is not None and (
             isinstance(image_region, bool) or not isinstance(image_region, int)
-            or image_region < 1 or self.kind != "image_text"
+            or image_region < 1 or not self._takes_images()
         ):
             raise ValueError(f"image_region must be an int >= 1 for a vision-language model, got "
                              f"{image_region!r} for a {self.kind} model")
@@ -308,7 +314,7 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
             with torch.inference_mode():
                 if self.kind == "causal_lm":
                     prepared = self._prepare_causal(inputs, target, max_new_tokens, unit_args,
-                                                    contrast)
+                                                    contrast, image_region)
                 elif self.kind == "classifier":
                     prepared = self._prepare_classifier(inputs, target, unit_args, contrast)
                 elif self.kind == "image_text":
@@ -357,10 +363,16 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                             **explain_kwargs)
 
     # ------------------------------------------------------------------------------ helpers
+    def _takes_images(self) -> bool:
+        """A vision-language model, or a causal LM that also takes images (Gemma 3)."""
+        return self.kind == "image_text" or (
+            self.kind == "causal_lm" and type(self.model).__name__ in CAUSAL_IMAGE_TEXT_FAMILIES)
+
     def _suppressed_root(self) -> Any:
-        """The (sub-)model "atman" is switched into: a vision-language model's language model,
-        a CLIP-style model's vision tower, else the model."""
-        if self.kind == "image_text":
+        """The (sub-)model "atman" is switched into: a vision-language model's language model
+        (also of a causal LM that takes images: its vision tower keeps its own attention), a
+        CLIP-style model's vision tower, else the model."""
+        if self._takes_images():
             return self.model.get_decoder()
         if self.kind == "zero_shot":
             return self._zero_shot_tower()

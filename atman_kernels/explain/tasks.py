@@ -385,14 +385,23 @@ class ContrastiveLMTask(CausalLMTask):
 
 
 class VisionLanguageTask(CausalLMTask):
-    """A vision-language model's causal LM over text and image tokens (LLaVA, Idefics3, ...).
+    """A vision-language model's causal LM over text and image tokens (LLaVA, Idefics3, Gemma 3).
 
     The baseline runs the whole model once (``extra`` holds ``pixel_values`` and whatever else
     the model takes) and records what its language model received: the input embeddings with
-    the image features merged in, and the position ids (for models with multimodal rotary
-    positions). Every variant then feeds the language model slices of those embeddings: the
-    vision tower runs once, unsuppressed (its sequence is one image's patches, unrelated to the
-    factors), and prefix reuse works across image tokens as across text tokens.
+    the image features merged in, the position ids (for models with multimodal rotary
+    positions) and, where the model prepared them itself, the attention masks. Every variant
+    then feeds the language model slices of those: the vision tower runs once, unsuppressed
+    (its sequence is one image's patches, unrelated to the factors), and prefix reuse works
+    across image tokens as across text tokens.
+
+    Prepared masks (Gemma 3: a dict of 4D masks per layer type, in which the tokens of one image
+    see each other bidirectionally) are handed to every variant forward as they were in the
+    baseline: rows from the chunk's start on, expanded over the variants; never rebuilt from
+    the embeddings alone, which would give a plain causal mask. Where a row sees a later key
+    (an image token sees the rest of its image), suppressing that key changes earlier rows:
+    :meth:`run` lowers the chunk's start to the first row any key from the start on can reach,
+    through every layer (the start of the image block), so prefix reuse stays exact.
 
     Args:
         model: the vision-language model.
@@ -409,6 +418,8 @@ class VisionLanguageTask(CausalLMTask):
         self.extra = extra
         self.language_model = language_model
         self._recorded: dict[str, Any] = {}
+        self._masks: dict[str, torch.Tensor | None] | None = None
+        self._first_row: list[int] | None = None  # first changed row of a start, per start
 
     def _baseline_inputs(self) -> dict[str, Any]:
         return {"input_ids": self.ids, **self.extra}
@@ -428,7 +439,37 @@ class VisionLanguageTask(CausalLMTask):
                 f"{type(self.model).__name__}: its language model was not called with the "
                 "merged input embeddings of the whole sequence, so the variants cannot be run "
                 "on the language model alone")
+        masks = self._recorded.get("attention_mask")
+        if isinstance(masks, dict):
+            self._masks = {name: self._check_mask(name, m) for name, m in masks.items()}
+            self._first_row = _first_changed_rows(
+                [m for m in self._masks.values() if m is not None], self.seq_len)
         return base
+
+    def _check_mask(self, name: str, mask: Any) -> torch.Tensor | None:
+        """A prepared mask of the baseline: None (plain causal, skipped by the mask function)
+        or a [1, 1 or H, N, N] bool / additive float tensor."""
+        n = self.seq_len
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[0] != 1 or (
+                tuple(mask.shape[-2:]) != (n, n)):
+            raise NotImplementedError(
+                f"{type(self.model).__name__}: the language model received a prepared "
+                f"{name!r} mask of {type(mask).__name__} "
+                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''} instead of a "
+                f"[1, heads, {n}, {n}] tensor over the whole sequence, so the variants cannot "
+                "be given the baseline's mask")
+        if getattr(mask, "_atman_kv_offset", 0):
+            raise NotImplementedError(
+                f"{type(self.model).__name__}: the baseline's {name!r} mask is offset into a "
+                "longer cache, so it cannot be sliced for the variants")
+        return mask
+
+    def run(self, batch: int, start: int) -> torch.Tensor:
+        if self._first_row is not None and start > 0:
+            start = self._first_row[start]
+        return super().run(batch, start)
 
     def _variant_inputs(self, batch: int, start: int) -> dict[str, Any]:
         embeds = self._recorded["inputs_embeds"][:, start:]
@@ -438,7 +479,51 @@ class VisionLanguageTask(CausalLMTask):
             positions = positions[..., start:]
             inputs["position_ids"] = positions.expand(
                 *positions.shape[:-2], batch, positions.shape[-1])
+        if self._masks is not None:
+            inputs["attention_mask"] = {name: self._variant_mask(m, batch, start)
+                                        for name, m in self._masks.items()}
         return inputs
+
+    def _variant_mask(self, mask: torch.Tensor | None, batch: int, start: int
+                      ) -> torch.Tensor | None:
+        """The baseline's mask for rows ``start``.. over all N keys (the cached prefix and the
+        recomputed positions), expanded over ``batch`` variants."""
+        if mask is None:
+            if start == 0:
+                return None  # as in the baseline: the attention's own causal default
+            # a skipped mask is plain causal; with a cached prefix it must be explicit
+            n = self.seq_len
+            mask = torch.ones(n, n, dtype=torch.bool, device=self.ids.device).tril()[None, None]
+        rows = mask[:, :, start:]
+        return rows.expand(batch, *rows.shape[1:])
+
+
+def _first_changed_rows(masks: list[torch.Tensor], n: int) -> list[int]:
+    """For every start s, the first row a variant that suppresses only keys >= s can change.
+
+    Row i sees key p where any mask lets it (True, or an additive value above the dtype's
+    minimum). Suppressing keys >= s changes the rows that see them, from
+    g(s) = min over p >= s of (first row that sees p) on, in the first layer; those rows'
+    states then change the rows that see them in the next layer: the first changed row is the
+    fixed point of s -> g(s). A causal mask gives s itself; a bidirectional image block the
+    block's start.
+    """
+    positions = torch.arange(n, device=masks[0].device if masks else None)
+    first_seen = positions.clone()  # key p changes row p at the latest (causal, or skipped)
+    if masks:
+        seen = torch.zeros(n, n, dtype=torch.bool, device=positions.device)
+        for m in masks:
+            visible = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+            seen |= visible.any(dim=1)[0]
+        first_seen = torch.minimum(first_seen, torch.where(
+            seen.any(dim=0), seen.int().argmax(dim=0), positions))
+    suffix_min = torch.flip(torch.cummin(torch.flip(first_seen, [0]), 0).values, [0]).tolist()
+    out = []
+    for s in range(n):
+        while suffix_min[s] < s:
+            s = suffix_min[s]
+        out.append(s)
+    return out
 
 
 class ClassificationTask:

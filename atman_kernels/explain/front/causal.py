@@ -11,30 +11,53 @@ import torch
 from ..tasks import CausalLMTask, ContrastiveLMTask
 from ..units import Span, token_spans
 from .base import FrontEnd, Prepared, unit_settings
-from .image_text import IMAGE_TEXT_FAMILIES
+from .image_text import CAUSAL_IMAGE_TEXT_FAMILIES, IMAGE_TEXT_FAMILIES
 
 # parts of model-input names that carry another modality (images, video, audio features)
 _MEDIA_KEY_PARTS = ("pixel", "image", "video", "audio", "input_features", "input_values")
 
 
+# Multimodal causal LMs whose inputs with images are refused, and why.
+_GEMMA4_IMAGES = (
+    "is explained as a causal LM on text only: with images, its language model takes "
+    "per-layer inputs computed from the token ids besides the merged embeddings (the variants "
+    "cannot be run on the recorded embeddings alone) and its vision encoder pools a number of "
+    "soft tokens per image that depends on the picture (no fixed grid of cells); image tokens "
+    "also attend to each other bidirectionally")
+IMAGES_REFUSED = {
+    "Gemma4ForConditionalGeneration": _GEMMA4_IMAGES,
+    "Gemma4UnifiedForConditionalGeneration": _GEMMA4_IMAGES,
+}
+
+
 class CausalFrontEnd(FrontEnd):
-    """Causal LMs (``*ForCausalLM``, ``*LMHeadModel``)."""
+    """Causal LMs (``*ForCausalLM``, ``*LMHeadModel``); those of
+    :data:`.image_text.CAUSAL_IMAGE_TEXT_FAMILIES` (Gemma 3) with images go to the
+    vision-language front end."""
 
     prefix_reuse: bool
+    conceptual_threshold: float | None
 
     def _prepare_causal(self, inputs: Any, target: Any, max_new_tokens: int,
-                        unit_args: dict[str, Any], contrast: Any = None) -> Prepared:
+                        unit_args: dict[str, Any], contrast: Any = None,
+                        image_region: int | None = None) -> Prepared:
+        name = type(self.model).__name__
         if (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str)) or (
                 hasattr(inputs, "keys") and "pixel_values" in inputs):
-            name = type(self.model).__name__
-            what = ("is explained as a causal LM on text only: AtMan's image-token layout "
-                    "is not implemented for its family (Gemma 3 and 4 also let image tokens "
-                    "attend to each other bidirectionally)"
-                    if name.endswith("ForConditionalGeneration") else "is a text-only model")
+            if name in CAUSAL_IMAGE_TEXT_FAMILIES:
+                return self._causal_with_images(inputs, target, max_new_tokens, unit_args,
+                                                contrast, image_region)
+            what = IMAGES_REFUSED.get(name) or (
+                "is explained as a causal LM on text only: AtMan's image-token layout is not "
+                "implemented for its family" if name.endswith("ForConditionalGeneration")
+                else "is a text-only model")
+            families = sorted([*IMAGE_TEXT_FAMILIES, *CAUSAL_IMAGE_TEXT_FAMILIES])
             raise ValueError(
                 f"inputs hold images, but {name} {what}; pass the prompt as text or token "
-                f"ids, or use a vision-language model of "
-                f"{', '.join(sorted(IMAGE_TEXT_FAMILIES))}")
+                f"ids, or use a vision-language model of {', '.join(families)}")
+        if image_region is not None:
+            raise ValueError(f"image_region={image_region!r} needs inputs with images (the "
+                             "processor's output or (text, images)); these inputs are text")
         media = sorted(k for k in (inputs.keys() if hasattr(inputs, "keys") else ())
                        if any(w in str(k) for w in _MEDIA_KEY_PARTS))
         if media:
@@ -84,6 +107,25 @@ class CausalFrontEnd(FrontEnd):
                       **({"max_new_tokens": max_new_tokens} if generated else {}),
                       **recurrent},
         )
+
+    def _causal_with_images(self, inputs: Any, target: Any, max_new_tokens: int,
+                            unit_args: dict[str, Any], contrast: Any,
+                            image_region: int | None) -> Prepared:
+        """A causal LM that takes images (Gemma 3), given images: the vision-language front
+        end (image regions and text as units), with its refusals."""
+        name = type(self.model).__name__
+        if contrast is not None:
+            raise ValueError(f"contrast= is not implemented for {name} with images yet; "
+                             "explain the target alone")
+        if self.conceptual_threshold is not None:
+            raise ValueError(f"conceptual_threshold is not supported for {name} with images "
+                             "(image tokens have no input embedding of their own before the "
+                             "vision tower runs); use conceptual_threshold=None")
+        if unit_args["chat"]:
+            raise ValueError(f"chat=True applies the chat template to a text prompt; for {name} "
+                             "with images pass the processor's output of the rendered prompt")
+        return self._prepare_image_text(inputs, target, max_new_tokens, unit_args,
+                                        image_region)
 
     def _reuse_and_note(self) -> tuple[bool, dict[str, str]]:
         """Whether to try prefix reuse, and the settings note of a model with recurrent state.

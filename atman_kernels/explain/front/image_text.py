@@ -1,4 +1,4 @@
-"""The vision-language front end (LLaVA, Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL): the
+"""The vision-language front end (LLaVA, Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL, Gemma 3): the
 processor's output or (text, images); every image token (or k x k region) and every text unit
 of the prompt is a unit; each image unit's box in the original picture
 (:mod:`..vision`); the target given or generated (:class:`..tasks.VisionLanguageTask`)."""
@@ -20,6 +20,21 @@ IMAGE_TEXT_FAMILIES = {
     "SmolVLMForConditionalGeneration": "idefics3",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+}
+# Causal LMs that also take images (transformers lists them among its causal LMs): explained as
+# causal LMs on text, and through this front end when the inputs hold images. Gemma 3 puts each
+# image in as one run of mm_tokens_per_image soft tokens: the vision tower's patch grid
+# average-pooled to a square of cells, flattened row-major (Gemma3MultiModalProjector), i.e.
+# the "llava" layout; its image tokens see each other bidirectionally (token_type_ids). Its
+# processor's pan-and-scan crops (do_pan_and_scan, off by default) would come as further runs,
+# each explained as an image of its own.
+CAUSAL_IMAGE_TEXT_FAMILIES = {
+    "Gemma3ForConditionalGeneration": "llava",
+}
+# Models whose image tokens must be marked in a per-token input (1 at image tokens, as their
+# processor makes it): the language model's mask makes each image's tokens bidirectional.
+_IMAGE_TOKEN_TYPES = {
+    "Gemma3ForConditionalGeneration": "token_type_ids",
 }
 
 
@@ -66,7 +81,8 @@ class ImageTextFrontEnd(FrontEnd):
         image_token = getattr(config, "image_token_id", None)
         if image_token is None:
             image_token = getattr(config, "image_token_index", None)
-        family = IMAGE_TEXT_FAMILIES[type(self.model).__name__]
+        name = type(self.model).__name__
+        family = IMAGE_TEXT_FAMILIES.get(name) or CAUSAL_IMAGE_TEXT_FAMILIES[name]
         grids = None
         if family == "qwen2_vl" and extra.get("image_grid_thw") is not None:
             merge = int(getattr(config.vision_config, "spatial_merge_size", 2))
@@ -83,6 +99,9 @@ class ImageTextFrontEnd(FrontEnd):
                              "the text")
         if views and "pixel_values" not in extra:
             raise ValueError("the prompt has image tokens but no pixel_values were given")
+        if name in _IMAGE_TOKEN_TYPES:
+            _check_image_token_types(extra, _IMAGE_TOKEN_TYPES[name], prompt_ids,
+                                     int(image_token), name)
         if images is not None:
             n_images = 1 + max(v.image for v in views) if views else 0
             if n_images != len(images):
@@ -173,6 +192,25 @@ class ImageTextFrontEnd(FrontEnd):
                       "target_ids": target_ids, "generated": generated,
                       "image_region": image_region, **unit_settings(unit_args)},
         )
+
+
+def _check_image_token_types(extra: dict[str, Any], key: str, prompt_ids: list[int],
+                             image_token: int, name: str) -> None:
+    """``extra[key]`` must mark exactly the image tokens of the prompt (1) and nothing else:
+    without it the model's mask would be plain causal over the images (not how it runs)."""
+    types = extra.get(key)
+    expected = [int(t == image_token) for t in prompt_ids]
+    if types is None:
+        if not any(expected):
+            return
+        raise ValueError(f"{name} takes {key} (1 at image tokens, as its processor returns "
+                         f"them): its image tokens attend to each other bidirectionally only "
+                         f"where {key} marks them; pass the processor's output whole")
+    if not torch.is_tensor(types) or tuple(types.shape) != (1, len(prompt_ids)) or (
+            types[0].tolist() != expected):
+        raise ValueError(f"{key} must be [1, {len(prompt_ids)}] with 1 exactly at the image "
+                         f"tokens (id {image_token}) of input_ids, as {name}'s processor makes "
+                         "it")
 
 
 def as_rgb_array(image: Any) -> Any:
