@@ -45,6 +45,13 @@ Keys are matched to factors by absolute position: with a KV cache the key tensor
 positions 0 .. Nk-1 and the queries are the last Nq positions, so factors given for the whole
 sequence keep working when only a suffix is fed (docs/semantics.md, exact prefix reuse).
 
+Windowed attention (Swin: batch = images x windows, keys = one window's tokens) cannot be
+matched by position: a :func:`atman_kernels.suppression.key_layouts` context gives such a
+module a :class:`atman_kernels.suppression.KeyLayout`, the factor column of every key of every
+window (the factors then index whatever the caller's positions are, e.g. regions of an image)
+and optionally the keys each window's queries may see, so that an additive mask's large
+negative entries (Swin's shifted windows add -100) are excluded as a mask, not scored.
+
 Exact or refused. Every call is checked before any work, and a refusal names the model (once
 :func:`atman_attention` ran; else the module class and ``model_type``) and the argument:
 
@@ -94,7 +101,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ._materialised import materialised_suppressed_attention
 from .ops import suppressed_attention
 from .ops.reference import visible_keys
-from .suppression import Suppression, current_backend, current_suppression, make_suppression
+from .suppression import (
+    KeyLayout,
+    Suppression,
+    current_backend,
+    current_key_layout,
+    current_suppression,
+    make_suppression,
+)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -272,10 +286,18 @@ def _layer_index(module: torch.nn.Module) -> int | None:
 
 
 def _factors_for_call(
-    state: Suppression, module: torch.nn.Module, len_k: int, key_offset: int, batch: int, device
+    state: Suppression,
+    module: torch.nn.Module,
+    len_k: int,
+    key_offset: int,
+    batch: int,
+    device,
+    layout: KeyLayout | None = None,
 ) -> torch.Tensor | None:
     if not state.applies_to(_layer_index(module)):
         return None
+    if layout is not None:
+        return _layout_factors(state, layout, batch, device)
     factors = state.factors_for_keys(len_k, key_offset).to(device)
     variants = factors.shape[0]
     if variants == batch:
@@ -291,6 +313,59 @@ def _factors_for_call(
         f"the suppression factors hold {variants} variants but the model's batch is {batch}; "
         "they must match (or factors must have 1 row)"
     )
+
+
+def _layout_factors(
+    state: Suppression, layout: KeyLayout, batch: int, device
+) -> torch.Tensor:
+    """Factors [batch, Nk] of a grouped call: row b * G + g holds input b's factors of the
+    columns ``layout.positions[g]`` (1 where the position is -1)."""
+    positions = layout.positions.to(device)
+    groups, len_k = positions.shape
+    f = state.factors.to(device)
+    variants, n = f.shape
+    bad = positions[(positions < -1) | (positions >= n)]
+    if bad.numel():
+        raise ValueError(
+            f"the key layout names factor column {int(bad[0])} but the suppression factors "
+            f"have {n} columns"
+        )
+    padded = torch.cat([f, f.new_ones(variants, 1)], dim=1)  # column n: factor 1
+    rows = padded[:, positions.masked_fill(positions < 0, n)]  # [V, G, Nk]
+    inputs = batch // groups
+    if variants == inputs:
+        return rows.reshape(batch, len_k)
+    if variants == 1:
+        return rows.expand(inputs, groups, len_k).reshape(batch, len_k)
+    raise ValueError(
+        f"the suppression factors hold {variants} variants but the model's batch holds "
+        f"{inputs} inputs ({batch} rows of {groups} key groups); they must match (or factors "
+        "must have 1 row)"
+    )
+
+
+def _check_layout(module, layout: KeyLayout, batch: int, len_q: int, len_k: int,
+                  key_offset: int) -> None:
+    """The call must have the shape its layout describes (else factors would land on the
+    wrong keys)."""
+    groups, keys = layout.positions.shape
+    vis = layout.visible
+    if (keys != len_k or batch % groups or key_offset
+            or (vis is not None and vis.shape[1] != len_q)):
+        raise ValueError(
+            f"{_where(module)}: its key layout describes {groups} groups of {keys} keys"
+            + ("" if vis is None else f" and {vis.shape[1]} queries")
+            + f", but the attention call has batch {batch}, {len_q} queries and {len_k} keys"
+            + (f" from position {key_offset}" if key_offset else "")
+            + "; the layout was made for another input size"
+        )
+
+
+def _layout_visible(layout: KeyLayout, batch: int, device) -> torch.Tensor:
+    """``layout.visible`` [G, Nq, Nk] as [batch, 1, Nq, Nk] (input-major rows)."""
+    vis = layout.visible.to(device)
+    groups = vis.shape[0]
+    return vis[None].expand(batch // groups, *vis.shape).reshape(batch, 1, *vis.shape[1:])
 
 
 # --------------------------------------------------------------------------- call guards
@@ -799,6 +874,16 @@ def atman_attention_forward(
         plan = _MaskPlan(fused=False, visible=plan.visible, bias=bias)
     if sinks is not None and sinks.dim() != 1:  # one sink per head and row: materialised
         plan = _materialised_plan(plan, len_q, len_k, query.device)
+    batch = max(query.shape[0], key.shape[0])
+    layout = current_key_layout(module)
+    if layout is not None:
+        _check_layout(module, layout, batch, len_q, len_k, key_offset)
+        if layout.visible is not None:  # the mask's entries outside it are a mask, not scores
+            plan = _materialised_plan(plan, len_q, len_k, query.device)
+            visible = _layout_visible(layout, batch, query.device)
+            if plan.visible is not None:
+                visible = visible & plan.visible
+            plan = _MaskPlan(fused=False, visible=visible, bias=plan.bias)
 
     state = _suppression_from_kwargs(kwargs) or current_suppression()
     if state is not None and _is_cross_attention(module):
@@ -806,12 +891,12 @@ def atman_attention_forward(
             f"suppression in cross-attention ({type(module).__name__}) is not supported: its "
             "keys are another sequence's positions, which the factors do not index"
         )
-    batch = max(query.shape[0], key.shape[0])
     if plan.fused:
         n = plan.key_len
         factors = mode = None
         if state is not None:
-            factors = _factors_for_call(state, module, n, key_offset, batch, query.device)
+            factors = _factors_for_call(state, module, n, key_offset, batch, query.device,
+                                        layout)
             mode = state.mode
         _record_call(module, factors is not None)
         k, v = (key, value) if n == len_k else (key[:, :, :n], value[:, :, :n])
@@ -831,7 +916,8 @@ def atman_attention_forward(
     else:
         factors = mode = None
         if state is not None:
-            factors = _factors_for_call(state, module, len_k, key_offset, batch, query.device)
+            factors = _factors_for_call(state, module, len_k, key_offset, batch, query.device,
+                                        layout)
             mode = state.mode
         _record_call(module, factors is not None)
         out, _ = materialised_suppressed_attention(

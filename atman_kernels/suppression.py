@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from ._constants import MODES
 
@@ -112,6 +113,58 @@ def suppression(
         yield state
     finally:
         _ACTIVE.reset(token)
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How one attention module's calls lay out the positions the factors index, for models
+    that attend within groups of tokens (windows) batched as inputs x groups.
+
+    The call's batch is ``inputs x G`` (input-major: row ``b * G + g`` is group ``g`` of input
+    ``b``); key ``k`` of group ``g`` is factor column ``positions[g, k]`` (-1: no column, factor
+    1, e.g. padding). ``visible`` [G, Nq, Nk] bool (optional): the keys each query of group
+    ``g`` may see; the additive attention mask the model passes is then a score bias only
+    where visible, and the other keys are excluded (not part of the softmax nor of paper
+    mode's row minimum), where the model itself would add a large negative number.
+    """
+
+    positions: torch.Tensor
+    visible: torch.Tensor | None = None
+
+
+_LAYOUTS: contextvars.ContextVar[Mapping[Any, KeyLayout]] = contextvars.ContextVar(
+    "atman_key_layouts", default=MappingProxyType({})
+)
+
+
+def current_key_layout(module: Any) -> KeyLayout | None:
+    """The :class:`KeyLayout` of attention module ``module`` in this context, or None."""
+    return _LAYOUTS.get().get(module)
+
+
+@contextlib.contextmanager
+def key_layouts(layouts: Mapping[Any, KeyLayout]) -> Iterator[Mapping[Any, KeyLayout]]:
+    """Give the attention modules in ``layouts`` their :class:`KeyLayout` inside the block
+    (read by the "atman" transformers attention for each call of those modules)."""
+    import torch
+
+    for module, layout in layouts.items():
+        pos, vis = layout.positions, layout.visible
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.is_floating_point():
+            raise ValueError(f"KeyLayout.positions of {type(module).__name__} must be an "
+                             f"integer tensor [groups, keys], got "
+                             f"{getattr(pos, 'shape', type(pos).__name__)}")
+        if vis is not None and (not isinstance(vis, torch.Tensor) or vis.dtype != torch.bool
+                                or vis.dim() != 3 or vis.shape[0] != pos.shape[0]
+                                or vis.shape[2] != pos.shape[1]):
+            raise ValueError(f"KeyLayout.visible of {type(module).__name__} must be a bool "
+                             f"tensor [{pos.shape[0]}, queries, {pos.shape[1]}], got "
+                             f"{getattr(vis, 'shape', type(vis).__name__)}")
+    token = _LAYOUTS.set(MappingProxyType({**_LAYOUTS.get(), **layouts}))
+    try:
+        yield layouts
+    finally:
+        _LAYOUTS.reset(token)
 
 
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("atman_backend", default="auto")

@@ -114,14 +114,6 @@ def _forward_counter(model):
     return calls
 
 
-def test_swin_is_refused_when_the_explainer_is_built():
-    cfg = T.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
-                       window_size=2, **LABELS)
-    model = T.SwinForImageClassification(cfg).eval()
-    with pytest.raises(TypeError, match="SwinForImageClassification.*window"):
-        AtManExplainer(model)
-
-
 @pytest.mark.parametrize(("inputs", "error", "match"), [
     (_pixels((1, 3, 32, 32)), ValueError, "32x32.*16x16"),  # not the position embeddings' size
     (_pixels((2, 3, 16, 16)), ValueError, r"\[1, C, H, W\]"),

@@ -561,7 +561,12 @@ def _logits(model, inputs):
 
 def brute_force(kind: str, model, inputs: dict, positions: list[int]) -> torch.Tensor:
     """[T, len(positions)] rise of the target's cross-entropy, one full forward per position
-    (factor 0.1 at that key in every attention, 1 elsewhere)."""
+    (factor 0.1 at that key in every attention, 1 elsewhere). Swin (window attention, units
+    are final-stage cells): the window-aware brute force of test_swin.py."""
+    if kind == "image" and isinstance(model, transformers.SwinForImageClassification):
+        from test_swin import brute_force_swin
+
+        return brute_force_swin(model, inputs, positions, cls=CLASS)
     with _brute_mode(model) as (run, ran):
         base_logits = _logits(model, inputs)
         if not run.modules:

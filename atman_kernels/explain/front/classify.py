@@ -7,7 +7,8 @@ Image models whose patch sequence is found (:func:`image_units`): ViT-style
 convolutions in a ``vision_model`` tower (CLIP, MetaCLIP 2: a class token first; SigLIP: none),
 and SigLIP 2's pre-patchified pixels (``pixel_values`` [1, P, C*p*p] with
 ``pixel_attention_mask`` and ``spatial_shapes``; padding patches are neither explained nor
-suppressed). The zero-shot front end (:mod:`.zero_shot`) reads images the same way."""
+suppressed). Swin (shifted-window attention over stages): the final stage's cells are the
+units (:mod:`.swin`). The zero-shot front end (:mod:`.zero_shot`) reads images the same way."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from ..tasks import ClassificationTask
 from ..units import Span, token_spans
 from .base import FrontEnd, Prepared, unit_settings
+from .swin import WindowedClassificationTask, swin_stages, swin_units
 
 
 class ClassifierFrontEnd(FrontEnd):
@@ -105,6 +107,8 @@ class ClassifierFrontEnd(FrontEnd):
                        contrast: Any = None) -> Prepared:
         labels, class_fields, class_settings = self._classes(target, contrast)
         check_patch_units(unit_args, "image classifiers")
+        if swin_stages(self.model) is not None:
+            return self._prepare_swin(inputs, labels, class_fields, class_settings)
         image = image_units(self.model, inputs, conceptual=self.conceptual_threshold is not None)
         task = ClassificationTask(self.model, image.model_inputs, image.seq_len, labels)
         return Prepared(
@@ -115,18 +119,72 @@ class ClassifierFrontEnd(FrontEnd):
                     "image": image.picture, **class_fields},
         )
 
+    def _prepare_swin(self, inputs: Any, labels: list[int], class_fields: dict[str, Any],
+                      class_settings: dict[str, Any]) -> Prepared:
+        """Swin: the units are the final stage's cells (:mod:`.swin`)."""
+        name = type(self.model).__name__
+        if self.conceptual_threshold is not None:
+            raise ValueError(
+                f"conceptual suppression is not defined for {name}: its units are final-stage "
+                "cells, which have no layer-0 embedding to compare; use "
+                "conceptual_threshold=None")
+        if getattr(self, "layers", None) is not None:
+            raise ValueError(
+                f"layers= is not supported for {name}: its attention modules are the blocks "
+                "of its stages, which layer indices do not name one to one; use layers=None")
+        pixels = _pixel_values(self.model, inputs)
+        config = self.model.base_model.config
+        size = getattr(config, "image_size", None)
+        size = (size, size) if isinstance(size, int) else size
+        if (getattr(config, "use_absolute_embeddings", False)
+                and isinstance(size, (tuple, list)) and tuple(pixels.shape[-2:]) != tuple(size)):
+            raise ValueError(
+                f"pixel values are {pixels.shape[-2]}x{pixels.shape[-1]}, {name}'s absolute "
+                f"position embeddings are for {size[0]}x{size[1]} images (config image_size): "
+                "resize the image to that size (interpolated position embeddings are not "
+                "supported)")
+        param = next(self.model.parameters())
+        pixels = pixels.to(device=param.device, dtype=param.dtype)
+        image = swin_units(self.model, pixels)
+        task = WindowedClassificationTask(self.model, image.model_inputs, len(image.units),
+                                          labels, layouts=image.layouts)
+        return Prepared(
+            task=task, units=image.units, contrast_rows=len(labels) - 1,
+            settings={**class_settings, "granularity": "cell",
+                      "cell_pixels": list(image.cell_pixels)},
+            fields={"kind": "image", "token_ids": None, "patch_grid": image.grid,
+                    "image": image.picture, **class_fields},
+        )
+
+
+def _pixel_values(model: Any, inputs: Any) -> torch.Tensor:
+    """Pixel values [1, C, H, W] of an image classifier that takes only ``pixel_values``."""
+    name = type(model).__name__
+    data = dict(inputs.items()) if hasattr(inputs, "keys") else {"pixel_values": inputs}
+    extra = sorted(str(k) for k in data if k != "pixel_values")
+    if extra:
+        raise ValueError(f"{name} takes only 'pixel_values' as image input, got also {extra}")
+    pixels = data.get("pixel_values")
+    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
+        raise TypeError("image inputs must be a float tensor of pixel values [1, 3, H, W] "
+                        "or a dict with 'pixel_values'")
+    if pixels.dim() == 3:
+        pixels = pixels[None]
+    if pixels.dim() != 4 or pixels.shape[0] != 1:
+        raise ValueError(f"pixel values must have shape [1, C, H, W] or [C, H, W], got "
+                         f"{tuple(pixels.shape)}")
+    channels = getattr(model.config, "num_channels", None)
+    if isinstance(channels, int) and pixels.shape[1] != channels:
+        raise ValueError(f"pixel values have {pixels.shape[1]} channels, {name} takes "
+                         f"{channels} ([1, C, H, W])")
+    return pixels
+
 
 # Image classifiers refused by class name, with the reason (raised when the explainer is built).
-IMAGE_REFUSED = {
-    "SwinForImageClassification": (
-        "Swin attends within (shifted) windows of a hierarchical feature map: each attention "
-        "call's keys are one window of the current stage (batched as images x windows, after "
-        "a cyclic shift), and every stage merges 2x2 tokens into one, so a patch's "
-        "suppression needs per-window factor rows mapped through the window partition, the "
-        "shift and the merges, which the 'atman' attention does not do (its factors index one "
-        "token sequence per batch row); the shifted windows' -100 mask bias would also enter "
-        "paper mode's row minimum"),
-}
+# None at present: Swin is explained per final-stage cell (.swin); Swinv2, DonutSwin and
+# MaskFormerSwin compute their attention by hand (no attention interface) and are refused by
+# atman_kernels.hf.check_supported, naming the class.
+IMAGE_REFUSED: dict[str, str] = {}
 
 
 def vision_tower(model: Any) -> Any:
