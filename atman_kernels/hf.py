@@ -368,6 +368,14 @@ def _layout_visible(layout: KeyLayout, batch: int, device) -> torch.Tensor:
     return vis[None].expand(batch // groups, *vis.shape).reshape(batch, 1, *vis.shape[1:])
 
 
+# Attention modules whose calls hold one window of a feature map per batch row (Swin and the
+# families that copy its attention): suppressed calls need a KeyLayout to place the factors.
+# Both the outer and the inner class names: which one calls the interface varies by release.
+WINDOWED_ATTENTION = frozenset(
+    f"{family}{part}" for family in ("Swin", "Swinv2", "DonutSwin", "MaskFormerSwin", "ClapAudio")
+    for part in ("Attention", "SelfAttention"))
+
+
 # --------------------------------------------------------------------------- call guards
 # What an attention call may carry besides q, k, v, the mask, dropout, scaling and is_causal.
 # transformers' model code passes extra keywords to the attention function (literally or
@@ -886,6 +894,12 @@ def atman_attention_forward(
             plan = _MaskPlan(fused=False, visible=visible, bias=plan.bias)
 
     state = _suppression_from_kwargs(kwargs) or current_suppression()
+    if state is not None and layout is None and type(module).__name__ in WINDOWED_ATTENTION:
+        raise NotImplementedError(
+            f"{_where(module)} attends within windows (batch = inputs x windows, keys = one "
+            "window's tokens), so factors over sequence positions cannot be matched to its "
+            "keys; give it a KeyLayout (atman_kernels.suppression.key_layouts), as "
+            "AtManExplainer does for Swin")
     if state is not None and _is_cross_attention(module):
         raise NotImplementedError(
             f"suppression in cross-attention ({type(module).__name__}) is not supported: its "

@@ -323,6 +323,40 @@ def test_layout_made_for_another_size_is_refused():
 
 
 @needs_routing
+def test_auto_batch_sizes_swin_by_its_stage_tokens_not_its_cells():
+    from atman_kernels.explain.batching import bytes_per_variant
+    from atman_kernels.explain.front.swin import WindowedClassificationTask, swin_units
+
+    config, size = CASES["pads"]
+    model = swin(**config)
+    image = swin_units(model, pixels(size))
+    task = WindowedClassificationTask(model, image.model_inputs, len(image.units), [CLASS],
+                                      layouts=image.layouts)
+    queries, keys = task.attention_shape
+    assert queries > task.seq_len and keys < queries  # stage-0 tokens, one window's keys
+    per = bytes_per_variant(model.config, len_q=queries, len_k=keys, n_logits=1)
+    explainer = AtManExplainer(model, progress=False, max_memory=3 * per + 1)
+    explainer.explain(pixels(size), CLASS)
+    assert explainer.last_stats["chunk_size"] == 3
+
+
+@needs_routing
+def test_suppression_without_window_layouts_is_refused():
+    """Factors over positions would land on each window's first keys: refused, naming the
+    module, before any result (factors 1 included: the call cannot be placed either way)."""
+    from atman_kernels import suppression
+
+    model = swin(**CASES["pads"][0])
+    x = pixels(CASES["pads"][1])
+    with torch.no_grad(), atman_attention(model):
+        model(pixel_values=x)  # no suppression in force: plain attention
+        for factors in (torch.ones(1, 16), torch.full((2, 16), 0.1)):
+            with suppression(factors), pytest.raises(
+                    NotImplementedError, match="SwinAttention.*attends within windows"):
+                model(pixel_values=x.expand(factors.shape[0], -1, -1, -1))
+
+
+@needs_routing
 @pytest.mark.parametrize(("kwargs", "match"), [
     (dict(conceptual_threshold=0.7), "conceptual suppression is not defined"),
     (dict(layers=[0]), "layers= is not supported"),

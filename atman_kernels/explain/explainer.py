@@ -418,8 +418,12 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         policy = ChunkPolicy(self.batch_size, self.max_memory, self._device,
                              next(self.model.parameters()).dtype, self.model.config)
 
+        # a task whose attention is not over its n factor columns says what it is (Swin:
+        # windows of the first stage's tokens)
+        len_q, len_k = getattr(task, "attention_shape", None) or (n, n)
+
         def chunk_size(reuse: bool) -> int:
-            return policy.size(len(units), len_q=n, len_k=n, n_logits=task.n_targets,
+            return policy.size(len(units), len_q=len_q, len_k=len_k, n_logits=task.n_targets,
                                reuse=reuse)
 
         from tqdm.auto import tqdm

@@ -150,6 +150,10 @@ class WindowedClassificationTask(ClassificationTask):
                  labels: list[int], *, layouts: dict[torch.nn.Module, KeyLayout]) -> None:
         super().__init__(model, inputs, seq_len, labels)
         self.layouts = layouts
+        # for the memory estimate: the largest block's tokens (queries of all its windows
+        # together) and one window's keys, not the number of cells the factors index
+        self.attention_shape = max(((int(lay.positions.numel()), int(lay.positions.shape[1]))
+                                    for lay in layouts.values()), default=None)
 
     @contextmanager
     def _laid_out(self) -> Iterator[None]:
