@@ -312,3 +312,37 @@ def test_gemma4_with_images_is_refused_by_name_with_the_reason():
                                          "model takes per-layer inputs"):
         ex.explain({"input_ids": torch.tensor([[5, 6, 7]]),
                     "pixel_values": torch.zeros(1, 3, 16, 16)}, [8])
+
+
+# ----------------------------------------------------------------------------------- CLI
+def test_cli_explains_gemma3_with_an_image_as_the_library_does(tmp_path, capsys):
+    """`atman explain --model <Gemma 3 folder> --image PICTURE` with the begin-of-image token as
+    the prompt's placeholder: the library's numbers on the same model, picture and prompt."""
+    from PIL import Image
+
+    from atman_kernels.cli import main
+    from atman_kernels.explain import Explanation
+
+    model, processor = tiny_gemma3(FULL, seed=4), _processor()
+    model.save_pretrained(tmp_path / "gemma3")
+    processor.save_pretrained(tmp_path / "gemma3")
+    Image.fromarray(_picture()).save(tmp_path / "picture.png")
+    out = tmp_path / "e.json"
+    code = main(["explain", "--model", str(tmp_path / "gemma3"), "--image",
+                 str(tmp_path / "picture.png"), "--prompt", PROMPT, "--target", "a dog ?",
+                 "--image-region", "2", "--batch-size", "3", "--json", str(out), "--quiet",
+                 "--no-color"])
+    assert code == 0, capsys.readouterr()
+    expl = Explanation.from_json(out)
+    assert expl.kind == "image_text" and sum(s.source == "image" for s in expl.spans) == 4
+    with Image.open(tmp_path / "picture.png") as im:
+        again = im.convert("RGB")
+    direct = AtManExplainer(model, processor, progress=False, batch_size=3).explain(
+        (PROMPT, [again]), "a dog ?", image_region=2)
+    torch.testing.assert_close(expl.scores, direct.scores.double(), rtol=1e-4, atol=1e-6)
+    # a prompt without the placeholder is a usage error naming it, before the model loads
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", str(tmp_path / "gemma3"), "--image",
+              str(tmp_path / "picture.png"), "--prompt", "what is this ?", "--target", "a"])
+    assert exc.value.code == 2 and "'<start_of_image>'" in capsys.readouterr().err

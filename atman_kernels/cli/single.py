@@ -114,13 +114,16 @@ def _image_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
     pictures readable, the model folder a vision-language model's with its processor, one
     image placeholder in the prompt per picture. ([], None) without --image."""
     from ..explain.explainer import IMAGE_TEXT_FAMILIES
+    from ..explain.front.image_text import CAUSAL_IMAGE_TEXT_FAMILIES
+
+    image_text = {**IMAGE_TEXT_FAMILIES, **CAUSAL_IMAGE_TEXT_FAMILIES}
 
     if not args.image:
         if args.image_region is not None:
             raise UsageError("--image-region needs --image (a picture for a vision-language "
                              "model)")
         return [], None
-    families = (f"a vision-language model ({', '.join(sorted(IMAGE_TEXT_FAMILIES))}), an "
+    families = (f"a vision-language model ({', '.join(sorted(image_text))}), an "
                 "image classifier (*ForImageClassification) or a zero-shot image-text model "
                 f"({', '.join(_zero_shot_families())})")
     if args.model is None:
@@ -128,11 +131,14 @@ def _image_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
                          "SmolLM2 is a text-only model")
     images = loading.read_images(args.image)
     name = loading.model_class_name(args.model)
-    if name not in IMAGE_TEXT_FAMILIES:
+    if name not in image_text:
         what = f"{name} is a text-only model" if name else "it names no model class"
         raise UsageError(f"--image needs {families}, but --model {args.model}: {what}")
     processor = loading.load_processor(args.model)
-    placeholder = getattr(processor, "image_token", None) or "<image>"
+    # what a prompt marks a picture with (Gemma 3: the begin-of-image token, which its
+    # processor expands into the image's soft tokens)
+    placeholder = (getattr(processor, "boi_token", None) or getattr(processor, "image_token", None)
+                   or "<image>")
     found = args.prompt.count(placeholder)
     if found != len(images):
         raise UsageError(f"the prompt holds {found} image placeholder(s) {placeholder!r} but "
