@@ -161,6 +161,10 @@ def test_image_and_text_units_equal_brute_force(mode, layer_types, region):
     _close(expl.per_target, expected)
     # a plain cache (full attention only) reuses the prefix; sliding layers turn it off
     assert expl.settings["prefix_reuse"] is (layer_types == FULL)
+    if layer_types == SLIDING:  # asked for (the default) but impossible: the reason is given
+        assert "sliding-window" in expl.settings["prefix_reuse_off"]
+    else:
+        assert "prefix_reuse_off" not in expl.settings
 
 
 def test_the_bidirectional_image_block_matters_here():

@@ -40,6 +40,7 @@ class Task(Protocol):
             turn it off in :meth:`baseline` (e.g. when the model's cache cannot be reused).
         forwards, token_forwards: model forwards the task ran so far, and the query tokens
             they held (batch x length), for the explanation's settings.
+        reuse_off: optional: why :meth:`baseline` turned ``reuse`` off (for settings).
         attention_shape: optional (queries, keys) of the largest attention call per variant
             when it is not (N, N) (Swin: a stage's tokens, one window's keys), for the
             memory estimate of the chunk size.

@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_KINDS = (
     "causal LMs (*ForCausalLM, *LMHeadModel), sequence classifiers "
-    "(*ForSequenceClassification), ViT-style image classifiers (*ForImageClassification), "
+    "(*ForSequenceClassification), image classifiers (*ForImageClassification: ViT-style "
+    "and Swin), "
     f"vision-language models "
     f"({', '.join(sorted([*IMAGE_TEXT_FAMILIES, *CAUSAL_IMAGE_TEXT_FAMILIES]))}), zero-shot "
     f"image-text models ({', '.join(sorted(ZERO_SHOT_FAMILIES))})"
@@ -454,6 +455,8 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
             forwards=result.forwards, token_forwards=result.token_forwards,
             units=len(prepared.units),
         )
+        if getattr(prepared.task, "reuse_off", None):  # asked for, impossible for this cache
+            settings["prefix_reuse_off"] = prepared.task.reuse_off
         # tensors made under inference_mode refuse in-place updates later: hand out plain ones
         # (cloned here, outside inference_mode)
         fields = {k: (v.clone() if isinstance(v, torch.Tensor) else v)

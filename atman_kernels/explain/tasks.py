@@ -256,6 +256,7 @@ class CausalLMTask:
         self._base: torch.Tensor | None = None
         self.forwards = 0  # model forwards run, and the query tokens they held
         self.token_forwards = 0
+        self.reuse_off: str | None = None  # why reuse was asked for but turned off
 
     def _logits(self, inputs: dict[str, Any], past: Any, keep: int, want_cache: bool
                 ) -> tuple[torch.Tensor, Any]:
@@ -285,8 +286,9 @@ class CausalLMTask:
             self._kv = cache_tensors(cache)
             if self._kv is None:
                 self.reuse = False
-                log.info("prefix reuse is off: %s's cache is not a plain full-attention cache",
-                         type(self.model).__name__)
+                self.reuse_off = (f"{type(self.model).__name__}'s cache is not a plain "
+                                  "full-attention cache (sliding-window or recurrent layers)")
+                log.info("prefix reuse is off: %s", self.reuse_off)
         self._base = cross_entropy(logits[0], self.target)
         return self._base
 
@@ -370,8 +372,9 @@ class ContrastiveLMTask(CausalLMTask):
         ce, self._kv = self._prompt_and_continuations(1, 0, None)
         if ce is None:
             self.reuse, self._plain = False, True
-            log.info("prefix reuse is off: %s's cache is not a plain full-attention cache",
-                     type(self.model).__name__)
+            self.reuse_off = (f"{type(self.model).__name__}'s cache is not a plain "
+                              "full-attention cache (sliding-window or recurrent layers)")
+            log.info("prefix reuse is off: %s", self.reuse_off)
             ce = self._whole_sequences(1)
         self._base = ce[0]
         return self._base
