@@ -276,7 +276,8 @@ FAILURES = [
      "--labels needs a zero-shot image-text model folder (CLIPModel, MetaClip2Model, "
      "SiglipModel, Siglip2Model): --model {tmp}/text is not one"),
     ("text_config", ["--prompt", "the capital", "--image", "{picture}", "--target", "a"],
-     "--image needs a vision-language model (Idefics3ForConditionalGeneration, "),
+     "--image needs a vision-language model (Gemma3ForConditionalGeneration, "
+     "Idefics3ForConditionalGeneration, "),
     ("vit", ["--input", "{data}", "--output", "{tmp}/o.jsonl", "--labels", "a"],
      "--input and --labels cannot be used together"),
 ]
