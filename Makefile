@@ -14,7 +14,8 @@ OUT ?= out
 LOWEST_TRANSFORMERS ?= 5.0.0
 LOWEST := $(VENV)/lowest-transformers
 LOWEST_TESTS := tests/test_hf.py tests/test_hf_guards.py tests/test_explainer.py \
-	tests/test_granularity.py tests/test_cli.py
+	tests/test_granularity.py tests/test_cli.py tests/test_engine_cache.py tests/test_swin.py \
+	tests/test_gemma3_images.py
 
 .PHONY: setup build test test-fast test-lowest lint explain bench-attention bench-attention-isa \
 	clean
