@@ -149,12 +149,65 @@ def atman_mask(*args, **kwargs) -> torch.Tensor | None:
     kv_offset = kwargs.get("kv_offset", args[4] if len(args) > 4 else 0)
     if isinstance(kv_offset, torch.Tensor):
         kv_offset = int(kv_offset)
+    if not args and not kv_offset and _plain_causal_suffix(kwargs):
+        return _causal_suffix_mask(kwargs)
     if kv_offset:
         kwargs["allow_is_causal_skip"] = False
         kwargs["allow_is_bidirectional_skip"] = False
     mask = sdpa_mask(*args, **kwargs)
     if kv_offset and isinstance(mask, torch.Tensor):
         setattr(mask, _KV_OFFSET_ATTR, int(kv_offset))
+    return mask
+
+
+def _plain_causal_suffix(kwargs: dict) -> bool:
+    """Whether a mask request is the plain causal mask of queries that are the last positions
+    of the keys (Nq < Nk), without padding: a chunk of queries on top of a cached prefix
+    (prefix reuse). sdpa_mask builds it with several [B, 1, Nq, Nk] temporaries and the
+    attention would analyse it with several more; :func:`_causal_suffix_mask` builds it once
+    with its plan attached."""
+    from transformers.masking_utils import causal_mask_function
+
+    if (not kwargs.get("allow_is_causal_skip", True) or kwargs.get("local_size") is not None
+            or kwargs.get("mask_function", causal_mask_function) is not causal_mask_function
+            or torch.compiler.is_compiling()):
+        return False
+    kv_length = kwargs.get("kv_length")
+    if "q_length" in kwargs:  # transformers >= 5.x: q_offset, q_length
+        q_length, q_offset = kwargs["q_length"], kwargs.get("q_offset", 0)
+        if isinstance(q_offset, torch.Tensor):
+            q_offset = int(q_offset)
+        first = q_offset
+    else:  # 5.0: cache_position [q_length]
+        positions = kwargs.get("cache_position")
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or not len(positions):
+            return False
+        q_length, first = len(positions), int(positions[0])
+        if int(positions[-1]) != first + q_length - 1:
+            return False
+    if not isinstance(kv_length, int) or not isinstance(q_length, int) or (
+            first + q_length != kv_length):
+        return False
+    padding = kwargs.get("attention_mask")
+    return q_length < kv_length and (padding is None or bool(padding.all()))
+
+
+_PLAN_ATTR = "_atman_plan"
+
+
+def _causal_suffix_mask(kwargs: dict) -> torch.Tensor:
+    """The bottom-right causal bool mask [B, 1, Nq, Nk] (one [Nq, Nk] tensor, expanded over
+    the batch) with its plan attached: the attention reads the plan, not the values. The
+    values are the true mask, so any other reader (model code that slices or records masks)
+    sees the right pattern."""
+    kv_length = kwargs["kv_length"]
+    q_length = kwargs["q_length"] if "q_length" in kwargs else len(kwargs["cache_position"])
+    device = kwargs.get("device")
+    if device is None and isinstance(kwargs.get("cache_position"), torch.Tensor):
+        device = kwargs["cache_position"].device
+    mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=device).tril(
+        kv_length - q_length)[None, None].expand(kwargs["batch_size"], 1, -1, -1)
+    setattr(mask, _PLAN_ATTR, _MaskPlan(fused=True, causal=True, key_len=kv_length))
     return mask
 
 
@@ -874,7 +927,7 @@ def atman_attention_forward(
         plan = _plan_without_mask(len_q, len_k, bool(is_causal), query.device)
         key_offset = 0
     else:
-        plan = _PLANS.get(attention_mask)
+        plan = getattr(attention_mask, _PLAN_ATTR, None) or _PLANS.get(attention_mask)
         key_offset = getattr(attention_mask, _KV_OFFSET_ATTR, 0)
     if position_bias is not None:
         plan = _materialised_plan(plan, len_q, len_k, query.device)

@@ -702,3 +702,40 @@ def test_softcap_and_sink_models_cached_decoding_equals_full_recompute(family, m
             full = model(ids[:, : step + 1]).logits[:, -1]
             out = model(ids[:, step : step + 1], **_cache_kw(model, cache))
             torch.testing.assert_close(out.logits[:, -1], full, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_suffix_mask_is_built_once_with_its_plan_and_equals_sdpas():
+    """A chunk of queries on top of a cached prefix (prefix reuse) gets the true bottom-right
+    causal mask with its plan attached (the attention skips analysing Nq x Nk bools); padding,
+    a gap before the queries or another mask function go the general way."""
+    import inspect
+
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    from atman_kernels.hf import atman_mask
+
+    new_api = "q_length" in inspect.signature(sdpa_mask).parameters
+
+    def request(q_len, kv_len, first, padding=None, function=causal_mask_function):
+        kw = dict(batch_size=2, kv_length=kv_len, kv_offset=0, mask_function=function,
+                  attention_mask=padding, allow_is_causal_skip=True)
+        if new_api:
+            kw.update(q_length=q_len, q_offset=first, device="cpu")
+        else:
+            kw.update(cache_position=torch.arange(first, first + q_len))
+        return kw
+
+    def reference(kw):
+        mask = sdpa_mask(**{**kw, "allow_is_causal_skip": False})
+        return mask.expand(2, 1, -1, -1) if mask.shape[0] == 1 else mask
+
+    suffix = request(3, 7, 4)
+    mask = atman_mask(**suffix)
+    assert mask.shape == (2, 1, 3, 7) and torch.equal(mask, reference(suffix))
+    assert mask._atman_plan.fused and mask._atman_plan.causal and mask._atman_plan.key_len == 7
+    padded = request(3, 7, 4, padding=torch.tensor([[0, 1, 1, 1, 1, 1, 1]] * 2).bool())
+    gap = request(3, 7, 2)  # queries 2..4 of 7 keys: not the last positions
+    for kw in (padded, gap):
+        mask = atman_mask(**kw)
+        assert not hasattr(mask, "_atman_plan") and torch.equal(
+            mask.expand(2, 1, -1, -1), reference(kw))
