@@ -101,16 +101,19 @@ def _with_impl(model, impl, fn):
         model.set_attn_implementation(previous)
 
 
-def _brute_causal_rows(model, seq, n_prompt, target, rows, mode="paper", layers=None):
+def _brute_causal_rows(model, seq, n_prompt, target, rows, mode="paper", layers=None, *,
+                       inputs=None, switch=None):
     """[T, V] rise of CE per target token: one full forward per factor row, logits at every
-    position (plain and slow)."""
+    position (plain and slow). ``inputs``: the model inputs of ``seq`` when they are more than
+    its ids (a vision-language model's pictures); ``switch``: the sub-model put on the brute
+    attention (default: the whole model)."""
     n = len(seq)
-    ids = torch.tensor([seq])
+    inputs = {"input_ids": torch.tensor([seq])} if inputs is None else inputs
     tgt = torch.tensor(target)
 
     def ce(factor_row):
         with suppression(factor_row[None].to(model.dtype), mode, layers):
-            logits = model(input_ids=ids).logits[0]
+            logits = model(**inputs).logits[0]
         logp = torch.log_softmax(logits.double(), -1)
         return -logp[torch.arange(n_prompt - 1, n), tgt]
 
@@ -118,7 +121,7 @@ def _brute_causal_rows(model, seq, n_prompt, target, rows, mode="paper", layers=
         base = ce(torch.ones(n))
         return torch.stack([ce(row) - base for row in rows], dim=1)
 
-    return _with_impl(model, BRUTE, loop)
+    return _with_impl(model if switch is None else switch, BRUTE, loop)
 
 
 def _brute_classifier_rows(model, model_inputs, seq_len, rows, cls, mode="paper"):
@@ -174,6 +177,17 @@ def brute_classifier_units(model, model_inputs, seq_len, units, cls, c=0.1, mode
 
 
 # --------------------------------------------------------------------------------- models
+def unit_scale_(model, seed=0):
+    """Unit-scale random weights in place (every matrix ~ N(0, 1/fan_in)): attention far from
+    uniform, so suppression moves the loss; returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+    return model.eval()
+
+
 def tiny_llama(seed=0, vocab=61, positions=64):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from _brute import unit_scale_
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -24,16 +25,6 @@ LABELS = dict(num_labels=3, id2label={0: "tabby cat", 1: "dog", 2: "car"},
               label2id={"tabby cat": 0, "dog": 1, "car": 2})
 WORDS = ["[UNK]", "<|endoftext|>", "a", "photo", "of", "cat", "dog", "car", "bird"]
 CANDIDATES = ["a photo of a cat", "a photo of a dog", "a car"]
-
-
-def _reinit(model, seed=0):
-    """Unit-scale weights: attention far from uniform, so suppressing a patch moves the loss."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-    return model.eval()
 
 
 def _tokenizer() -> T.PreTrainedTokenizerFast:
@@ -56,7 +47,7 @@ def _clip_image_processor():
 def vit_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_vit")
     torch.manual_seed(0)
-    _reinit(T.ViTForImageClassification(T.ViTConfig(**VISION, **LABELS))).save_pretrained(path)
+    unit_scale_(T.ViTForImageClassification(T.ViTConfig(**VISION, **LABELS))).save_pretrained(path)
     T.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
     return path
 
@@ -70,7 +61,7 @@ def clip_classifier_dir(tmp_path_factory):
     text.pop("image_size"), text.pop("patch_size")
     cfg = T.CLIPConfig(text_config=text, vision_config=VISION, **LABELS)
     torch.manual_seed(0)
-    _reinit(T.CLIPForImageClassification(cfg), seed=4).save_pretrained(path)
+    unit_scale_(T.CLIPForImageClassification(cfg), seed=4).save_pretrained(path)
     T.CLIPProcessor(image_processor=_clip_image_processor(),
                     tokenizer=_tokenizer()).save_pretrained(path)
     return path
@@ -81,7 +72,7 @@ def _clip_model():
                 num_attention_heads=4, vocab_size=len(WORDS), max_position_embeddings=16,
                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
     torch.manual_seed(0)
-    model = _reinit(T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=VISION,
+    model = unit_scale_(T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=VISION,
                                              projection_dim=16)), seed=5)
     with torch.no_grad():
         model.logit_scale.fill_(float(np.log(10.0)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _brute import BRUTE, _close, _unit_rows
+from _brute import _brute_causal_rows, _close, _unit_rows
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Gemma3Config,
@@ -96,22 +96,10 @@ def brute_gemma3(model, inputs, target, units, mode="paper", c=0.1, token_types=
     full = _full_sequence(inputs, target)
     if not token_types:
         del full["token_type_ids"]
-    n, n_prompt = full["input_ids"].shape[1], inputs["input_ids"].shape[1]
-    tgt = torch.tensor(target)
-    lm = model.get_decoder()
-    previous = lm.config._attn_implementation
-    lm.set_attn_implementation(BRUTE)
-    try:
-        def ce(row):
-            with suppression(row[None], mode), torch.no_grad():
-                logits = model(**full).logits[0]
-            logp = torch.log_softmax(logits.double(), -1)
-            return -logp[torch.arange(n_prompt - 1, n), tgt]
-
-        base = ce(torch.ones(n))
-        return torch.stack([ce(row) - base for row in _unit_rows(n, units, c)], dim=1)
-    finally:
-        lm.set_attn_implementation(previous)
+    seq = full["input_ids"][0].tolist()
+    return _brute_causal_rows(model, seq, inputs["input_ids"].shape[1], target,
+                              _unit_rows(len(seq), units, c), mode, inputs=full,
+                              switch=model.get_decoder())
 
 
 def _image_block(inputs):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from _brute import _close, brute_classifier_units
+from _brute import _close, brute_classifier_units, unit_scale_
 
 from atman_kernels.explain import AtManExplainer
 
@@ -20,22 +20,11 @@ TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atten
 LABELS = dict(num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
 
 
-def _reinit(model, seed=0):
-    """Unit-scale weights: attention far from uniform, so suppression moves the loss."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
-    return model.eval()
-
-
 def _clip_like(family, vision=None):
     vision = {**VISION, **(vision or {})}
     cfg = getattr(T, f"{family}Config")(text_config=TEXT, vision_config=vision, **LABELS)
     torch.manual_seed(0)
-    return _reinit(getattr(T, f"{family}ForImageClassification")(cfg))
+    return unit_scale_(getattr(T, f"{family}ForImageClassification")(cfg))
 
 
 def _siglip2():
@@ -43,7 +32,7 @@ def _siglip2():
     vision.pop("image_size")
     cfg = T.Siglip2Config(text_config=TEXT, vision_config=vision, **LABELS)
     torch.manual_seed(0)
-    return _reinit(T.Siglip2ForImageClassification(cfg))
+    return unit_scale_(T.Siglip2ForImageClassification(cfg))
 
 
 def _pixels(shape=(1, 3, 16, 16), seed=1):
@@ -94,7 +83,7 @@ def test_deit_with_teacher_explains_the_averaged_heads():
     unsuppressed (the patches start at position 2)."""
     cfg = T.DeiTConfig(**VISION, **LABELS)
     torch.manual_seed(0)
-    model = _reinit(T.DeiTForImageClassificationWithTeacher(cfg))
+    model = unit_scale_(T.DeiTForImageClassificationWithTeacher(cfg))
     pixels = _pixels()
     _check_against_brute(model, pixels, {"pixel_values": pixels}, 18, list(range(2, 18)), (4, 4))
 

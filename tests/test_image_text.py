@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _brute import BRUTE, _close, _unit_rows
+from _brute import _brute_causal_rows, _close, _unit_rows
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
@@ -101,25 +101,12 @@ def _inputs(processor, picture):
 def brute_vlm(model, inputs, target, units, mode="paper", c=0.1):
     """[T, V] CE rises: one full forward (vision tower included) per unit, the language model
     on the test's own eager attention, the vision tower on sdpa."""
-    prompt = inputs["input_ids"][0].tolist()
-    seq = torch.tensor([prompt + target[:-1]])
+    seq = inputs["input_ids"][0].tolist() + target[:-1]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    n, n_prompt = seq.shape[1], len(prompt)
-    tgt = torch.tensor(target)
-    lm = model.get_decoder()
-    previous = lm.config._attn_implementation
-    lm.set_attn_implementation(BRUTE)
-    try:
-        def ce(row):
-            with suppression(row[None], mode), torch.no_grad():
-                logits = model(input_ids=seq, **extra).logits[0]
-            logp = torch.log_softmax(logits.double(), -1)
-            return -logp[torch.arange(n_prompt - 1, n), tgt]
-
-        base = ce(torch.ones(n))
-        return torch.stack([ce(row) - base for row in _unit_rows(n, units, c)], dim=1)
-    finally:
-        lm.set_attn_implementation(previous)
+    return _brute_causal_rows(model, seq, inputs["input_ids"].shape[1], target,
+                              _unit_rows(len(seq), units, c), mode,
+                              inputs={"input_ids": torch.tensor([seq]), **extra},
+                              switch=model.get_decoder())
 
 
 # --------------------------------------------------------------------------------- parity

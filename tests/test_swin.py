@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 import transformers as T
+from _brute import unit_scale_
 from transformers import AttentionInterface
 from transformers.models.swin import modeling_swin
 
@@ -45,21 +46,11 @@ CASES = {
 }
 
 
-def _reinit(model, seed=0):
-    """Unit-scale weights: attention far from uniform, so suppression moves the loss."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-    return model.eval()
-
-
 def swin(**overrides):
     cfg = T.SwinConfig(**{**dict(embed_dim=16, num_heads=[2, 2, 4], window_size=4), **overrides},
                        **LABELS)
     torch.manual_seed(0)
-    return _reinit(T.SwinForImageClassification(cfg))
+    return unit_scale_(T.SwinForImageClassification(cfg))
 
 
 def pixels(size, seed=1):

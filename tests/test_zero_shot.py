@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import transformers as T
-from _brute import BRUTE, _close
+from _brute import BRUTE, _close, unit_scale_
 
 from atman_kernels.explain import AtManExplainer
 from atman_kernels.explain.render import headline, save_png, to_html
@@ -30,13 +30,11 @@ FAMILIES = ("CLIP", "MetaClip2", "Siglip", "Siglip2")
 
 
 def _reinit(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    """Unit-scale weights and a logit scale of 10 (sharp, but not saturated, softmax)."""
+    unit_scale_(model, seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
         model.logit_scale.fill_(math.log(10.0))
-    return model.eval()
+    return model
 
 
 def _model(family):
