@@ -164,16 +164,26 @@ def _pixel_values(model: Any, inputs: Any) -> torch.Tensor:
     extra = sorted(str(k) for k in data if k != "pixel_values")
     if extra:
         raise ValueError(f"{name} takes only 'pixel_values' as image input, got also {extra}")
+    return _one_picture(_float_pixels(data), name, getattr(model.config, "num_channels", None))
+
+
+def _float_pixels(data: dict[str, Any]) -> torch.Tensor:
+    """``data["pixel_values"]``, refused unless a float tensor."""
     pixels = data.get("pixel_values")
     if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
         raise TypeError("image inputs must be a float tensor of pixel values [1, 3, H, W] "
                         "or a dict with 'pixel_values'")
+    return pixels
+
+
+def _one_picture(pixels: torch.Tensor, name: str, channels: Any) -> torch.Tensor:
+    """Pixel values [1, C, H, W] (a [C, H, W] picture gets its batch dimension), refused
+    for another batch or rank, or another number of channels than ``channels``."""
     if pixels.dim() == 3:
         pixels = pixels[None]
     if pixels.dim() != 4 or pixels.shape[0] != 1:
         raise ValueError(f"pixel values must have shape [1, C, H, W] or [C, H, W], got "
                          f"{tuple(pixels.shape)}")
-    channels = getattr(model.config, "num_channels", None)
     if isinstance(channels, int) and pixels.shape[1] != channels:
         raise ValueError(f"pixel values have {pixels.shape[1]} channels, {name} takes "
                          f"{channels} ([1, C, H, W])")
@@ -233,10 +243,7 @@ def image_units(model: Any, inputs: Any, *, conceptual: bool) -> ImageUnits:
     if extra:
         raise ValueError(f"image inputs take {PIXEL_KEYS[0]!r} (SigLIP 2 also "
                          f"{PIXEL_KEYS[1]!r}, {PIXEL_KEYS[2]!r}), got also {extra}")
-    pixels = data.get("pixel_values")
-    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-        raise TypeError("image inputs must be a float tensor of pixel values [1, 3, H, W] "
-                        "or a dict with 'pixel_values'")
+    pixels = _float_pixels(data)
     tower = vision_tower(model)
     root = tower if tower is not None else model.base_model
     config = root.config
@@ -249,15 +256,7 @@ def image_units(model: Any, inputs: Any, *, conceptual: bool) -> ImageUnits:
     if data.get("pixel_attention_mask") is not None or data.get("spatial_shapes") is not None:
         raise ValueError(f"{name} takes only 'pixel_values' (pixel_attention_mask and "
                          "spatial_shapes are SigLIP 2 inputs)")
-    if pixels.dim() == 3:
-        pixels = pixels[None]
-    if pixels.dim() != 4 or pixels.shape[0] != 1:
-        raise ValueError(f"pixel values must have shape [1, C, H, W] or [C, H, W], got "
-                         f"{tuple(pixels.shape)}")
-    channels = getattr(config, "num_channels", None)
-    if isinstance(channels, int) and pixels.shape[1] != channels:
-        raise ValueError(f"pixel values have {pixels.shape[1]} channels, {name} takes "
-                         f"{channels} ([1, C, H, W])")
+    pixels = _one_picture(pixels, name, getattr(config, "num_channels", None))
     size = getattr(config, "image_size", None)
     if isinstance(size, int):
         size = (size, size)
