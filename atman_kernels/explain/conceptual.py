@@ -16,6 +16,17 @@ from collections.abc import Sequence
 
 import torch
 
+from .factors import first_changed_position
+
+__all__ = [
+    "check_factor",
+    "check_threshold",
+    "cosine_similarity_matrix",
+    "first_changed_position",
+    "suppression_factors",
+    "unit_factors",
+]
+
 
 def check_factor(factor: float) -> float:
     """Validate the suppression factor c (finite, >= 0) and return it as a float."""
@@ -129,11 +140,3 @@ def suppression_factors(
     """
     return unit_factors(seq_len, [[int(j)] for j in suppressed], factor, similarity=similarity,
                         threshold=threshold, eligible=eligible)
-
-
-def first_changed_position(factors: torch.Tensor) -> torch.Tensor:
-    """[V] earliest position whose factor != 1 in each row of ``factors`` [V, N] (N if none)."""
-    changed = factors != 1
-    n = factors.shape[1]
-    pos = torch.arange(n).expand_as(factors)
-    return torch.where(changed, pos, torch.full_like(pos, n)).amin(dim=1)

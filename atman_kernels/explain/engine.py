@@ -14,6 +14,11 @@ is the same loop, and this module is its only copy:
 4. the result is the rise of every target row's cross-entropy for every variant, [V, T].
 
 Chunks that run out of memory are split and retried (:func:`.batching.run_chunked`).
+
+A design that chooses its next rows from the rises of the previous ones (hierarchical
+refinement) runs several rounds on one :class:`VariantRunner`: the baseline (and the cached
+prefix it leaves) is computed once, each :meth:`VariantRunner.run` runs one round of rows.
+:func:`run_variants` is the one-round case.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 
 from ..suppression import suppression
 from .batching import run_chunked
-from .conceptual import first_changed_position
+from .factors import first_changed_position
 
 
 class Task(Protocol):
@@ -73,6 +78,84 @@ class EngineResult:
     prefix_reuse: bool
 
 
+class VariantRunner:
+    """Runs rounds of factor rows through one task: the baseline once, then any number of
+    :meth:`run` calls (each sorted by earliest suppressed position and chunked).
+
+    Args: as :func:`run_variants` (``factors`` come per round).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        mode: str,
+        layers: Sequence[int] | None,
+        chunk_size: Callable[[bool], int],
+        device: torch.device | str = "cpu",
+        on_done: Callable[[int], None] | None = None,
+        guard: Callable[[], AbstractContextManager[Any]] | None = None,
+    ) -> None:
+        self.task, self.mode, self.layers = task, mode, layers
+        self.chunk_size, self.on_done, self.guard = chunk_size, on_done, guard
+        self.device = torch.device(device)
+        self.baseline: torch.Tensor | None = None
+        self.variants = 0  # rows run so far (all rounds)
+        self.rounds = 0
+        self.chunk = 1
+
+    def start(self) -> torch.Tensor:
+        """Run the unsuppressed baseline (under ``guard``) and return its [T] float64 CE."""
+        if self.baseline is None:
+            n = self.task.seq_len
+            with self.guard() if self.guard is not None else nullcontext(), suppression(
+                torch.ones(1, n, device=self.device), self.mode, self.layers
+            ):
+                self.baseline = self.task.baseline().to(torch.float64)
+        return self.baseline
+
+    @property
+    def reuse(self) -> bool:
+        return bool(self.task.reuse)
+
+    def run(self, factors: torch.Tensor) -> torch.Tensor:
+        """[V, T] float64 CE rises of the rows of ``factors`` [V, N] (order as given)."""
+        base = self.start()
+        n_variants, n = factors.shape
+        if n != self.task.seq_len:
+            raise ValueError(f"factors cover {n} positions, the task's input has "
+                             f"{self.task.seq_len}")
+        if n_variants == 0:
+            return torch.zeros(0, base.shape[0], dtype=torch.float64)
+        reuse = self.reuse
+        first = first_changed_position(factors.cpu()).clamp(max=n - 1)
+        if not reuse:
+            first = torch.zeros_like(first)
+        order = torch.argsort(first, stable=True).tolist()
+        chunk = max(1, min(int(self.chunk_size(reuse)), max(1, n_variants)))
+        self.chunk = max(self.chunk, chunk)
+
+        def run(chunk_idx: Sequence[int]) -> torch.Tensor:
+            idx = torch.as_tensor(list(chunk_idx), dtype=torch.long)
+            start = int(first[idx].min())
+            with suppression(factors[idx.to(factors.device)], self.mode, self.layers):
+                ce = self.task.run(idx.numel(), start).to(torch.float64)
+            return ce - base
+
+        rise_sorted = run_chunked(order, chunk, run, on_done=self.on_done)
+        rise = torch.empty_like(rise_sorted)
+        rise[torch.as_tensor(order, dtype=torch.long)] = rise_sorted
+        self.variants += n_variants
+        self.rounds += 1
+        return rise
+
+    def result(self, rise: torch.Tensor) -> EngineResult:
+        """An :class:`EngineResult` of ``rise`` with this runner's counts."""
+        return EngineResult(rise=rise, baseline=self.start(), forwards=self.task.forwards,
+                            token_forwards=self.task.token_forwards, chunk_size=self.chunk,
+                            prefix_reuse=self.reuse)
+
+
 def run_variants(
     task: Task,
     factors: torch.Tensor,
@@ -96,33 +179,12 @@ def run_variants(
             counts the attention calls and raises if the suppression cannot reach every
             suppressed layer (so no explanation of a model that ignores it is returned).
     """
-    n_variants, n = factors.shape
-    if n != task.seq_len:
-        raise ValueError(f"factors cover {n} positions, the task's input has {task.seq_len}")
-    with guard() if guard is not None else nullcontext(), suppression(
-        torch.ones(1, n, device=factors.device), mode, layers
-    ):
-        base = task.baseline().to(torch.float64)
-    reuse = bool(task.reuse)
-    first = first_changed_position(factors.cpu()).clamp(max=n - 1)
-    if not reuse:
-        first = torch.zeros_like(first)
-    order = torch.argsort(first, stable=True).tolist()
-    chunk = max(1, min(int(chunk_size(reuse)), max(1, n_variants)))
-
-    def run(chunk_idx: Sequence[int]) -> torch.Tensor:
-        idx = torch.as_tensor(list(chunk_idx), dtype=torch.long)
-        start = int(first[idx].min())
-        with suppression(factors[idx.to(factors.device)], mode, layers):
-            ce = task.run(idx.numel(), start).to(torch.float64)
-        return ce - base
-
-    rise_sorted = run_chunked(order, chunk, run, on_done=on_done)
-    rise = torch.empty_like(rise_sorted)
-    rise[torch.as_tensor(order, dtype=torch.long)] = rise_sorted
-    return EngineResult(rise=rise, baseline=base, forwards=task.forwards,
-                        token_forwards=task.token_forwards, chunk_size=chunk,
-                        prefix_reuse=reuse)
+    if factors.shape[1] != task.seq_len:
+        raise ValueError(f"factors cover {factors.shape[1]} positions, the task's input has "
+                         f"{task.seq_len}")
+    runner = VariantRunner(task, mode=mode, layers=layers, chunk_size=chunk_size,
+                           device=factors.device, on_done=on_done, guard=guard)
+    return runner.result(runner.run(factors))
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,12 @@ or an image patch), the raw per-target-token matrix the score is summed from, an
 that produced it. ``to_dict``/``from_dict`` and ``to_json``/``from_json`` round-trip everything
 but the optional picture (``image``), which is kept only for rendering.
 
+Designs that suppress units jointly (:mod:`.design`) keep every level they scored in
+:attr:`Explanation.tree` (a list of :class:`Node`, each with its parent), and a surrogate fit
+says so in :attr:`Explanation.estimate`; :meth:`Explanation.citations` reads each answer
+sentence's top units from the per-target rows. These are the fields the renderers and the
+page read: they are defined here and nowhere else.
+
 Rendering (HTML, PNG, terminal) lives in :mod:`.render`, which reads an Explanation; this module
 does not import it.
 """
@@ -20,12 +26,13 @@ from typing import Any
 
 import torch
 
-from .units import Span, token_spans
+from .units import Span, split_sentences, token_spans
 
 KINDS = ("causal_lm", "classifier", "image", "image_text")
 # 1: tokens and positions only (non-finite numbers written as null); 2: spans, prompt, image
-# views, contrast, non-finite numbers as "NaN" / "Infinity" / "-Infinity"
-FORMAT_VERSION = 2
+# views, contrast, non-finite numbers as "NaN" / "Infinity" / "-Infinity"; 3: the tree of
+# levels a joint design scored, the estimate of a surrogate fit
+FORMAT_VERSION = 3
 POSTPROCESS = ("none", "abs", "square")
 
 
@@ -65,6 +72,90 @@ def combine_scores(per_target: torch.Tensor, postprocess: str, normalize: bool,
     return scores.to(per_target.dtype)
 
 
+@dataclass(frozen=True)
+class Node:
+    """One unit that a design scored, at one level of a coarse-to-fine tree.
+
+    Attributes:
+        span: the unit (its ``positions`` are every token suppressed together for its score).
+        level: what the unit is: "paragraph", "block" (consecutive units grouped where the text
+            has no coarser structure), "sentence", "word", "token", "target", "image", ...
+        parent: index in :attr:`Explanation.tree` of the node it refines, None at the top.
+        rise: [T] raw rise of each target token's cross-entropy when the unit is suppressed
+            (exact: one variant suppressing exactly this unit).
+        contrast_rise: [F] the foil's rises (contrastive explanations), else None.
+        score: the combined score of ``rise`` (``postprocess`` of the settings, never
+            normalised), the number the design ranked the node by.
+        refined: whether the node's children were scored (they are the nodes whose parent is
+            this one); an unrefined node's children have no scores, made up or otherwise.
+    """
+
+    span: Span
+    level: str
+    parent: int | None
+    rise: tuple[float, ...]
+    score: float
+    refined: bool = False
+    contrast_rise: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.span, Span):
+            raise TypeError(f"Node.span must be a Span, got {type(self.span).__name__}")
+        if not isinstance(self.level, str) or not self.level:
+            raise ValueError(f"Node.level must be a non-empty str, got {self.level!r}")
+        if self.parent is not None and (isinstance(self.parent, bool) or not isinstance(
+                self.parent, int) or self.parent < 0):
+            raise ValueError(f"Node.parent must be None or an index >= 0, got {self.parent!r}")
+        object.__setattr__(self, "rise", tuple(float(x) for x in self.rise))
+        if self.contrast_rise is not None:
+            object.__setattr__(self, "contrast_rise",
+                               tuple(float(x) for x in self.contrast_rise))
+        object.__setattr__(self, "score", float(self.score))
+        object.__setattr__(self, "refined", bool(self.refined))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"span": self.span.to_dict(), "level": self.level, "parent": self.parent,
+                "rise": _floats(torch.tensor(self.rise, dtype=torch.float64)),
+                "score": _floats(torch.tensor([self.score], dtype=torch.float64))[0],
+                "refined": self.refined,
+                "contrast_rise": None if self.contrast_rise is None else _floats(
+                    torch.tensor(self.contrast_rise, dtype=torch.float64))}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Node:
+        contrast = d.get("contrast_rise")
+        return cls(span=Span.from_dict(d["span"]), level=d["level"], parent=d.get("parent"),
+                   rise=tuple(_tensor(d["rise"]).reshape(-1).tolist()),
+                   score=float(_tensor([d["score"]])[0]), refined=bool(d.get("refined")),
+                   contrast_rise=None if contrast is None else tuple(
+                       _tensor(contrast).reshape(-1).tolist()))
+
+
+@dataclass(frozen=True)
+class Citation:
+    """The top units behind one piece of the answer (a sentence, or a chosen range).
+
+    Attributes:
+        text: the answer characters cited, ``answer[start:end]``.
+        start, end: their range in :attr:`Explanation.answer` (the target tokens joined).
+        targets: indices of the target tokens overlapping the range (rows of ``per_target``).
+        units: (index into ``spans``, score) of the top units, best first: a unit's score is
+            the sum of its ``per_target`` entries over ``targets`` (the rise of those tokens'
+            cross-entropy), or their surrogate coefficients for a surrogate estimate.
+    """
+
+    text: str
+    start: int
+    end: int
+    targets: tuple[int, ...]
+    units: tuple[tuple[int, float], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "start": self.start, "end": self.end,
+                "targets": list(self.targets),
+                "units": [{"index": i, "score": s} for i, s in self.units]}
+
+
 @dataclass
 class Explanation:
     """Scores of the explained units for one prediction.
@@ -98,6 +189,15 @@ class Explanation:
         contrast_per_target: [F, n] raw rise of each foil token's cross-entropy per unit
             (``scores`` = the target's summed rise minus the foil's).
         contrast_baseline_loss: [F] cross-entropy of each foil token without suppression.
+        tree: the levels a joint design scored (:class:`Node` list, parents before their
+            children); empty for a flat explanation (design "single" or "sampled"). The units
+            of ``spans`` are then the tree's unrefined nodes in input order (the finest scores
+            the design reached; see :meth:`leaf_nodes`), each with its exact AtMan score.
+        estimate: None when every score is an exact AtMan rise (one variant suppressing
+            exactly the unit); else a dict saying the scores are estimates, how they were
+            made and how well the estimator fits ("method", e.g. "lasso", and its fit quality,
+            e.g. "lds": Spearman correlation of predicted and measured rises on held-out
+            masks).
         image: optional [3, H, W] picture for rendering; not serialised.
         images: image-text explanations: the prompt's pictures ([H, W, 3] uint8 arrays) for
             rendering, when given; not serialised.
@@ -119,6 +219,8 @@ class Explanation:
     contrast_tokens: list[str] | None = None
     contrast_per_target: torch.Tensor | None = None
     contrast_baseline_loss: torch.Tensor | None = None
+    tree: list[Node] = field(default_factory=list)
+    estimate: dict[str, Any] | None = None
     image: torch.Tensor | None = field(default=None, repr=False, compare=False)
     images: list[Any] | None = field(default=None, repr=False, compare=False)
 
@@ -164,6 +266,25 @@ class Explanation:
             raise ValueError(f"contrast_per_target must have shape "
                              f"[{len(self.contrast_tokens)}, {n}], got "
                              f"{tuple(self.contrast_per_target.shape)}")
+        self.tree = list(self.tree)
+        for k, node in enumerate(self.tree):
+            if not isinstance(node, Node):
+                raise TypeError(f"tree[{k}] must be a Node, got {type(node).__name__}")
+            if node.parent is not None and not node.parent < k:
+                raise ValueError(f"tree[{k}].parent = {node.parent}: a parent comes before "
+                                 "its children in the tree")
+            if node.parent is not None and not self.tree[node.parent].refined:
+                raise ValueError(f"tree[{k}] refines tree[{node.parent}], which is not marked "
+                                 "refined")
+            if len(node.rise) != len(self.target_tokens):
+                raise ValueError(f"tree[{k}].rise must have one entry per target token "
+                                 f"({len(self.target_tokens)}), got {len(node.rise)}")
+        if self.tree and len(self.leaf_nodes()) != n:
+            raise ValueError(f"the tree has {len(self.leaf_nodes())} unrefined nodes; spans "
+                             f"must be exactly those ({n} given)")
+        if self.estimate is not None and not (isinstance(self.estimate, dict)
+                                              and "method" in self.estimate):
+            raise ValueError("estimate must be None (exact scores) or a dict with 'method'")
         for view in self.image_views:
             rows, cols = view["grid"]
             cells = view["cells"]
@@ -193,6 +314,85 @@ class Explanation:
         """The target as one string (``settings["target"]`` if set, else the tokens joined)."""
         text = self.settings.get("target")
         return text if isinstance(text, str) else "".join(self.target_tokens)
+
+    @property
+    def is_estimate(self) -> bool:
+        """Whether the scores are estimates (a surrogate fit, :attr:`estimate`) rather than
+        exact AtMan rises."""
+        return self.estimate is not None
+
+    @property
+    def levels(self) -> list[str]:
+        """The levels of :attr:`tree`, coarsest first (empty for a flat explanation)."""
+        seen: list[str] = []
+        for node in self.tree:
+            if node.level not in seen:
+                seen.append(node.level)
+        return seen
+
+    def leaf_nodes(self) -> list[int]:
+        """Indices in :attr:`tree` of the unrefined nodes, in input order: ``spans[i]`` is
+        ``tree[leaf_nodes()[i]].span`` (empty for a flat explanation)."""
+        leaves = [k for k, node in enumerate(self.tree) if not node.refined]
+        return sorted(leaves, key=lambda k: (self.tree[k].span.positions[0], k))
+
+    def children(self, node: int | None) -> list[int]:
+        """Indices in :attr:`tree` of the nodes refining ``node`` (None: the top level)."""
+        return [k for k, n in enumerate(self.tree) if n.parent == node]
+
+    @property
+    def answer(self) -> str:
+        """The target tokens joined: the text :meth:`citations` ranges count characters of."""
+        return "".join(self.target_tokens)
+
+    def target_offsets(self) -> list[tuple[int, int]]:
+        """(start, end) of each target token in :attr:`answer`."""
+        out, at = [], 0
+        for token in self.target_tokens:
+            out.append((at, at + len(token)))
+            at += len(token)
+        return out
+
+    def cite(self, start: int | None = None, end: int | None = None, k: int = 3
+             ) -> Citation:
+        """The ``k`` units that the answer characters [start, end) rest on most.
+
+        From the per-target rows of the same run (no forward): a unit's score for the range
+        is the sum of its ``per_target`` entries over the target tokens overlapping the range
+        (ContextCite's ``get_attributions(start, end)``, on AtMan's rises). Only units of the
+        prompt or an image are cited (a causal LM's own target tokens are not). Default range:
+        the whole answer.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        answer = self.answer
+        start = 0 if start is None else start
+        end = len(answer) if end is None else end
+        for name, value in (("start", start), ("end", end)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int (a character index), got {value!r}")
+        if not 0 <= start < end <= len(answer):
+            raise ValueError(f"cite needs 0 <= start < end <= {len(answer)} (characters of the "
+                             f"answer {answer!r}), got start={start}, end={end}")
+        rows = tuple(t for t, (a, b) in enumerate(self.target_offsets())
+                     if a < end and start < b)
+        if not rows:
+            raise ValueError(f"answer characters [{start}, {end}) hold no target token")
+        citable = [i for i, s in enumerate(self.spans) if s.source != "target"]
+        if not citable:
+            raise ValueError("this explanation has no prompt or image unit to cite")
+        summed = self.per_target.to(torch.float64)[list(rows)].sum(dim=0)
+        order = sorted(citable, key=lambda i: (-float(summed[i]), i))[:k]
+        return Citation(text=answer[start:end], start=start, end=end, targets=rows,
+                        units=tuple((i, float(summed[i])) for i in order))
+
+    def citations(self, k: int = 3) -> list[Citation]:
+        """One :class:`Citation` per sentence of the answer (sentencex, as for the prompt's
+        sentence units), each with its top ``k`` units."""
+        answer = self.answer
+        if not answer.strip():
+            raise ValueError("the answer is empty: nothing to cite")
+        return [self.cite(a, b, k) for a, b in split_sentences(answer)]
 
     def top(self, k: int = 5) -> list[tuple[int, Span, float]]:
         """The ``k`` highest-scoring units as (index into ``spans``, span, score)."""
@@ -249,6 +449,8 @@ class Explanation:
                 _floats(row) for row in self.contrast_per_target],
             "contrast_baseline_loss": None if self.contrast_baseline_loss is None else _floats(
                 self.contrast_baseline_loss),
+            "tree": [node.to_dict() for node in self.tree],
+            "estimate": None if self.estimate is None else _jsonable(self.estimate),
             "settings": _jsonable(self.settings),
         }
 
@@ -257,7 +459,7 @@ class Explanation:
         """Inverse of :meth:`to_dict` (float64 tensors, so the numbers round-trip exactly).
 
         Dicts written before spans existed (no ``spans`` key) load with one token span per
-        position.
+        position; before format 3 there is no tree (flat) and no estimate (exact scores).
         """
         missing = {"kind", "tokens", "scores", "per_target", "target_tokens"} - set(data)
         if missing:
@@ -289,6 +491,8 @@ class Explanation:
                 data["contrast_per_target"]).reshape(-1, n),
             contrast_baseline_loss=None if data.get("contrast_baseline_loss") is None else
             _tensor(data["contrast_baseline_loss"]),
+            tree=[Node.from_dict(d) for d in data.get("tree") or []],
+            estimate=data.get("estimate"),
         )
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
