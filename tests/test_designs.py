@@ -347,3 +347,134 @@ def test_a_tree_whose_leaves_are_not_the_spans_is_refused(model, tok):
     data["tree"] = data["tree"][:2]  # the refined paragraph's children dropped
     with pytest.raises(ValueError, match="unrefined nodes"):
         Explanation.from_dict(data)
+
+
+# ------------------------------------------------------------- a context given apart
+QUESTION = "Where was Anna born?"
+
+
+def _context_positions(tok, text, ranges, region):
+    """Token positions of each character range, computed here from the tokenizer's offsets:
+    a token belongs to the range holding its first non-space character (a whitespace-only
+    token: its first character, else the following range), if that character lies in the
+    context ``region``."""
+    enc = tok(text, return_offsets_mapping=True)
+    out = [[] for _ in ranges]
+    for i, (s, e) in enumerate(enc["offset_mapping"]):
+        if e <= s:
+            continue
+        piece = text[s:e]
+        anchor = s + (len(piece) - len(piece.lstrip())) if piece.strip() else s
+        if not region[0] <= anchor < region[1]:
+            continue
+        k = next((k for k, (a, b) in enumerate(ranges) if a <= anchor < b), None)
+        if k is None:
+            k = next(k for k, (a, _) in enumerate(ranges) if a > anchor)
+        out[k].append(i)
+    return [tuple(p) for p in out]
+
+
+def test_context_apart_explains_only_the_context_sentences(model, tok):
+    expl = _explainer(model, tok).explain(QUESTION, TARGET, context=DOC, granularity="sentence",
+                                          design="single")
+    prompt = f"Context: {DOC}\n\nQuery: {QUESTION}"
+    assert expl.prompt == prompt
+    start = len("Context: ")
+    sentences, at = [], start
+    for paragraph in PARAGRAPHS:
+        for s in paragraph:
+            a = prompt.index(s, at)
+            sentences.append((a, a + len(s)))
+            at = a + len(s)
+    assert [(s.start, s.end) for s in expl.spans] == sentences
+    positions = _context_positions(tok, prompt, sentences, (start, start + len(DOC)))
+    assert [s.positions for s in expl.spans] == positions
+    brute = brute_causal_units(model, list(expl.token_ids), expl.settings["prompt_tokens"],
+                               expl.settings["target_ids"], positions)
+    _close(expl.per_target, brute)
+    assert expl.settings["template"] == "Context: {context}\n\nQuery: {question}"
+
+
+def test_context_with_its_own_template_and_the_chat_template(model, tok):
+    template = "{question}\nDocument:\n{context}\nAnswer:"
+    expl = _explainer(model, tok).explain(QUESTION, TARGET, context=DOC, template=template,
+                                          granularity="sentence", design="single")
+    head = f"{QUESTION}\nDocument:\n"
+    assert expl.prompt == head + DOC + "\nAnswer:"
+    assert min(s.start for s in expl.spans) == len(head)
+    assert max(s.end for s in expl.spans) == len(head) + len(DOC)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    try:
+        chat = _explainer(model, tok).explain(QUESTION, TARGET, context=DOC, chat=True,
+                                              granularity="sentence", design="single")
+    finally:
+        tok.chat_template = None
+    message = f"Context: {DOC}\n\nQuery: {QUESTION}"
+    at = chat.prompt.index(message) + len("Context: ")
+    assert [s.text for s in chat.spans] == [s for p in PARAGRAPHS for s in p]
+    assert min(s.start for s in chat.spans) == at
+    assert max(s.end for s in chat.spans) == at + len(DOC)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"context": ""}, "context must be a non-empty string"),
+    ({"context": DOC, "template": "no slots"}, "template must be a string holding"),
+    ({"template": "{context} {question}"}, "give context= too"),
+    ({"context": DOC, "spans": [(0, 3)]}, "cannot be combined"),
+])
+def test_bad_context_arguments_are_refused_before_any_forward(model, tok, kwargs, match):
+    calls, hook = _count_forwards(model)
+    try:
+        with pytest.raises(ValueError, match=match):
+            _explainer(model, tok).explain(QUESTION, TARGET, **kwargs)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def model_dir(model, tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("designs_llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_context_design_budget_and_citations_equal_the_library(model, tok, model_dir,
+                                                                     tmp_path, capsys):
+    from atman_kernels.cli import main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC, encoding="utf-8")
+    out = tmp_path / "e.json"
+    assert main(["explain", "--model", str(model_dir), "--question", QUESTION, "--target",
+                 TARGET, "--context-file", str(doc), "--granularity", "sentence",
+                 "--design", "hierarchical", "--budget", "7", "--cite", "2", "--no-color",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    cli = Explanation.from_json(out)
+    lib = _explainer(model, tok).explain(QUESTION, TARGET, context=DOC, granularity="sentence",
+                                         design="hierarchical", budget=7)
+    assert cli.spans == lib.spans and cli.tree == lib.tree
+    _close(cli.per_target, lib.per_target, rel=1e-6)
+    assert "hierarchical design" in printed and "levels: paragraph > sentence" in printed
+    assert "citations (top 2 units per answer sentence" in printed
+    for c in lib.citations(2):
+        assert repr(c.text) in printed
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--template", "{context} {question}"], "--template fills in a document"),
+    (["--budget", "0"], "--budget"),
+    (["--design", "best"], "--design"),
+])
+def test_cli_design_misuse_is_refused(model_dir, flags, match, capsys):
+    from atman_kernels.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", str(model_dir), "--prompt", QUESTION, "--target", TARGET,
+              *flags])
+    assert exc.value.code != 0
+    assert match in capsys.readouterr().err

@@ -50,7 +50,7 @@ from .design import Outcome, Problem, check_budget, check_design, choose_design
 from .engine import EngineResult, VariantRunner
 from .explanation import POSTPROCESS, Explanation, Node, combine_scores
 from .factors import group_factors
-from .front.base import Prepared, check_unit_arguments
+from .front.base import Prepared, check_unit_arguments, compose_context
 from .front.causal import CausalFrontEnd
 from .front.classify import IMAGE_REFUSED, ClassifierFrontEnd
 from .front.image_text import CAUSAL_IMAGE_TEXT_FAMILIES, IMAGE_TEXT_FAMILIES, ImageTextFrontEnd
@@ -214,6 +214,8 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         chat: bool = False,
         design: Any = "auto",
         budget: int | None = None,
+        context: str | None = None,
+        template: str | None = None,
     ) -> Explanation:
         """Explain why the model predicts ``target`` for ``inputs``.
 
@@ -285,6 +287,13 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         only: the template's tokens (system prompt, role markers) are neither explained nor
         suppressed; ``spans`` then count characters from the start of the message.
 
+        A context given apart from the question (retrieval-augmented prompts): ``inputs`` is
+        the question, ``context`` the document; the prompt is ``template`` (default
+        "Context: {context}\n\nQuery: {question}", ContextCite's) filled in, under the chat
+        template with ``chat=True``; only the context is cut into units (at ``granularity``)
+        and suppressed, so the question and the template's words are never explained.
+        Causal LMs and text classifiers.
+
         Designs (:mod:`.design`): which units each variant suppresses together.
         ``design="single"`` is the paper's (one variant per unit, exact scores);
         ``"hierarchical"`` scores coarse units (paragraphs, or blocks of consecutive units)
@@ -301,6 +310,16 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         from ..hf import atman_attention, check_supported
 
         check_unit_arguments(granularity, delimiter, spans)
+        if context is not None or template is not None:
+            if self.kind not in ("causal_lm", "classifier"):
+                raise ValueError(f"context= explains a text context given apart from its "
+                                 f"question; not for a {self.kind} model")
+            if context is None:
+                raise ValueError("template= fills in a context: give context= too")
+            if spans is not None:
+                raise ValueError("context= and spans= cannot be combined: the context's units "
+                                 "are cut at granularity=/delimiter=")
+            compose_context(inputs, context, template)
         design = check_design(design)
         budget = check_budget(budget)
         # a model "atman" cannot reach is refused before any input is prepared
@@ -326,7 +345,8 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         model.eval()
         start = time.perf_counter()
         unit_args = {"granularity": granularity, "delimiter": delimiter, "spans": spans,
-                     "special_tokens": bool(special_tokens), "chat": bool(chat)}
+                     "special_tokens": bool(special_tokens), "chat": bool(chat),
+                     "context": context, "template": template}
         if chat and self.kind not in ("causal_lm", "classifier"):
             raise ValueError(f"chat=True applies a tokenizer's chat template to a text prompt; "
                              f"not for a {self.kind} model")
