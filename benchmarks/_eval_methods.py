@@ -69,8 +69,10 @@ def _sequence(prompt_ids: list[int], target_ids: list[int]) -> tuple[torch.Tenso
     return ids, torch.tensor(target_ids, dtype=torch.long)
 
 
-def atman_method(mode: str, conceptual: bool) -> Callable[..., torch.Tensor]:
-    """An AtMan method with the given mode and conceptual suppression on (kappa 0.7) or off."""
+def atman_method(mode: str, conceptual: bool, sink: str = "explain"
+                 ) -> Callable[..., torch.Tensor]:
+    """An AtMan method with the given mode and conceptual suppression on (kappa 0.7) or off;
+    ``sink="keep"``: the first position neither suppressed nor explained (its score 0)."""
 
     def run(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids: list[int],
             seed: int) -> torch.Tensor:
@@ -78,9 +80,13 @@ def atman_method(mode: str, conceptual: bool) -> Callable[..., torch.Tensor]:
 
         explainer = AtManExplainer(model, tokenizer, factor=0.1, mode=mode,
                                    conceptual_threshold=0.7 if conceptual else None,
-                                   progress=False)
-        expl = explainer.explain(list(prompt_ids), list(target_ids))
-        return expl.scores[: len(prompt_ids)].float()
+                                   progress=False, sink=sink)
+        expl = explainer.explain(list(prompt_ids), list(target_ids), design="single")
+        scores = torch.zeros(len(prompt_ids))
+        for span, score in zip(expl.spans, expl.scores.tolist(), strict=True):
+            if span.positions[0] < len(prompt_ids):
+                scores[span.positions[0]] = score
+        return scores
 
     return run
 
@@ -174,6 +180,7 @@ def random_scores(model: Any, tokenizer: Any, prompt_ids: list[int], target_ids:
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "atman_paper": atman_method("paper", conceptual=False),
+    "atman_paper_sink": atman_method("paper", conceptual=False, sink="keep"),
     "atman_paper_cs": atman_method("paper", conceptual=True),
     "atman_log": atman_method("log", conceptual=False),
     "atman_log_cs": atman_method("log", conceptual=True),
@@ -192,9 +199,11 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
 # the prompt text and its token ids (the tokenizer's, special tokens included), the target ids,
 # the sentences' character ranges in the prompt and their token positions (the tokens
 # overlapping each range: the same units for every method), and a seed.
-def atman_sentence_method(conceptual: bool) -> Callable[..., torch.Tensor]:
+def atman_sentence_method(conceptual: bool, sink: str = "explain"
+                          ) -> Callable[..., torch.Tensor]:
     """AtMan with one variant per sentence (``spans=`` the sentences; paper mode, factor 0.1),
-    conceptual suppression off or at kappa 0.7 (the union of the sentence's tokens')."""
+    conceptual suppression off or at kappa 0.7 (the union of the sentence's tokens');
+    ``sink="keep"``: the first position is never suppressed."""
 
     def run(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[int],
             target_ids: list[int], spans: list[tuple[int, int]], positions: list[list[int]],
@@ -203,9 +212,10 @@ def atman_sentence_method(conceptual: bool) -> Callable[..., torch.Tensor]:
 
         explainer = AtManExplainer(model, tokenizer, factor=0.1, mode="paper",
                                    conceptual_threshold=0.7 if conceptual else None,
-                                   progress=False)
-        expl = explainer.explain(prompt, list(target_ids), spans=list(spans))
-        _check_units(expl, prompt_ids, [list(p) for p in positions])
+                                   progress=False, sink=sink)
+        expl = explainer.explain(prompt, list(target_ids), spans=list(spans), design="single")
+        _check_units(expl, prompt_ids, [[q for q in p if sink == "explain" or q != 0]
+                                        for p in positions])
         return expl.scores.float()
 
     return run
@@ -274,6 +284,7 @@ def random_sentences(model: Any, tokenizer: Any, prompt: str, prompt_ids: list[i
 DOC_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "atman_sentence": atman_sentence_method(conceptual=False),
     "atman_sentence_cs": atman_sentence_method(conceptual=True),
+    "atman_sentence_sink": atman_sentence_method(conceptual=False, sink="keep"),
     "atman_token_sum": atman_token_method(conceptual=False),
     "atman_token_sum_cs": atman_token_method(conceptual=True),
     "ig_sum": token_method_per_sentence("ig"),

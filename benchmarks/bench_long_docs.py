@@ -244,7 +244,8 @@ def make_runner(method: str, model, tok, doc: dict[str, Any]):
                                    batch_size="auto" if method == "atman" else 1)
 
         def run():
-            ex = explainer.explain(doc["prompt"], doc["target"], granularity="sentence")
+            ex = explainer.explain(doc["prompt"], doc["target"], granularity="sentence",
+                                   design="single")
             units = [s for s in ex.spans if s.source == "prompt"]
             if [s.positions for s in units] != [s.positions for s in spans]:
                 raise RuntimeError("AtMan's sentence units differ from the benchmark's spans")

@@ -478,3 +478,23 @@ def test_cli_design_misuse_is_refused(model_dir, flags, match, capsys):
               *flags])
     assert exc.value.code != 0
     assert match in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ attention sink
+def test_sink_keep_leaves_the_first_position_out_of_every_unit(model, tok):
+    ids = tok(DOC)["input_ids"][1:]  # no BOS: position 0 is the document's first token
+    target = tok(TARGET)["input_ids"][1:]
+    keep = _explainer(model, None, sink="keep").explain(ids, target, design="single")
+    assert all(0 not in s.positions for s in keep.spans)
+    assert [s.positions for s in keep.spans] == [(p,) for p in range(1, len(ids) + len(target)
+                                                                      - 1)]
+    brute = brute_causal_units(model, list(keep.token_ids), len(ids), target,
+                               [s.positions for s in keep.spans])
+    _close(keep.per_target, brute)
+    assert keep.settings["sink"] == "keep"
+    sentences = _explainer(model, tok, sink="keep").explain(
+        DOC, TARGET, granularity="sentence", special_tokens=True, design="single")
+    first = sentences.spans[0]
+    assert first.text == PARAGRAPHS[0][0] and first.positions[0] == 1  # BOS at 0 left out
+    with pytest.raises(ValueError, match="sink must be one of"):
+        _explainer(model, tok, sink="drop")

@@ -66,6 +66,7 @@ SUPPORTED_KINDS = (
     f"({', '.join(sorted([*IMAGE_TEXT_FAMILIES, *CAUSAL_IMAGE_TEXT_FAMILIES]))}), zero-shot "
     f"image-text models ({', '.join(sorted(ZERO_SHOT_FAMILIES))})"
 )
+SINKS = ("keep", "explain")
 # Vision-language models refused with a reason of their own (none at present).
 IMAGE_TEXT_REFUSED: dict[str, str] = {}
 
@@ -135,6 +136,11 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         backend: the op backend of the attention ("auto", "cpp", "triton", "reference"; see
             :func:`atman_kernels.suppressed_attention`); "reference" gives the plain PyTorch
             numbers to check against.
+        sink: causal LMs and vision-language models: "keep" leaves the input's first position
+            (the model's attention sink, when it is not a special token already left out)
+            out of every unit: never suppressed, never explained (a unit holding only it is
+            dropped, a longer unit keeps its text but not that token); "explain" treats it as
+            any other token.
     """
 
     def __init__(
@@ -153,6 +159,7 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         postprocess: str = "none",
         normalize: bool = False,
         backend: str = "auto",
+        sink: str = "explain",
     ) -> None:
         self.kind = model_kind(model)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
@@ -196,6 +203,9 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        if sink not in SINKS:
+            raise ValueError(f"sink must be one of {SINKS}, got {sink!r}")
+        self.sink = sink
         self.last_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------ public entry
@@ -366,6 +376,8 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                     prepared = self._prepare_image(inputs, target, unit_args, contrast)
                 root = self._suppressed_root()
                 only = None if root is model else root
+                if self.sink == "keep" and self.kind in ("causal_lm", "image_text"):
+                    prepared.units = _without_first_position(prepared.units)
                 chosen = choose_design(design, prepared.units, budget)
                 with atman_attention(model, only=only), attention_backend(self.backend):
                     result, outcome = self._run(prepared, chosen, budget)
@@ -436,6 +448,7 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
             "normalize": self.normalize,
             "layers": self.layers,
             "model": type(self.model).__name__,
+            "sink": self.sink,
         }
         settings.update(extra)
         return settings
@@ -536,6 +549,22 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                            baseline_loss=baseline[:n_target].clone(), spans=outcome.spans,
                            settings=settings, tree=tree, estimate=outcome.estimate,
                            **contrast_fields, **fields)
+
+
+def _without_first_position(units: list[Any]) -> list[Any]:
+    """The units without input position 0 (see ``sink="keep"``)."""
+    from .units import Span
+
+    out = []
+    for u in units:
+        if u.positions[0] != 0:
+            out.append(u)
+        elif len(u.positions) > 1:
+            out.append(Span(u.text, u.start, u.end, u.positions[1:], u.source, u.image, u.box))
+    if not out:
+        raise ValueError("with sink='keep' the input's first position is not explained, and "
+                         "it is the only unit: nothing is left to explain (sink='explain')")
+    return out
 
 
 @contextmanager
