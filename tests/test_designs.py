@@ -498,3 +498,19 @@ def test_sink_keep_leaves_the_first_position_out_of_every_unit(model, tok):
     assert first.text == PARAGRAPHS[0][0] and first.positions[0] == 1  # BOS at 0 left out
     with pytest.raises(ValueError, match="sink must be one of"):
         _explainer(model, tok, sink="drop")
+
+
+def test_hierarchical_on_a_picture_is_refused_before_any_forward_and_sampled_works():
+    from _brute import tiny_vit
+
+    vit = unit_scale_(tiny_vit(1), seed=1)
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    calls, hook = _count_forwards(vit)
+    try:
+        with pytest.raises(ValueError, match="not built for pictures"):
+            AtManExplainer(vit, progress=False).explain(pixels, 1, design="hierarchical")
+    finally:
+        hook.remove()
+    assert calls == []
+    expl = AtManExplainer(vit, progress=False).explain(pixels, 1, design="sampled", budget=12)
+    assert expl.is_estimate and expl.score_map().shape == (4, 4)

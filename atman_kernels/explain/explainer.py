@@ -379,6 +379,7 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                 if self.sink == "keep" and self.kind in ("causal_lm", "image_text"):
                     prepared.units = _without_first_position(prepared.units)
                 chosen = choose_design(design, prepared.units, budget)
+                _check_design_fits(chosen, prepared)
                 with atman_attention(model, only=only), attention_backend(self.backend):
                     result, outcome = self._run(prepared, chosen, budget)
         finally:
@@ -549,6 +550,19 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                            baseline_loss=baseline[:n_target].clone(), spans=outcome.spans,
                            settings=settings, tree=tree, estimate=outcome.estimate,
                            **contrast_fields, **fields)
+
+
+def _check_design_fits(design: Any, prepared: Prepared) -> None:
+    """Refuse, before any forward, a design whose units an explanation's fields cannot hold:
+    a picture's map needs one score per cell, which a coarse-to-fine design leaves out where
+    it does not refine."""
+    from .design import Hierarchical
+
+    if isinstance(design, Hierarchical) and (prepared.fields.get("patch_grid") is not None
+                                             or prepared.fields.get("image_views")):
+        raise ValueError("design 'hierarchical' is not built for pictures yet: a score map "
+                         "needs a score for every cell, and unrefined regions have none; use "
+                         "design='single' (exact) or 'sampled' (estimated)")
 
 
 def _without_first_position(units: list[Any]) -> list[Any]:
