@@ -322,6 +322,8 @@ def many_cpu() -> str:
     loads = [float(r[k]) for r in by.values()
              for k in ("load_avg_1m_before", "load_avg_1m_max")]
 
+    skip = float(by["explain_many_resume_done"]["seconds_median"])
+
     def runs(r: dict[str, str]) -> str:
         return " and ".join(f"{float(x):.1f}" for x in r["seconds_runs"].split())
 
@@ -333,8 +335,7 @@ def many_cpu() -> str:
             f"{runs(loop)} s: on a loaded machine the spread is larger than the difference). "
             f"The bookkeeping alone (JSON and fsync) costs "
             f"{float(by['bookkeeping_only']['ms_per_example']):.1f} ms per example, and a rerun "
-            f"that skips every finished id {float(by['explain_many_resume_done']['seconds_median']) * 1000:.1f} ms "
-            f"in all.\n")
+            f"that skips every finished id {skip * 1000:.1f} ms in all.\n")
 
 
 @block("embedding_similarity")
@@ -393,9 +394,10 @@ def memory_cpu_figures() -> str:
     tail = [ratio(small, "atman", "forward", n) for n in s_len if n >= 256]
     head = s_len[0]
     big_first = [ratio(big, "atman", "forward", n) for n in b_len[:-1]]
-    out = [f"- At {s_len[-1]} tokens AtMan's peak is **{ratio(small, 'atman', 'ig-10', s_len[-1]):.2f}x** "
-           f"IG-10's on SmolLM2 and **{ratio(big, 'atman', 'ig-10', b_len[-1]):.2f}x** on a random "
-           f"923M Llama (target: at most 0.25x).",
+    vs_ig = ratio(small, "atman", "ig-10", s_len[-1])
+    out = [f"- At {s_len[-1]} tokens AtMan's peak is **{vs_ig:.2f}x** IG-10's on SmolLM2 and "
+           f"**{ratio(big, 'atman', 'ig-10', b_len[-1]):.2f}x** on a random 923M Llama "
+           f"(target: at most 0.25x).",
            f"- Against a plain forward of the same batch AtMan is {span(tail)}x from 256 tokens "
            f"on SmolLM2 and {ratio(big, 'atman', 'forward', b_len[-1]):.2f}x on the 923M model at "
            f"{b_len[-1]}; it misses the 1.25x target at {head} tokens on SmolLM2 "
@@ -529,7 +531,8 @@ def long_docs_cpu_targets() -> str:
            + f". IG-10 uses {span(ig_mem, '.1f')}x.",
            "- *Evidence rank* (1 = the evidence sentence first): AtMan "
            + ", ".join(ranks["atman"]) + "; FeatureAblation " + ", ".join(ranks["feature-ablation"])
-           + "; IG-10 " + ", ".join(ranks["ig-10"]) + f" (of {', '.join(by[('atman', n)]['n_doc_sentences'] for n in lengths)} sentences)."]
+           + "; IG-10 " + ", ".join(ranks["ig-10"]) + " (of "
+           + ", ".join(by[("atman", n)]["n_doc_sentences"] for n in lengths) + " sentences)."]
     return "\n".join(out) + "\n"
 
 
@@ -687,6 +690,22 @@ def quality_contrast() -> str:
               f"p(fact) > log p(foil)); seed {first['seed']}; 1-minute load average "
               f"{float(first['load_avg_1m_start']):.1f} at the start, "
               f"{float(first['load_avg_1m_end']):.1f} at the end.\n")
+
+
+@block("quality_contrast_full")
+def quality_contrast_full() -> str:
+    body = []
+    for r in rows("quality_contrast_cpu.csv"):
+        paired = ("-" if not r["wins_vs_reference"] else
+                  f"{r['wins_vs_reference']} / {r['losses_vs_reference']} "
+                  f"(p = {float(r['mcnemar_p']):.2g})")
+        body.append([r["method"], r["n_items"], _interval(r, "top1"), _interval(r, "mrr"),
+                     f"{float(r['evidence_rank']):.2f}", f"{float(r['foil_sentence_rank']):.2f}",
+                     paired, f"{float(r['seconds']):.1f}"])
+    n = float(rows("quality_contrast_cpu.csv")[0]["n_sentences"])
+    return table(["method", "items", "top-1 gold sentence [95% CI]", "MRR [95% CI]",
+                  f"gold rank (of {n:.0f})", "foil sentence rank",
+                  "top-1 wins / losses vs atman_contrast (McNemar p)", "s/item"], body)
 
 
 # --- the zoo: model_zoo.csv ---------------------------------------------------------------------
