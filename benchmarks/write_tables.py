@@ -76,6 +76,10 @@ def ms(seconds: str | float) -> str:
     return f"{float(seconds) * 1000:.0f} ms"
 
 
+def ms1(seconds: str | float) -> str:
+    return f"{float(seconds) * 1000:.1f} ms"
+
+
 # --- the op: attention_cpu.csv, attention_cpu_isa.csv ------------------------------------------
 
 ATTENTION_LABELS = {
@@ -138,7 +142,7 @@ def attention_cpu_figures() -> str:
         if not slower:
             out.append(f"- {mode} is faster than compiled FlexAttention at every length.")
         else:
-            which = ", ".join(f"N={n} ({ms(t(mode, n))} vs {ms(t(flex, n))})" for n in slower)
+            which = ", ".join(f"N={n} ({ms1(t(mode, n))} vs {ms1(t(flex, n))})" for n in slower)
             out.append(f"- {mode} is faster than compiled FlexAttention at every length but "
                        f"{which}.")
     composite = [t("row-min + sdpa D+1 (paper)", n) / t("cpp paper", n) for n in lengths]
@@ -159,9 +163,11 @@ def attention_cpu_figures() -> str:
     if faster:
         short = {"cpp paper": "cpp paper", "sdpa (no suppression)": "SDPA",
                  "flex score_mod (log)": "FlexAttention"}
-        names = ", ".join(f"{short.get(m, m)} ({ms(t(m, first))})" for m in faster)
-        out.append(f"- Where cpp loses: at N={first} cpp log mode ({ms(t('cpp log', first))}) "
+        names = ", ".join(f"{short.get(m, m)} ({ms1(t(m, first))})" for m in faster)
+        out.append(f"- Where cpp loses: at N={first} cpp log mode ({ms1(t('cpp log', first))}) "
                    f"trails {names}.")
+    loads = [float(r["loadavg_1m"]) for r in by.values()]
+    out.append(f"- 1-minute load average during the sweep: {span(loads, '.1f')}.")
     return "\n".join(out) + "\n"
 
 
