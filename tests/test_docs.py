@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import re
 import shlex
 import sys
@@ -242,21 +244,32 @@ def test_docs_atman_and_make_commands_exist(page: Path, capsys: pytest.CaptureFi
 
 PYTHON_BLOCKS = fenced(README, "python")
 SHAPE = re.compile(r"^(\w+)(?:\s*,\s*\w+)*\s*=.*#\s*\[(\d+(?:\s*,\s*\d+)*)\]\s*$", re.M)
+PRINTED = re.compile(r"^\s*print\(.*#\s*->\s*(.+?)\s*$", re.M)
 
 
 def run_block(code: str) -> dict:
+    """Run ``code``; the shapes (``# [2, 3]``) and printed lines (``# -> text``) its comments
+    state must be what it gives."""
     namespace: dict = {"__name__": "__readme__"}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
     for name, dims in SHAPE.findall(code):
         want = tuple(int(d) for d in dims.split(","))
         assert tuple(namespace[name].shape) == want, f"{name}: {tuple(namespace[name].shape)}"
+    printed = out.getvalue().splitlines()
+    for want in PRINTED.findall(code):
+        assert want in printed, f"printed {printed}, not {want!r}"
     return namespace
 
 
-def test_shape_comments_are_checked() -> None:
+def test_shape_and_output_comments_are_checked() -> None:
     with pytest.raises(AssertionError, match="x: "):
         run_block("import torch\nx = torch.zeros(2, 3)   # [3, 2]\n")
     run_block("import torch\nx = torch.zeros(2, 3)   # [2, 3]\n")
+    with pytest.raises(AssertionError, match="not 'b'"):
+        run_block("print('a')   # -> b\n")
+    run_block("print('a b')   # -> a b\n")
 
 
 def test_readme_has_the_three_blocks() -> None:
