@@ -1,6 +1,6 @@
 """The docs against the repository: links resolve, commands exist, code runs, figures match.
 
-- every relative link of README.md and docs/*.md names a file of the repository, and its
+- every relative link of README.md, docs/*.md and benchmarks/results/*.md names a file of the repository, and its
   ``#anchor`` a heading of that file (GitHub's heading ids); the README points nowhere else;
 - the README's shell commands name real Makefile targets and ``atman`` flags (parsed by the
   CLI's own parser, nothing run); the ``atman`` commands of docs/*.md too;
@@ -25,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+RESULT_PAGES = sorted((ROOT / "benchmarks" / "results").glob("*.md"))
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import write_tables  # noqa: E402
@@ -116,7 +117,7 @@ def test_broken_links_are_found(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("page", PAGES + RESULT_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page: Path) -> None:
     assert broken_links(page) == []
 
