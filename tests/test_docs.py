@@ -1,7 +1,8 @@
 """The docs against the repository: links resolve, commands exist, code runs, figures match.
 
-- every relative link of README.md, docs/*.md and benchmarks/results/*.md names a file of the repository, and its
-  ``#anchor`` a heading of that file (GitHub's heading ids); the README points nowhere else;
+- every relative link of README.md, docs/*.md and benchmarks/results/*.md names a file of the
+  repository, and its ``#anchor`` a heading of that file (GitHub's heading ids); the README
+  points nowhere else;
 - the README's shell commands name real Makefile targets and ``atman`` flags (parsed by the
   CLI's own parser, nothing run); the ``atman`` commands of docs/*.md too;
 - the README's python blocks run, each in a fresh namespace, the model ones on the bundled
