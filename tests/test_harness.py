@@ -80,7 +80,7 @@ def machine_constants(source: str) -> list[str]:
             if words:
                 found.append(f"line {node.lineno}: string {node.value!r} names {words}")
         if isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values):
+            for key, value in zip(node.keys, node.values, strict=True):
                 if (isinstance(key, ast.Constant) and key.value in MACHINE_KEYS
                         and isinstance(value, ast.Constant)):  # fmt: skip
                     found.append(f"line {node.lineno}: {key.value!r}: {value.value!r}")

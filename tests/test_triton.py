@@ -583,8 +583,10 @@ CUDA = pytest.mark.skipif(
     reason="needs a CUDA GPU: runs the compiled kernel inside models (make gpu-check)",
 )
 EFFECT_OVER_TOLERANCE = 20
-# drop-in: max |logits(triton) - logits(reference)| / max |logits|, per dtype (fp32: TF32 dots)
-DROP_IN_LIMIT = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
+# drop-in: max |logits(triton) - logits(reference)| / max |logits|, per dtype. A stand-in with
+# the kernel's rounding (_planted.kernel_like: TF32-cut fp32 dots, P in bf16) measured up to
+# 2.7e-3 (fp32) and 1.65e-2 (bf16) on CPU; the suppression's effect is 0.55-1.25 of the scale.
+DROP_IN_LIMIT = {torch.float32: 6e-3, torch.bfloat16: 2.5e-2}
 # variant i multiplies keys 11 i .. 11 i + 10 by the i-th factor: AtMan's 0.1, removal (0),
 # amplification (> 1) and a mild 0.5, so both modes' handling of each is in the logits
 DROP_IN_FACTORS = (0.1, 0.0, 3.0, 0.5, 2.0, 0.0)
@@ -737,9 +739,10 @@ def test_explainer_check_fails_a_broken_kernel(family, mode, broken, monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["paper", "log"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family,mode", [("llama", "paper"), ("gpt2", "log")])
 def test_interpreted_kernel_passes_the_model_checks(family, mode):
-    """The real kernel (interpreted on CPU, compiled on CUDA) through both model checks, fp32."""
+    """The real kernel (interpreted on CPU, compiled on CUDA) through both model checks, fp32.
+    Slow under the interpreter (about 2 minutes a case on 2 busy cores): two cases cover both
+    families and both modes; on CUDA the four-case tests above run them all."""
     check_drop_in(family, mode, torch.float32, DEVICE)
     check_explainer(family, mode, DEVICE)
