@@ -69,19 +69,37 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, min_reps: int = 3,
     return statistics.median(times), len(times), peak
 
 
-def machine_stamp() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (``model name`` in ``/proc/cpuinfo``; where
+    there is none, ``platform.processor()`` or else the architecture)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu}"
+    return platform.processor() or platform.machine()
+
+
+def gpu_name() -> str | None:
+    """torch's name for the current CUDA device, or None without one."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def machine() -> str:
+    """The machine a row ran on, read now: ``"<CPU model>, <n> cores, <GPU name or no GPU>"``."""
+    return f"{cpu_model()}, {os.cpu_count()} cores, {gpu_name() or 'no GPU'}"
+
+
+def machine_stamp() -> dict[str, str]:
+    """What every benchmark row records about where and when it ran, all read at the call:
+    ``machine`` (:func:`machine`), ``device`` (the GPU's name, else ``CPU <model>``), torch's
+    thread count, torch's version, the UTC date and the 1-minute load average."""
+    gpu = gpu_name()
     return {
-        "device": device,
+        "machine": machine(),
+        "device": gpu or f"CPU {cpu_model()}",
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

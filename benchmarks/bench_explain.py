@@ -70,12 +70,12 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _harness import machine
 
 TEXT = (
     "The history of Paris spans more than two thousand years. The city grew from a small "
@@ -121,7 +121,6 @@ DOCUMENT = (
 QUESTION = "\n\nQuestion: In which city did the director grow up?\nAnswer: The director grew up in"
 ANSWER = " Hamburg"
 EVIDENCE = "Weiss grew up in Hamburg"
-MACHINE = "2-core AMD EPYC, no GPU"
 METHODS = ("prefix_reuse", "full_recompute", "full_recompute_same_chunk", "one_per_forward")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -199,7 +198,7 @@ def granularity_benchmark(args: argparse.Namespace) -> None:
     if len(evidence) != 1:
         raise SystemExit(f"expected one sentence holding {EVIDENCE!r}, found {len(evidence)}")
     stamp = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-             "machine": MACHINE, "threads": args.threads, "torch": torch.__version__,
+             "machine": machine(), "threads": args.threads, "torch": torch.__version__,
              "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct fp32",
              "mode": "paper", "factor": 0.1, "conceptual_threshold": "none",
              "prefix_reuse": True, "prompt_tokens": n_prompt, "target": ANSWER,
@@ -288,7 +287,7 @@ def floor_benchmark(args: argparse.Namespace) -> None:
     bad = [g for g in granularities if g not in ("token", "sentence")]
     if bad:
         raise SystemExit(f"--granularities takes token and/or sentence, got {bad}")
-    stamp = {"machine": MACHINE, "threads": args.threads, "torch": torch.__version__,
+    stamp = {"machine": machine(), "threads": args.threads, "torch": torch.__version__,
              "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct fp32",
              "mode": "paper", "factor": 0.1, "conceptual_threshold": "none",
              "plain_forward": f"{model.config._attn_implementation}, no cache"}
@@ -376,7 +375,7 @@ def _plot_floor(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("tokens (prompt + target[:-1])")
     ax.set_ylabel("floor ratio (plain-forward time of its token-forwards / its time)")
     loads = [float(r["load_avg_1m_max"]) for r in rows]
-    ax.set_title(f"AtMan explanation vs plain forward, SmolLM2-135M fp32, {MACHINE}, "
+    ax.set_title(f"AtMan explanation vs plain forward, SmolLM2-135M fp32, {rows[0]['machine']}, "
                  f"{rows[0]['threads']} threads\nload average up to {max(loads):.1f}",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -448,8 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"the text has only {len(ids)} tokens")
     stamp = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"cpu ({platform.processor() or platform.machine()}), "
-                  f"{args.threads} threads",
+        "device": f"{machine()}, {args.threads} threads",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_avg_1min": round(os.getloadavg()[0], 2),

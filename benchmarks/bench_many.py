@@ -44,13 +44,13 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _harness import machine
 
 EXAMPLES = [
     ("The capital of France is", " Paris"),
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     base = statistics.median(times["loop"])
     stamp = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "machine": machine(),
         "threads": args.threads, "torch": torch.__version__,
         "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct fp32",
         "examples": len(EXAMPLES),

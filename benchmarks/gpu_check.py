@@ -38,10 +38,8 @@ say ``cpu-smoke`` and are no measurement.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -84,22 +82,16 @@ def _run_step(cmd: list[str], extra_env: dict[str, str] | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- measuring
 def stamp(device: str) -> dict[str, str]:
-    import torch
+    from _harness import cpu_model, gpu_name, machine_stamp
 
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.machine()}"
+    name = gpu_name() if device == "cuda" else f"CPU {cpu_model()}"
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "loadavg_1m": f"{os.getloadavg()[0]:.1f}",
-    }
+    return {**machine_stamp(), "device": name, "triton": triton_version}
 
 
 def is_oom(err: BaseException) -> bool:

@@ -1,7 +1,20 @@
-"""Shared accuracy rule and input factories for the backend tests.
+"""Shared accuracy rules and input factories for the backend tests.
 
-The rule (flash-attention's): a backend's max error against the float64 reference is at most
-twice the error of plain PyTorch computing in the same low precision, plus a small floor.
+Two rules, both checked by :func:`assert_close_to_reference`:
+
+- flash-attention's: a backend's max error against the float64 reference is at most twice the
+  error of plain PyTorch computing in the same precision, plus a small floor (every dtype).
+- fp32 accumulation (float16 / bfloat16 outputs): the backends promise fp32 math for half
+  inputs, which leaves essentially one error, the final rounding to the output dtype. So the max
+  error is at most ``FP32_ACCUMULATION_FACTOR`` times the max error of the float64 reference
+  rounded to the output dtype (what a perfectly rounded fp32 result would have; the rounded fp32
+  reference has the same error to within fp32's epsilon), plus a floor far below one
+  low-precision ulp. Plain PyTorch in bf16 is allowed 0.16-0.41 absolute by the first rule on
+  the suite's inputs; this one allows about 1.5 ulps of the output. The factor leaves room for
+  a flash kernel's rounding of the probabilities to q's dtype before the P @ V product: the
+  Triton kernel measured up to 1.23x under the interpreter (fp16), a CPU emulation of that
+  rounding (``_planted.kernel_like``) up to 1.61x, the C++ kernel 1.00x; a kernel doing its
+  math in the half dtype (``_planted.low_precision``) measured 3.4-26x where Nk >= 97.
 """
 
 from __future__ import annotations
@@ -18,6 +31,12 @@ ERROR_FLOOR = {
     torch.float16: 1e-3,
     torch.bfloat16: 1e-2,
 }
+# fp32-accumulation rule: allowed max error / max error of the correctly rounded result.
+FP32_ACCUMULATION_FACTOR = 3.0
+# its floor, in units of the dtype's epsilon times the largest |output| (for outputs that are
+# exact in the low precision, e.g. a single key: the rounded result then has no error at all).
+FP32_ACCUMULATION_FLOOR = 1 / 16
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def make_inputs(
@@ -87,7 +106,11 @@ def reference_pair(q, k, v, factors, mask, *, causal=False, mode="paper", scale=
 
 
 def assert_close_to_reference(out, exact, plain, *, what: str = "backend"):
-    """Assert ``out`` obeys the 2x-plain-error rule; print where and how many if not."""
+    """Assert ``out`` obeys both rules (module docstring); say where and how many if not.
+
+    out: the backend's result; exact: the float64 reference; plain: plain PyTorch computing in
+    out's dtype (:func:`reference_pair`). Shapes [B, Hq, Nq, D].
+    """
     assert out.shape == exact.shape, f"{what}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
     assert out.dtype == plain.dtype, f"{what}: dtype {out.dtype} != {plain.dtype}"
     out64 = out.double().cpu()
@@ -96,13 +119,35 @@ def assert_close_to_reference(out, exact, plain, *, what: str = "backend"):
     assert n_bad == 0, f"{what}: {n_bad} non-finite outputs (NaN/inf) of {out.numel()}"
     err = (out64 - exact).abs()
     plain_err = (plain.double().cpu() - exact).abs().max().item()
-    bound = 2 * plain_err + ERROR_FLOOR[out.dtype]
+    _check_bound(err, out64, exact, 2 * plain_err + ERROR_FLOOR[out.dtype],
+                 f"{what}: max error {{err:.3e}} > bound {{bound:.3e}} (2 x plain "
+                 f"{plain_err:.3e} + floor)")  # fmt: skip
+    if out.dtype in HALF_DTYPES:
+        assert_fp32_accumulation(out, exact, what=what)
+
+
+def assert_fp32_accumulation(out, exact, *, what: str = "backend"):
+    """The fp32-accumulation rule alone (float16 / bfloat16 ``out``; ``exact`` float64)."""
+    assert out.dtype in HALF_DTYPES, f"{what}: the fp32-accumulation rule is for half dtypes"
+    out64 = out.double().cpu()
+    exact = exact.cpu()
+    err = (out64 - exact).abs()
+    rounding = (exact.to(out.dtype).double() - exact).abs().max().item()
+    floor = FP32_ACCUMULATION_FLOOR * torch.finfo(out.dtype).eps * exact.abs().max().item()
+    bound = FP32_ACCUMULATION_FACTOR * rounding + floor
+    _check_bound(err, out64, exact, bound,
+                 f"{what}: max error {{err:.3e}} > bound {{bound:.3e}} of fp32 accumulation "
+                 f"({FP32_ACCUMULATION_FACTOR:g} x {rounding:.3e}, the error of the exact "
+                 f"result rounded to {out.dtype}, + floor {floor:.1e})")  # fmt: skip
+
+
+def _check_bound(err, out64, exact, bound: float, message: str) -> None:
+    """Raise AssertionError(message, then where) if any element of ``err`` exceeds ``bound``."""
     if err.max().item() > bound:
         bad = err > bound
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise AssertionError(
-            f"{what}: max error {err.max().item():.3e} > bound {bound:.3e} "
-            f"(2 x plain {plain_err:.3e} + floor); {int(bad.sum())} of {err.numel()} elements "
-            f"off, first at {first}: got {out64[first].item():.6g}, "
-            f"expected {exact[first].item():.6g}"
+            message.format(err=err.max().item(), bound=bound)
+            + f"; {int(bad.sum())} of {err.numel()} elements off, first at {first}: got "
+            f"{out64[first].item():.6g}, expected {exact[first].item():.6g}"
         )

@@ -1,7 +1,8 @@
 """The C++ CPU backend against the float64 reference, its op registration, and its fallbacks.
 
-Accuracy rule (tests/_tolerance.py): the kernel's max error against the float64 reference is
-at most 2x the error of plain PyTorch computing in the same dtype, plus a small floor. Every run
+Accuracy rules (tests/_tolerance.py): the kernel's max error against the float64 reference is
+at most 2x the error of plain PyTorch computing in the same dtype, plus a small floor; for fp16
+and bf16 also at most 2x the error of the exact result rounded to that dtype (fp32 math). Every run
 writes into an output poisoned with NaN, so an element the kernel forgets to write fails.
 
 The kernel is compiled once per instruction-set level ("default", "avx2", "avx512"): the
@@ -29,10 +30,8 @@ from atman_kernels.ops import choose_backend, cpp_backend
 from atman_kernels.ops._checks import check_call
 from atman_kernels.ops.reference import reference_attention
 
-pytestmark = pytest.mark.skipif(
-    cpp_backend.extension_error() is not None,
-    reason=f"C++ extension not built: {cpp_backend.extension_error()}",
-)
+# without the extension: skipped with the reason, a failure under CI=true (tests/conftest.py)
+pytestmark = pytest.mark.needs_cpp
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 ISAS = cpp_backend.supported_isas() if cpp_backend.extension_error() is None else ("default",)
@@ -120,6 +119,32 @@ def _reference_case(case, mode, dtype, isa):
     causal = opts.pop("causal")
     q, k, v, factors, mask = make_inputs(b, hq, hkv, nq, nk, d, dtype=dtype, seed=7, **opts)
     check_case(q, k, v, factors, mask, causal=causal, mode=mode, what=f"cpp {isa} {case} {mode}")
+
+
+# Inputs where fp32 accumulation is visibly better than half-precision math (many keys).
+LOW_PRECISION_PLANT_CASES = ["97-mqa-d80-pad", "tiles-suffix-pad-gqa", "tiles-zero-and-big"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("case", LOW_PRECISION_PLANT_CASES)
+def test_check_rejects_a_kernel_computing_in_half_precision(case, mode, dtype, monkeypatch):
+    """The comparison above, with the kernel replaced by one doing its math (scores, softmax,
+    the sums over keys) in q's dtype: the fp32-accumulation rule must fail it (the message
+    shows that the 2x plain-PyTorch rule, checked first, let it through); the fp32 reference
+    and an emulation of a flash kernel's rounding (P in q's dtype) pass."""
+    import _planted
+
+    b, hq, hkv, nq, nk, d, opts = CASES[case]
+    opts = dict(opts)
+    causal = opts.pop("causal")
+    q, k, v, factors, mask = make_inputs(b, hq, hkv, nq, nk, d, dtype=dtype, seed=7, **opts)
+    for right in (_planted.correct, _planted.kernel_like):
+        monkeypatch.setattr(cpp_backend, "run", right)
+        check_case(q, k, v, factors, mask, causal=causal, mode=mode)
+    monkeypatch.setattr(cpp_backend, "run", _planted.low_precision)
+    with pytest.raises(AssertionError, match="of fp32 accumulation"):
+        check_case(q, k, v, factors, mask, causal=causal, mode=mode)
 
 
 def test_long_keys_use_smaller_row_blocks(isa):

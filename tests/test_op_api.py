@@ -143,9 +143,15 @@ def test_auto_picks_a_backend_that_runs():
     name, reason = choose_backend(q, call)
     assert name in ("cpp", "reference")
     assert (reason is None) == (name == "cpp")
-    out = suppressed_attention(q, k, v, torch.rand(2, 7))
-    ref = suppressed_attention(q, k, v, torch.rand(2, 7) * 0 + 1, backend="reference")
-    assert out.shape == ref.shape
+    factors = torch.rand(2, 7, generator=torch.Generator().manual_seed(1)) * 2
+    for mode in ("paper", "log"):
+        out = suppressed_attention(q, k, v, factors, causal=True, mode=mode)
+        ref = suppressed_attention(q, k, v, factors, causal=True, mode=mode, backend="reference")
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        # the factors matter here: a backend that ignored them would fail the line above
+        plain = suppressed_attention(q, k, v, None, causal=True, backend="reference")
+        assert float((ref - plain).abs().max()) > 1e-2
 
 
 def test_unknown_backend_is_named():

@@ -181,9 +181,8 @@ def test_sinks_and_q_of_different_float_dtypes_are_accepted():
 
 
 # ----------------------------------------------------------------------------- dispatch
-needs_cpp = pytest.mark.skipif(
-    cpp_backend.extension_error() is not None, reason="C++ extension not built"
-)
+# without the extension: skipped with the reason, a failure under CI=true (tests/conftest.py)
+needs_cpp = pytest.mark.needs_cpp
 
 
 @needs_cpp

@@ -546,24 +546,124 @@ def test_tma_descriptor_shapes_and_strides():
     assert triton_backend._tma_descriptor(torch.zeros(2, 3, 10, 20), 64, 32) is not None
 
 
+# ------------------------------------------------------- half precision: fp32 accumulation
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["paper", "log"])
+def test_check_rejects_a_kernel_computing_in_half_precision(mode, dtype, monkeypatch):
+    """The kernel comparison with the kernel replaced by one doing its math in the half dtype
+    (tests/_planted.py): the fp32-accumulation rule fails it (the 2x plain-PyTorch rule,
+    checked first, lets it through); the fp32 reference and an emulation of the kernel's own
+    rounding (P in q's dtype before P @ V) pass. Runs on any device (no Triton launch)."""
+    import _planted
+
+    for args in ((2, 4, 2, 97, 97, 80), (2, 2, 1, 65, 300, 32)):
+        q, k, v, factors, mask = make_inputs(*args, dtype=dtype, device=DEVICE, seed=7,
+                                             padding=True, factor_kind="zero_and_big")  # fmt: skip
+        for right in (_planted.correct, _planted.kernel_like):
+            monkeypatch.setattr(triton_backend, "run", right)
+            out = run_triton(q, k, v, factors, mask, causal=True, mode=mode)
+            exact, plain = yardstick(q, k, v, factors, mask, causal=True, mode=mode)
+            assert_close_to_reference(out, exact, plain, what=f"{right.__name__} {args}")
+        monkeypatch.setattr(triton_backend, "run", _planted.low_precision)
+        out = run_triton(q, k, v, factors, mask, causal=True, mode=mode)
+        exact, plain = yardstick(q, k, v, factors, mask, causal=True, mode=mode)
+        with pytest.raises(AssertionError, match="of fp32 accumulation"):
+            assert_close_to_reference(out, exact, plain, what=f"half-precision math {args}")
+
+
 # ------------------------------------------------------- CUDA only: the drop-in and explainer
+# The models are the suite's tiny Llama / GPT-2 with unit-scale weights (tests/_brute.py), so
+# attention is far from uniform and suppression moves the answer: every comparison first
+# asserts that the suppression's effect is EFFECT_OVER_TOLERANCE times the tolerance, so a
+# kernel returning zeros or ignoring the factors cannot pass. The checks are functions taking a
+# device: the CUDA tests run them on the compiled kernel; the tests after them run them
+# everywhere with broken backends planted in place of triton_backend.run and assert they fail.
 CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="needs a CUDA GPU: runs the compiled kernel inside models (make gpu-check)",
 )
+EFFECT_OVER_TOLERANCE = 20
+# drop-in: max |logits(triton) - logits(reference)| / max |logits|, per dtype. A stand-in with
+# the kernel's rounding (_planted.kernel_like: TF32-cut fp32 dots, P in bf16) measured up to
+# 2.7e-3 (fp32) and 1.65e-2 (bf16) on CPU; the suppression's effect is 0.55-1.25 of the scale.
+DROP_IN_LIMIT = {torch.float32: 6e-3, torch.bfloat16: 2.5e-2}
+# variant i multiplies keys 11 i .. 11 i + 10 by the i-th factor: AtMan's 0.1, removal (0),
+# amplification (> 1) and a mild 0.5, so both modes' handling of each is in the logits
+DROP_IN_FACTORS = (0.1, 0.0, 3.0, 0.5, 2.0, 0.0)
+EXPLAIN_TOL = dict(rtol=2e-2, atol=2e-3)
+VOCAB = 96
 
 
 def _tiny_model(family: str):
+    from _brute import unit_scale_
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     if family == "llama":
-        config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=128)  # fmt: skip
-        return LlamaForCausalLM(config).eval()
-    config = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=128)
-    return GPT2LMHeadModel(config).eval()
+        return unit_scale_(LlamaForCausalLM(config))
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return unit_scale_(GPT2LMHeadModel(config))
+
+
+def check_drop_in(family: str, mode: str, dtype: torch.dtype, device: str) -> None:
+    """Logits of the tiny model (6 variants x 77 tokens) through the "triton" backend against
+    the "reference" backend; raises AssertionError if they differ by more than DROP_IN_LIMIT of
+    the logits' scale, or if the suppression moves the logits by less than
+    EFFECT_OVER_TOLERANCE times that limit (then the comparison could not see a wrong kernel)."""
+    import atman_kernels
+    from atman_kernels.hf import atman_attention
+
+    model = _tiny_model(family).to(device, dtype)
+    variants, seq = len(DROP_IN_FACTORS), 77
+    ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(3))
+    ids = ids.to(device).expand(variants, -1)
+    factors = torch.ones(variants, seq)
+    for i, f in enumerate(DROP_IN_FACTORS):
+        factors[i, 11 * i : 11 * i + 11] = f
+    factors = factors.to(device)
+    logits = {}
+    with torch.inference_mode(), atman_attention(model):
+        with atman_kernels.attention_backend("reference"):
+            unsuppressed = model(ids).logits.float()
+        for backend in ("triton", "reference"):
+            with atman_kernels.suppression(factors, mode), atman_kernels.attention_backend(backend):
+                logits[backend] = model(ids).logits.float()
+    what = f"{family} {mode} {dtype}"
+    scale = logits["reference"].abs().max().item()
+    limit = DROP_IN_LIMIT[dtype] * scale
+    effect = (logits["reference"] - unsuppressed).abs().max().item()
+    assert effect >= EFFECT_OVER_TOLERANCE * limit, (
+        f"{what}: the suppression moves the logits by {effect:.3g}, under "
+        f"{EFFECT_OVER_TOLERANCE} x the tolerance {limit:.3g}: a kernel ignoring it would pass")
+    err = (logits["triton"] - logits["reference"]).abs().max().item()
+    assert err <= limit, f"{what}: max |diff| {err:.3g} > {limit:.3g} (scale {scale:.3g})"
+
+
+def check_explainer(family: str, mode: str, device: str) -> None:
+    """AtMan scores of the tiny model (40-token prompt, 3 target tokens) with backend "triton"
+    against backend "reference"; raises AssertionError if they differ by more than EXPLAIN_TOL
+    or if the largest |score| is under EFFECT_OVER_TOLERANCE times its atol."""
+    from atman_kernels.explain import AtManExplainer
+
+    model = _tiny_model(family).to(device)
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, VOCAB, (40,), generator=g).tolist()
+    target = torch.randint(0, VOCAB, (3,), generator=g).tolist()
+    scores = {}
+    for backend in ("triton", "reference"):
+        explainer = AtManExplainer(model, mode=mode, conceptual_threshold=None, batch_size=8,
+                                   progress=False, backend=backend)  # fmt: skip
+        scores[backend] = explainer.explain(prompt, target).scores.float().cpu()
+    peak = scores["reference"].abs().max().item()
+    assert peak >= EFFECT_OVER_TOLERANCE * EXPLAIN_TOL["atol"], (
+        f"{family} {mode}: largest |score| {peak:.3g} is under {EFFECT_OVER_TOLERANCE} x atol "
+        f"{EXPLAIN_TOL['atol']}: all-zero scores would pass")
+    assert scores["triton"].shape == (len(prompt) + len(target) - 1,)
+    torch.testing.assert_close(scores["triton"], scores["reference"], **EXPLAIN_TOL)
 
 
 @CUDA
@@ -571,41 +671,78 @@ def _tiny_model(family: str):
 @pytest.mark.parametrize("mode", ["paper", "log"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_cuda_drop_in_matches_the_reference_backend(family, mode, dtype):
-    import atman_kernels
-    from atman_kernels.hf import atman_attention
-
-    model = _tiny_model(family).to("cuda", dtype)
-    variants, seq = 6, 77
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 96, (1, seq), generator=g).to("cuda")
-    factors = torch.ones(variants, seq)
-    factors[torch.arange(variants), torch.arange(variants) * 7] = 0.1
-    factors = factors.to("cuda")
-    logits = {}
-    with torch.inference_mode(), atman_attention(model):
-        for backend in ("triton", "reference"):
-            with atman_kernels.suppression(factors, mode), atman_kernels.attention_backend(backend):
-                logits[backend] = model(ids.expand(variants, -1)).logits.float()
-    err = (logits["triton"] - logits["reference"]).abs().max().item()
-    scale = logits["reference"].abs().max().item()
-    limit = 2e-2 if dtype == torch.bfloat16 else 2e-3  # TF32 products for fp32 on CUDA
-    assert err <= limit * scale, f"{family} {mode} {dtype}: max |diff| {err:.3g}, scale {scale:.3g}"
+    check_drop_in(family, mode, dtype, "cuda")
 
 
 @CUDA
 @pytest.mark.parametrize("mode", ["paper", "log"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_cuda_explainer_matches_the_reference_backend(family, mode):
-    from atman_kernels.explain import AtManExplainer
+    check_explainer(family, mode, "cuda")
 
-    model = _tiny_model(family).to("cuda")
-    g = torch.Generator().manual_seed(4)
-    prompt = torch.randint(0, 96, (40,), generator=g).tolist()
-    target = torch.randint(0, 96, (3,), generator=g).tolist()
-    scores = {}
-    for backend in ("triton", "reference"):
-        explainer = AtManExplainer(model, mode=mode, conceptual_threshold=None, batch_size=8,
-                                   progress=False, backend=backend)  # fmt: skip
-        scores[backend] = explainer.explain(prompt, target).scores.float().cpu()
-    assert scores["triton"].shape == (len(prompt) + len(target) - 1,)
-    torch.testing.assert_close(scores["triton"], scores["reference"], rtol=2e-2, atol=2e-3)
+
+def _plant(monkeypatch, run):
+    """Put ``run`` in place of triton_backend.run (bf16 under the interpreter included, which
+    the dispatch refuses for the real kernel); returns the list of calls it got."""
+    import importlib
+
+    dispatch = importlib.import_module("atman_kernels.ops.suppressed_attention")
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "run", counted)
+    monkeypatch.setattr(triton_backend, "unsupported_reason", lambda q, call: None)
+    monkeypatch.setattr(dispatch, "_interpreter_refusal", lambda q: None)
+    return calls
+
+
+BROKEN = ["zeros", "ignoring_factors"]
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_drop_in_check_fails_a_broken_kernel(family, mode, dtype, broken, monkeypatch):
+    """check_drop_in (the CUDA test's comparison) on this device with the kernel replaced: a
+    stand-in with a right kernel's rounding (P in the input dtype, TF32 for fp32) passes; a
+    kernel returning zeros or ignoring the factors fails."""
+    import _planted
+
+    calls = _plant(monkeypatch, _planted.kernel_like)
+    check_drop_in(family, mode, dtype, DEVICE)
+    assert calls, "the check never reached the Triton backend"
+    calls = _plant(monkeypatch, getattr(_planted, broken))
+    with pytest.raises(AssertionError, match="max \\|diff\\|"):
+        check_drop_in(family, mode, dtype, DEVICE)
+    assert calls
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+@pytest.mark.parametrize("mode", ["paper", "log"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_explainer_check_fails_a_broken_kernel(family, mode, broken, monkeypatch):
+    """check_explainer (the CUDA test's comparison) on this device with the kernel replaced:
+    the TF32-rounding stand-in passes; zeros or ignored factors fail."""
+    import _planted
+
+    calls = _plant(monkeypatch, _planted.kernel_like)
+    check_explainer(family, mode, DEVICE)
+    assert calls, "the check never reached the Triton backend"
+    calls = _plant(monkeypatch, getattr(_planted, broken))
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        check_explainer(family, mode, DEVICE)
+    assert calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,mode", [("llama", "paper"), ("gpt2", "log")])
+def test_interpreted_kernel_passes_the_model_checks(family, mode):
+    """The real kernel (interpreted on CPU, compiled on CUDA) through both model checks, fp32.
+    Slow under the interpreter (about 2 minutes a case on 2 busy cores): two cases cover both
+    families and both modes; on CUDA the four-case tests above run them all."""
+    check_drop_in(family, mode, torch.float32, DEVICE)
+    check_explainer(family, mode, DEVICE)
