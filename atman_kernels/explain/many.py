@@ -17,12 +17,19 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .explanation import Explanation, ensure_parent
 
-if TYPE_CHECKING:
-    from .explainer import AtManExplainer
+
+class Explains(Protocol):
+    """What :func:`explain_many` needs of an explainer (:class:`AtManExplainer` is one; a
+    Protocol, so that this module imports nothing above it)."""
+
+    progress: bool
+
+    def explain(self, inputs: Any, target: Any = None, **kwargs: Any) -> Explanation: ...
+
 
 # per-example keys an example dict may carry (the rest of explain()'s arguments come from the
 # call, the same for every example)
@@ -93,7 +100,7 @@ def finished_ids(path: Path, repair: bool = True) -> set[str]:
     return done
 
 
-def explain_many(explainer: AtManExplainer, examples: Iterable[Any], *,
+def explain_many(explainer: Explains, examples: Iterable[Any], *,
                  output: str | Path | None = None, resume: bool = True,
                  progress: bool | None = None, **explain_kwargs: Any
                  ) -> list[tuple[str, Explanation]]:
