@@ -42,6 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import atman_kernels
 import atman_kernels.hf as atman_hf
+import atman_kernels.hf.attention as hf_attention  # where the attention looks its ops up
 from atman_kernels.hf import atman_attention
 
 VOCAB = 61
@@ -401,15 +402,15 @@ def test_common_masks_take_the_fused_op(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("materialised fallback used for a mask the op can express")
 
-    monkeypatch.setattr(atman_hf, "materialised_suppressed_attention", forbidden)
+    monkeypatch.setattr(hf_attention, "materialised_suppressed_attention", forbidden)
     calls = []
-    real_op = atman_hf.suppressed_attention
+    real_op = hf_attention.suppressed_attention
 
     def counting_op(*args, **kwargs):
         calls.append(kwargs["causal"])
         return real_op(*args, **kwargs)
 
-    monkeypatch.setattr(atman_hf, "suppressed_attention", counting_op)
+    monkeypatch.setattr(hf_attention, "suppressed_attention", counting_op)
     for family in ("llama", "bert", "gpt2"):
         model = build(family)
         inputs = make_inputs(family, batch=3)
@@ -535,13 +536,13 @@ def test_model_not_routing_through_interface_is_a_clear_error():
 def test_attention_backend_context_reaches_every_layer(monkeypatch):
     """attention_backend("reference") routes every fused call to the reference op, same output."""
     backends = []
-    real_op = atman_hf.suppressed_attention
+    real_op = hf_attention.suppressed_attention
 
     def recording_op(*args, **kwargs):
         backends.append(kwargs["backend"])
         return real_op(*args, **kwargs)
 
-    monkeypatch.setattr(atman_hf, "suppressed_attention", recording_op)
+    monkeypatch.setattr(hf_attention, "suppressed_attention", recording_op)
     model = build("llama")
     inputs = make_inputs("llama", batch=3)
     with atman_kernels.suppression(random_factors(3, 10)):
@@ -659,8 +660,8 @@ def test_softcap_and_sinks_reach_the_fused_op_and_the_window_fallback(family, mo
     mask that is no causal/padding pattern) the materialised fallback with them; every layer
     is reached and suppressed."""
     seen = []
-    real_op = atman_hf.suppressed_attention
-    real_fallback = atman_hf.materialised_suppressed_attention
+    real_op = hf_attention.suppressed_attention
+    real_fallback = hf_attention.materialised_suppressed_attention
 
     def op(*args, **kwargs):
         seen.append(("fused", kwargs["softcap"], kwargs["sinks"]))
@@ -670,8 +671,8 @@ def test_softcap_and_sinks_reach_the_fused_op_and_the_window_fallback(family, mo
         seen.append(("materialised", kwargs["softcap"], kwargs["sinks"]))
         return real_fallback(*args, **kwargs)
 
-    monkeypatch.setattr(atman_hf, "suppressed_attention", op)
-    monkeypatch.setattr(atman_hf, "materialised_suppressed_attention", fallback)
+    monkeypatch.setattr(hf_attention, "suppressed_attention", op)
+    monkeypatch.setattr(hf_attention, "materialised_suppressed_attention", fallback)
     model = build_capped(family)
     inputs = make_inputs(family, batch=3)
     with atman_attention(model), torch.no_grad(), atman_hf.count_attention_calls() as counts:

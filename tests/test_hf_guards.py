@@ -34,6 +34,7 @@ from transformers.models.git import modeling_git
 
 import atman_kernels
 import atman_kernels.hf as atman_hf
+import atman_kernels.hf.attention as hf_attention  # where the attention looks its guards up
 from atman_kernels.hf import (
     HARMLESS_ATTENTION_KWARGS,
     REFUSED_ATTENTION_KWARGS,
@@ -553,13 +554,13 @@ def test_every_call_is_checked(monkeypatch):
     """The argument check runs on every call, and Llama passes only allowlisted arguments."""
     model = _llama(layers=2)
     seen = []
-    real = atman_hf._check_kwargs
+    real = hf_attention._check_kwargs
 
     def spy(module, kwargs):
         seen.append(sorted(k for k, v in kwargs.items() if v is not None))
         return real(module, kwargs)
 
-    monkeypatch.setattr(atman_hf, "_check_kwargs", spy)
+    monkeypatch.setattr(hf_attention, "_check_kwargs", spy)
     with atman_attention(model), torch.no_grad():
         model(input_ids=_ids())
     assert len(seen) == 2

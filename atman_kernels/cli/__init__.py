@@ -22,8 +22,9 @@ Many examples: ``atman explain --input data.jsonl --output out.jsonl`` explains 
 JSON Lines file (:data:`INPUT_FORMAT`) with one progress bar
 (:meth:`AtManExplainer.explain_many`), appending each finished explanation to ``--output`` as
 ``{"id": ..., "explanation": {...}}``; a rerun with the same ``--output`` skips the ids it
-already holds. Chat models: ``--chat`` applies the tokenizer's chat template to the prompt (the
-user's message) and explains the message only.
+already holds, and a second run on an ``--output`` another run is writing is refused at once
+(an OS lock on the file, held for the run). Chat models: ``--chat`` applies the tokenizer's
+chat template to the prompt (the user's message) and explains the message only.
 
 Bad input (empty prompt or target, a target that tokenises to nothing, an unsupported model
 class, an unreadable model path, an unreadable picture, pictures for a text-only model, a

@@ -148,7 +148,7 @@ def read_examples(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
 def run_explain_many(args: argparse.Namespace) -> int:
     """``--input JSONL --output JSONL``: every example explained with one progress bar,
     appended to --output as it finishes; the ids --output already holds are skipped."""
-    from ..explain.many import ExampleError, finished_ids
+    from ..explain.many import ExampleError, OutputLocked, check_output_unlocked, finished_ids
 
     _check_many_flags(args)
     delimiter = _unit_flags(args)
@@ -163,7 +163,10 @@ def run_explain_many(args: argparse.Namespace) -> int:
     check_tokenizer = _check_chat(args)
     _check_outputs(args)  # a folder or an unwritable --output, before it is read
     try:
+        check_output_unlocked(args.output)  # another run on it: refused before the model loads
         done = finished_ids(args.output, repair=False)
+    except OutputLocked as exc:
+        raise UsageError(f"--output {exc}") from exc
     except ValueError as exc:
         raise UsageError(f"--output {exc}: choose another --output file") from exc
     except OSError as exc:
@@ -209,6 +212,8 @@ def run_explain_many(args: argparse.Namespace) -> int:
             examples, output=args.output, resume=True, progress=not args.quiet,
             granularity=args.granularity, delimiter=delimiter,
             max_new_tokens=_max_new_tokens(args), chat=args.chat)
+    except OutputLocked as exc:  # another run took the lock since the check above
+        raise UsageError(f"--output {exc}") from exc
     except ExampleError as exc:
         before = len(finished_ids(args.output, repair=False)) if args.output.exists() else 0
         raise UsageError(f"--input {args.input} line {lines[exc.ident]} (id {exc.ident!r}): "

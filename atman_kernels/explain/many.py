@@ -5,6 +5,12 @@ Explanation.to_dict()}``, flushed and synced to disk before the next starts: a c
 most the example in flight, and a rerun with the same ``output`` skips every id already there
 (a line cut short by the crash is dropped first).
 
+One writer per output: the run holds an exclusive OS lock (``flock``) on ``output`` from its
+start to its end, and a second run on the same file, in this or another process, is refused
+at once with :class:`OutputLocked` naming the file. The OS releases the lock when the holder
+exits, also by a crash or a kill, so the next run resumes. (POSIX only: where ``fcntl`` is
+missing, Windows, no lock is taken.)
+
 This is a loop over :meth:`AtManExplainer.explain`, one example after another: each example's
 variants are batched as in a single call, but different examples share no forward (they share
 nothing to reuse). What it adds is the single progress bar, the streamed output and the resume;
@@ -13,16 +19,29 @@ nothing to reuse). What it adds is the single progress bar, the streamed output 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .explanation import Explanation, ensure_parent
 
-if TYPE_CHECKING:
-    from .explainer import AtManExplainer
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no lock
+    fcntl = None
+
+
+class Explains(Protocol):
+    """What :func:`explain_many` needs of an explainer (:class:`AtManExplainer` is one; a
+    Protocol, so that this module imports nothing above it)."""
+
+    progress: bool
+
+    def explain(self, inputs: Any, target: Any = None, **kwargs: Any) -> Explanation: ...
+
 
 # per-example keys an example dict may carry (the rest of explain()'s arguments come from the
 # call, the same for every example)
@@ -36,6 +55,75 @@ class ExampleError(ValueError):
     def __init__(self, ident: str, cause: Exception):
         super().__init__(f"example {ident!r}: {cause}")
         self.ident, self.cause = ident, cause
+
+
+class OutputLocked(RuntimeError):
+    """Another :func:`explain_many` run holds the lock on the output file ``path``."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} is being written by another explain_many run (it holds the "
+                         "file's lock): wait for that run to end, then run again to resume, or "
+                         "choose another output file")
+        self.path = path
+
+
+def _lock_or_refuse(fd: int, path: Path, kind: int) -> None:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputLocked(path) from None
+
+
+@contextlib.contextmanager
+def output_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block, or raise
+    :class:`OutputLocked` at once if another open file holds one; yields whether this call
+    created the file. A file it created and left empty is removed again on exit (nothing is
+    left behind by a run that wrote nothing)."""
+    if fcntl is None:
+        yield not path.exists()
+        return
+    for _ in range(100):  # another run removed the (empty) file between our open and lock
+        try:
+            fd, created = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL,
+                                  0o666), True
+        except FileExistsError:
+            fd, created = os.open(path, os.O_WRONLY | os.O_APPEND), False
+        try:
+            _lock_or_refuse(fd, path, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+            break
+        os.close(fd)  # we locked a file no longer at ``path``: lock the one that is
+    else:
+        raise RuntimeError(f"{path} kept being removed or replaced while it was being locked")
+    try:
+        yield created
+    finally:
+        try:
+            if created and os.fstat(fd).st_size == 0:
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def check_output_unlocked(path: Path) -> None:
+    """Raise :class:`OutputLocked` if an :func:`explain_many` run holds ``path`` now (a check
+    before slow work, e.g. loading the model; the run itself takes the lock)."""
+    if fcntl is None or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _lock_or_refuse(fd, path, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
 
 
 def _examples(examples: Iterable[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -93,21 +181,35 @@ def finished_ids(path: Path, repair: bool = True) -> set[str]:
     return done
 
 
-def explain_many(explainer: AtManExplainer, examples: Iterable[Any], *,
+def explain_many(explainer: Explains, examples: Iterable[Any], *,
                  output: str | Path | None = None, resume: bool = True,
                  progress: bool | None = None, **explain_kwargs: Any
                  ) -> list[tuple[str, Explanation]]:
-    """Explain every example; see :meth:`AtManExplainer.explain_many`."""
-    from tqdm.auto import tqdm
+    """Explain every example; see :meth:`AtManExplainer.explain_many`.
 
+    Raises:
+        OutputLocked: another run holds ``output`` (before any example is explained).
+        FileExistsError: ``output`` exists and ``resume`` is False.
+    """
     path = None if output is None else Path(output)
-    done: set[str] = set()
-    if path is not None:
-        if path.exists() and not resume:
+    if path is None:
+        return _explain_all(explainer, examples, None, set(), progress, explain_kwargs)
+    ensure_parent(path)
+    with output_lock(path) as created:
+        if not created and not resume:
             raise FileExistsError(f"output {path} exists: pass resume=True to skip the examples "
                                   "it holds, or choose another file")
-        done = finished_ids(path)
-        ensure_parent(path)
+        done = finished_ids(path)  # read under the lock: a finished run's lines are all there
+        return _explain_all(explainer, examples, path, done, progress, explain_kwargs)
+
+
+def _explain_all(explainer: Explains, examples: Iterable[Any], path: Path | None,
+                 done: set[str], progress: bool | None, explain_kwargs: dict[str, Any]
+                 ) -> list[tuple[str, Explanation]]:
+    """The loop of :func:`explain_many`: the ids in ``done`` skipped, each other example
+    explained and appended to ``path`` (when given)."""
+    from tqdm.auto import tqdm
+
     show = explainer.progress if progress is None else bool(progress)
     total = len(examples) if hasattr(examples, "__len__") else None
     results: list[tuple[str, Explanation]] = []
