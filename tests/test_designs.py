@@ -514,3 +514,24 @@ def test_hierarchical_on_a_picture_is_refused_before_any_forward_and_sampled_wor
     assert calls == []
     expl = AtManExplainer(vit, progress=False).explain(pixels, 1, design="sampled", budget=12)
     assert expl.is_estimate and expl.score_map().shape == (4, 4)
+
+
+def test_cli_input_lines_take_a_context_and_the_design_flags(model, tok, model_dir, tmp_path):
+    from atman_kernels.cli import main
+    from atman_kernels.explain.many import read_many
+
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(json.dumps({"id": "a", "prompt": QUESTION, "target": TARGET,
+                                 "context": DOC}) + "\n" + json.dumps(
+        {"id": "b", "prompt": DOC + " Anna was born in", "target": TARGET}) + "\n",
+        encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["explain", "--model", str(model_dir), "--input", str(lines), "--output",
+                 str(out), "--granularity", "sentence", "--design", "hierarchical",
+                 "--budget", "7", "--quiet"]) == 0
+    got = dict(read_many(out))
+    lib = _explainer(model, tok).explain(QUESTION, TARGET, context=DOC, granularity="sentence",
+                                         design="hierarchical", budget=7)
+    assert got["a"].spans == lib.spans and got["a"].tree == lib.tree
+    assert got["b"].settings["design"] == "hierarchical" and got["b"].settings["variants"] <= 7
+    assert got["b"].prompt.startswith(DOC)

@@ -17,7 +17,9 @@ INPUT_FORMAT = (
     '(a non-empty string); "id" (a string or an integer, unique) defaults to the line number; '
     '"target" / "contrast" as --target / --contrast (a string, or a class index for a '
     'classifier; no "target": the generated continuation, causal LMs only); "spans" as --spans, '
-    'a list of [start, end] character ranges; blank lines are skipped')
+    'a list of [start, end] character ranges; "context": a document given apart from the '
+    'question in "prompt" (only the document is explained, as --context-file); blank lines '
+    'are skipped')
 
 
 class UsageError(Exception):
@@ -317,7 +319,8 @@ def _unit_flags(args: argparse.Namespace) -> str | None:
         raise UsageError(f"{' and '.join(given)} are exclusive: give one way to cut the prompt "
                          "into units")
     if getattr(args, "template", None) is not None and getattr(args, "context_file",
-                                                              None) is None:
+                                                              None) is None and getattr(
+            args, "input", None) is None:
         raise UsageError("--template fills in a document: give --context-file too")
     if getattr(args, "context_file", None) is not None and args.spans is not None:
         raise UsageError("--context-file and --spans are exclusive: the document's units are "

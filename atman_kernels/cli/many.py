@@ -22,7 +22,7 @@ from .args import (
 from .explainer import _explainer, _model_kind, _model_name, _setup, _target_for
 
 # the keys of an --input line (= explain.many.EXAMPLE_KEYS without the API's "inputs")
-INPUT_KEYS = ("id", "prompt", "target", "contrast", "spans")
+INPUT_KEYS = ("id", "prompt", "target", "contrast", "spans", "context")
 KIND_WORDS = {"image": "an image classifier", "zero_shot": "a zero-shot image-text model",
               "image_text": "a vision-language model"}
 
@@ -43,6 +43,10 @@ def _check_many_flags(args: argparse.Namespace) -> None:
         ("--contrast", args.contrast is not None,
          'give each example\'s "contrast" in its line'),
         ("--spans", args.spans is not None, 'give each example\'s "spans" in its line'),
+        ("--context-file", args.context_file is not None,
+         'give each example\'s document as "context" in its line'),
+        ("--cite", args.cite is not None, "citations are read from each explanation "
+                                          "(Explanation.citations) after read_many"),
         ("--html", args.html is not None, "the explanations go to --output (render one with "
                                           "atman_kernels.explain.many.read_many and to_html)"),
         ("--png", args.png is not None, "the explanations go to --output (render one with "
@@ -139,6 +143,14 @@ def read_examples(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
             example["contrast"] = _input_target(item["contrast"], "contrast", where)
         if item.get("spans") is not None:
             example["spans"] = _input_spans(item["spans"], where)
+        if item.get("context") is not None:
+            if item.get("spans") is not None:
+                raise UsageError(f'{where}: "context" and "spans" cannot be combined: the '
+                                 "document's units are cut at --granularity/--delimiter")
+            if not isinstance(item["context"], str) or not item["context"].strip():
+                raise UsageError(f'{where}: "context" must be a non-empty string (the '
+                                 f"document), got {json.dumps(item['context'])[:40]}")
+            example["context"] = item["context"]
         examples.append(example)
     if not examples:
         raise UsageError(f"{source} holds no examples ({INPUT_FORMAT})")
@@ -211,7 +223,9 @@ def run_explain_many(args: argparse.Namespace) -> int:
         results = explainer.explain_many(
             examples, output=args.output, resume=True, progress=not args.quiet,
             granularity=args.granularity, delimiter=delimiter,
-            max_new_tokens=_max_new_tokens(args), chat=args.chat)
+            max_new_tokens=_max_new_tokens(args), chat=args.chat, design=args.design,
+            budget=args.budget, **({"template": args.template.replace("\\n", "\n")}
+                                   if args.template is not None else {}))
     except OutputLocked as exc:  # another run took the lock since the check above
         raise UsageError(f"--output {exc}") from exc
     except ExampleError as exc:

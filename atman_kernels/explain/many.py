@@ -45,7 +45,7 @@ class Explains(Protocol):
 
 # per-example keys an example dict may carry (the rest of explain()'s arguments come from the
 # call, the same for every example)
-EXAMPLE_KEYS = ("id", "prompt", "inputs", "target", "contrast", "spans")
+EXAMPLE_KEYS = ("id", "prompt", "inputs", "target", "contrast", "spans", "context")
 
 
 class ExampleError(ValueError):
@@ -128,7 +128,8 @@ def check_output_unlocked(path: Path) -> None:
 
 def _examples(examples: Iterable[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(id, explain() arguments) of each example: a dict with "prompt" (or "inputs") and
-    optionally "id", "target", "contrast", "spans"; or a (prompt, target) pair."""
+    optionally "id", "target", "contrast", "spans", "context" (a document given apart from the
+    question in "prompt": ``explain(context=...)``); or a (prompt, target) pair."""
     for index, item in enumerate(examples):
         if isinstance(item, dict):
             unknown = set(item) - set(EXAMPLE_KEYS)
@@ -139,7 +140,7 @@ def _examples(examples: Iterable[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise ValueError(f"example {index}: give its input as 'prompt' (or 'inputs')")
             args = {"inputs": item.get("prompt", item.get("inputs")),
                     "target": item.get("target")}
-            for key in ("contrast", "spans"):
+            for key in ("contrast", "spans", "context"):
                 if item.get(key) is not None:
                     args[key] = item[key]
             ident = item.get("id", index)
