@@ -48,6 +48,7 @@ import argparse
 import csv
 import datetime as _dt
 import json
+import math
 import os
 import random
 import sys
@@ -65,6 +66,9 @@ from bench_memory import random_llama  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["forward", "atman", "atman-b1", "ig-10", "feature-ablation"]
+# joint designs within a budget of variants (issue "designs"): atman-<design>-<budget>
+DESIGN_METHODS = ["atman-hierarchical-24", "atman-hierarchical-48", "atman-sampled-32",
+                  "atman-sampled-64"]
 MODELS = ["smollm2-135m", "tiny"]
 
 PEOPLE = ["Anna", "Boris", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas",
@@ -252,6 +256,21 @@ def make_runner(method: str, model, tok, doc: dict[str, Any]):
             return [float(x) for x in ex.scores[:len(units)]]
         run.explainer = explainer  # its last_stats go into the row
         return run
+    if method in DESIGN_METHODS:
+        from atman_kernels import AtManExplainer
+
+        _, design, budget = method.split("-")
+        explainer = AtManExplainer(model, tok, progress=False)
+
+        def run():
+            ex = explainer.explain(doc["prompt"], doc["target"], granularity="sentence",
+                                   design=design, budget=int(budget))
+            # a sentence inside a group the design did not refine has no score: it ranks
+            # below every scored one (ties count against the evidence)
+            score_of = {s.positions: float(v) for s, v in zip(ex.spans, ex.scores, strict=True)}
+            return [score_of.get(s.positions, -math.inf) for s in spans]
+        run.explainer = explainer
+        return run
     if method == "feature-ablation":
         from captum.attr import FeatureAblation
 
@@ -273,7 +292,7 @@ def make_runner(method: str, model, tok, doc: dict[str, Any]):
             scores = integrated_gradients(model, ids, tgt, n_steps=10, internal_batch_size=1)
             return per_sentence(scores, spans)
         return run
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise ValueError(f"method must be one of {METHODS + DESIGN_METHODS}, got {method!r}")
 
 
 def measure_one(row: dict[str, Any]) -> dict[str, Any]:
@@ -331,7 +350,7 @@ def plot(rows: list[dict], png: Path) -> None:
 
     ok = [r for r in rows if r.get("status") == "ok"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in METHODS:
+    for method in METHODS + DESIGN_METHODS:
         sel = sorted((r for r in ok if r["method"] == method), key=lambda r: int(r["n"]))
         if not sel:
             continue
@@ -373,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="smollm2-135m", choices=MODELS)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + DESIGN_METHODS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per row")

@@ -502,6 +502,57 @@ def long_docs_cpu() -> str:
     return table(header, body)
 
 
+@block("long_docs_designs")
+def long_docs_designs() -> str:
+    """Joint designs against the exhaustive single-unit design on the long documents."""
+    data = [r for r in rows("long_docs_designs_cpu.csv") if r["status"] == "ok"]
+    body = []
+    for r in sorted(data, key=lambda r: (int(r["n"]), r["method"] != "atman", r["method"])):
+        name = "single (exhaustive)" if r["method"] == "atman" else r["method"].removeprefix(
+            "atman-").replace("-", ", budget ")
+        body.append([f"{r['n_tokens']} tok, {r['n_doc_sentences']} sentences", name,
+                     r["atman_forwards"], r["atman_token_forwards"],
+                     f"{float(r['seconds']):.1f} s (cpu {float(r['cpu_s']):.0f} s)",
+                     f"{r['peak_mib']} MiB", f"{r['evidence_rank']}/{r['n_doc_sentences']}",
+                     f"{r['load_before']}/{r['load_after']}", r["machine"]])
+    return table(["document", "design", "forwards", "token-forwards", "time", "peak memory",
+                  "evidence rank", "load", "machine"], body)
+
+
+@block("sink_cpu")
+def sink_cpu() -> str:
+    """Removal drop of the top-k tokens with and without the sink among the units."""
+    data = rows("sink_cpu.csv")
+    body = []
+    for sink in ("explain", "keep"):
+        mine = [r for r in data if r["sink"] == sink]
+        d1 = sum(float(r["drop_top1"]) for r in mine) / len(mine)
+        two = [float(r["drop_top2"]) for r in mine if r["drop_top2"] != ""]
+        first = sum(r["prompt"].startswith(r["top1"]) for r in mine)
+        body.append([f'`sink="{sink}"`', str(len(mine)), f"{d1:.2f}",
+                     f"{sum(two) / len(two):.2f}", f"{first} of {len(mine)}"])
+    r = data[0]
+    body.append(["machine", r["machine"], f"load {r['load_avg_1m_start']}/"
+                 f"{r['load_avg_1m_end']}", f"{r['threads']} threads", ""])
+    return table(["setting", "prompts", "top-1 removal drop (nats)",
+                  "top-2 removal drop (nats)", "top-1 unit is position 0"], body)
+
+
+@block("quality_sink")
+def quality_sink() -> str:
+    """The quality evaluation with and without the sink among the units."""
+    body = []
+    for r in rows("quality_sink_cpu.csv"):
+        if r["task"] == "qa":
+            figure = (f"AP {100 * float(r['ap']):.1f}, deletion AUC "
+                      f"{100 * float(r['deletion_auc']):.1f}")
+        else:
+            figure = f"top-1 sentence {100 * float(r['top1']):.1f}%"
+        body.append([r["task"], r["method"], r["n_items"], figure,
+                     f"{r['load_avg_1m_start']}/{r['load_avg_1m_end']}"])
+    return table(["task", "method", "items", "result", "load"], body)
+
+
 @block("long_docs_cpu_targets")
 def long_docs_cpu_targets() -> str:
     lengths, by = _long()
