@@ -93,8 +93,11 @@ def write_markdown(rows: list[dict], path: Path, seconds: float) -> None:
         "automatic batch size, and again by full recompute in batches of 3;",
         "- **refused**: the explainer raised a TypeError / ValueError / NotImplementedError of "
         "its own naming the model and the reason (no numbers returned);",
-        "- **not built**: the tiny config could not be built or run offline (the test's "
-        "shrinking or transformers, not the package);",
+        "- **not built**: building the tiny model or its plain forward fails with the "
+        "exception the test names for its model type (`NOT_BUILT` in tests/test_zoo.py): a "
+        "missing optional dependency, a transformers bug that the unshrunk default config "
+        "shows too (checked on the meta device), or a class that takes inputs no generic tiny "
+        "input provides; any other failure to build counts as failing;",
         "- **failing**: anything else (a crash, a wrong result, an explanation the brute force "
         "cannot check): a package bug, listed in the test's failures.",
         "",
