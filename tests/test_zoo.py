@@ -893,8 +893,8 @@ NOT_BUILT = {
     "lfm2_moe": NotBuilt(TypeError, r"'NoneType' object is not subscriptable", "transformers",
                          "the default layer_types is None and the layers index it"),
     "qwen4_exp": NotBuilt(TypeError, r"unsupported operand type\(s\) for //: 'NoneType' and "
-                          r"'NoneType'", "transformers", "the default token_budget and "
-                          "compress_ratio of its indexer are None"),
+                          r"'NoneType'", "transformers", "the default indexer_budget and "
+                          "indexer_compress_ratio are None (budget // ratio)"),
     "gemma4_unified_assistant": NotBuilt(ValueError, r"inputs_embeds and shared_kv_states "
                                          r"cannot be None", "inputs", "a draft model: it "
                                          "runs on the main model's embeddings and KV states"),
