@@ -5,7 +5,7 @@ force, the same verdicts) and writes ``docs/model_zoo.md`` (counts and a table p
 architecture -> explained / refused (reason) / not built / failing) and
 ``benchmarks/results/model_zoo.csv`` (kind, model_type, class, status, reason).
 
-    python benchmarks/model_zoo.py [--only llama gpt2 ...]
+    python benchmarks/model_zoo.py [--only llama gpt2 ... [--merge]]
 
 CPU, fp32, one thread (``torch.set_num_threads(1)``); about a minute on a quiet 2-core machine.
 """
@@ -93,8 +93,11 @@ def write_markdown(rows: list[dict], path: Path, seconds: float) -> None:
         "automatic batch size, and again by full recompute in batches of 3;",
         "- **refused**: the explainer raised a TypeError / ValueError / NotImplementedError of "
         "its own naming the model and the reason (no numbers returned);",
-        "- **not built**: the tiny config could not be built or run offline (the test's "
-        "shrinking or transformers, not the package);",
+        "- **not built**: building the tiny model or its plain forward fails with the "
+        "exception the test names for its model type (`NOT_BUILT` in tests/test_zoo.py): a "
+        "missing optional dependency, a transformers bug that the unshrunk default config "
+        "shows too (checked on the meta device), or a class that takes inputs no generic tiny "
+        "input provides; any other failure to build counts as failing;",
         "- **failing**: anything else (a crash, a wrong result, an explanation the brute force "
         "cannot check): a package bug, listed in the test's failures.",
         "",
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "model_zoo.md")
     parser.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results" /
                         "model_zoo.csv")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: replace those model types' rows in the existing CSV "
+                             "and rewrite the table from the merged rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -139,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = run(args.only)
     seconds = time.perf_counter() - start
+    if args.merge and args.only:
+        with args.csv.open(encoding="utf-8") as fh:
+            old = [r for r in csv.DictReader(fh) if r["model_type"] not in args.only]
+        rows = sorted(old + rows, key=lambda r: (r["kind"], r["model_type"], r["class"]))
+        seconds = sum(float(r["seconds"]) for r in rows)
     write_markdown(rows, args.markdown, seconds)
     write_csv(rows, args.csv)
     counts = Counter(r["status"] for r in rows)

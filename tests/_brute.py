@@ -9,6 +9,7 @@ computed with Python loops.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from transformers import (
@@ -228,3 +229,118 @@ def _close(actual, expected, rel=1e-4):
     err = float((actual - expected).abs().max())
     assert peak > 1e-3, f"degenerate test: scores too small ({peak})"
     assert err <= rel * peak, f"max error {err:.3g} > {rel} x peak {peak:.3g}"
+
+
+# ----------------------------------------------------- image units from the processor's layout
+# Written from the processors' token layouts (transformers' processors and ATMAN.md §9), not
+# from atman_kernels.explain.vision: each view is a dict {(row, col): token position}.
+def llava_layout(ids, image_token):
+    """LLaVA (and Gemma 3's soft-token block): one run of image tokens per image, a square
+    patch grid flattened row-major: token k of the run is patch (k // side, k % side)."""
+    pos = [i for i, t in enumerate(ids) if t == image_token]
+    assert pos and pos == list(range(pos[0], pos[0] + len(pos))), "one contiguous run"
+    side = math.isqrt(len(pos))
+    assert side * side == len(pos)
+    return [("whole", (side, side), {(k // side, k % side): p for k, p in enumerate(pos)})]
+
+
+def block_layout(ids, start_token, end_token, image_token):
+    """Gemma 3: the soft tokens strictly between <start_of_image> and <end_of_image>."""
+    a, b = ids.index(start_token), ids.index(end_token)
+    assert all(t == image_token for t in ids[a + 1:b]) and b - a - 1 > 0
+    assert image_token not in ids[:a] + ids[b + 1:]
+    return llava_layout([t if a < i < b else -1 for i, t in enumerate(ids)], image_token)
+
+
+def qwen2_vl_layout(ids, image_token, grid_thw, merge):
+    """Qwen2-VL: the image tokens are the (h / merge) x (w / merge) merged patches of
+    image_grid_thw's one frame, row-major."""
+    (t, h, w), = grid_thw
+    assert t == 1
+    rows, cols = h // merge, w // merge
+    pos = [i for i, tok in enumerate(ids) if tok == image_token]
+    assert len(pos) == rows * cols
+    return [("whole", (rows, cols), {(k // cols, k % cols): p for k, p in enumerate(pos)})]
+
+
+def idefics3_layout(ids, image_token, token_str):
+    """Idefics3 / SmolVLM: tile (r, c) is ``<fake_token_around_image><row_{r+1}_col_{c+1}>``
+    and g x g image tokens (pixel shuffle: token k of the tile is block (k // g, k % g));
+    tiles row-major, then ``<global-img>`` and the global view's g x g tokens. The whole
+    view puts tile (r, c)'s block (i, j) at cell (r g + i, c g + j)."""
+    tiles, glob, i = {}, None, 0
+    while i < len(ids):
+        name = token_str(ids[i])
+        m = re.fullmatch(r"<row_(\d+)_col_(\d+)>", name)
+        if m or name == "<global-img>":
+            assert token_str(ids[i - 1]) == "<fake_token_around_image>"
+            j = i + 1
+            while j < len(ids) and ids[j] == image_token:
+                j += 1
+            run = list(range(i + 1, j))
+            if m:
+                tiles[(int(m[1]) - 1, int(m[2]) - 1)] = run
+            else:
+                glob = run
+            i = j
+        else:
+            i += 1
+    assert tiles and glob is not None
+    g = math.isqrt(len(glob))
+    n_rows, n_cols = 1 + max(r for r, _ in tiles), 1 + max(c for _, c in tiles)
+    assert set(tiles) == {(r, c) for r in range(n_rows) for c in range(n_cols)}
+    whole = {}
+    for (r, c), run in tiles.items():
+        assert len(run) == g * g
+        for k, p in enumerate(run):
+            whole[(r * g + k // g, c * g + k % g)] = p
+    return [("whole", (n_rows * g, n_cols * g), whole),
+            ("global", (g, g), {(k // g, k % g): p for k, p in enumerate(glob)})]
+
+
+def image_units(layout, k=None, image=0):
+    """[(label, positions)] of each cell, or k x k region (a ragged last row / column), of
+    every view, regions in row-major order; labels as the explainer writes them."""
+    k = k or 1
+    out = []
+    for view, (rows, cols), cells in layout:
+        assert set(cells) == {(r, c) for r in range(rows) for c in range(cols)}
+        for r0 in range(0, rows, k):
+            for c0 in range(0, cols, k):
+                rs = range(r0, min(r0 + k, rows))
+                cs = range(c0, min(c0 + k, cols))
+                where = (f"({r0},{c0})" if len(rs) * len(cs) == 1 else
+                         f"rows {rs[0]}-{rs[-1]} cols {cs[0]}-{cs[-1]}")
+                out.append((f"image {image} {view} {where}",
+                            tuple(sorted(cells[(r, c)] for r in rs for c in cs))))
+    return out
+
+
+def check_image_units(expl, layout, k=None):
+    """The explanation's units with its image units replaced by the independent ones (sorted
+    by first position, as the explainer orders units); asserts afterwards (call after the
+    brute force) that its image spans are exactly those, labelled alike, and that each
+    view's score map reads each cell's unit score."""
+    mine = image_units(layout, k)
+    text = [tuple(s.positions) for s in expl.spans if s.source != "image"]
+    units = sorted(text + [p for _, p in mine], key=lambda u: u[0])
+
+    def verify():
+        got = [(s.text, tuple(s.positions)) for s in expl.spans if s.source == "image"]
+        got, want = (sorted(u, key=lambda x: x[1][0]) for u in (got, mine))
+        assert got == want, ("the explainer's image units differ from the processor's "
+                             f"layout: {[u for u in got if u not in want][:3]} not expected, "
+                             f"{[u for u in want if u not in got][:3]} missing")
+        index = {tuple(s.positions): i for i, s in enumerate(expl.spans)}
+        kk = k or 1
+        for view, (rows, cols), cells in layout:
+            smap = expl.score_map(0, view)
+            assert tuple(smap.shape) == (rows, cols)
+            for (r, c) in cells:
+                r0, c0 = r - r % kk, c - c % kk
+                unit = tuple(sorted(cells[(a, b)] for a in range(r0, min(r0 + kk, rows))
+                                    for b in range(c0, min(c0 + kk, cols))))
+                assert float(smap[r, c]) == float(expl.scores[index[unit]]), (
+                    f"score map {view} ({r},{c}) is not the score of its unit {unit}")
+
+    return [list(u) for u in units], verify

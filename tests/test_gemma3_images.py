@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _brute import _brute_causal_rows, _close, _unit_rows
+from _brute import _brute_causal_rows, _close, _unit_rows, block_layout, check_image_units
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Gemma3Config,
@@ -145,8 +145,12 @@ def test_image_and_text_units_equal_brute_force(mode, layer_types, region):
     n_cells = SIDE * SIDE if region is None else (SIDE // region) ** 2
     assert sum(s.source == "image" for s in expl.spans) == n_cells
     assert expl.score_map(0).shape == (SIDE, SIDE)
-    expected = brute_gemma3(model, inputs, TARGET, [list(s.positions) for s in expl.spans], mode)
+    # units from the processor's soft-token block (tests/_brute.py), not the explainer's
+    units, verify = check_image_units(
+        expl, block_layout(inputs["input_ids"][0].tolist(), BOI, EOI, IMAGE_ID), region)
+    expected = brute_gemma3(model, inputs, TARGET, units, mode)
     _close(expl.per_target, expected)
+    verify()
     # a plain cache (full attention only) reuses the prefix; sliding layers turn it off
     assert expl.settings["prefix_reuse"] is (layer_types == FULL)
     if layer_types == SLIDING:  # asked for (the default) but impossible: the reason is given

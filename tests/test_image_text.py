@@ -10,7 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _brute import _brute_causal_rows, _close, _unit_rows
+from _brute import (
+    _brute_causal_rows,
+    _close,
+    _unit_rows,
+    check_image_units,
+    idefics3_layout,
+    llava_layout,
+    qwen2_vl_layout,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
@@ -122,9 +130,20 @@ def test_image_and_text_units_equal_brute_force(make, mode, region):
     assert {s.source for s in expl.spans} == {"prompt", "image", "target"}
     image_units = [s for s in expl.spans if s.source == "image"]
     assert all(s.image == 0 for s in image_units)
-    expected = brute_vlm(model, inputs, TARGET, [list(s.positions) for s in expl.spans], mode)
+    units, verify = check_image_units(expl, _layout(processor, inputs), region)
+    expected = brute_vlm(model, inputs, TARGET, units, mode)
     _close(expl.per_target, expected)
+    verify()
     assert expl.settings["forwards"] == 1 + -(-len(expl.spans) // 5)
+
+
+def _layout(processor, inputs):
+    """Each view's {(row, col): position}, read from the processor's input_ids (tests/_brute.py,
+    independent of the explainer's maps)."""
+    ids = inputs["input_ids"][0].tolist()
+    if isinstance(processor, Idefics3Processor):
+        return idefics3_layout(ids, IMAGE_ID, processor.tokenizer.convert_ids_to_tokens)
+    return llava_layout(ids, IMAGE_ID)
 
 
 def test_prefix_reuse_equals_full_recompute_across_image_tokens():
@@ -306,7 +325,8 @@ def tiny_qwen2_vl(seed=0):
 
 
 @pytest.mark.parametrize("mode", ["paper", "log"])
-def test_qwen2_vl_multimodal_rotary_positions_equal_brute_force(mode):
+@pytest.mark.parametrize("region", [None, 2])
+def test_qwen2_vl_multimodal_rotary_positions_equal_brute_force(mode, region):
     """Qwen2-VL: 3-D rotary positions computed inside the model from the image grid; a
     non-square merged grid (2 x 4 tokens) maps row-major; prefix reuse equals recompute."""
     model = tiny_qwen2_vl()
@@ -315,16 +335,16 @@ def test_qwen2_vl_multimodal_rotary_positions_equal_brute_force(mode):
     inputs = {"input_ids": ids, "pixel_values": torch.randn(32, 3 * 2 * 14 * 14),
               "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE_ID).long()}
     expl = AtManExplainer(model, progress=False, mode=mode, batch_size=4).explain(
-        inputs, TARGET)
+        inputs, TARGET, image_region=region)
     assert expl.score_map(0).shape == (2, 4)
-    image_pos = [i for i, t in enumerate(ids[0].tolist()) if t == IMAGE_ID]
-    for cell in (0, 3, 5):
-        unit = next(i for i, s in enumerate(expl.spans) if s.positions == (image_pos[cell],))
-        assert float(expl.score_map(0)[cell // 4, cell % 4]) == float(expl.scores[unit])
+    units, verify = check_image_units(
+        expl, qwen2_vl_layout(ids[0].tolist(), IMAGE_ID, grid.tolist(), merge=2), region)
     full = {**inputs, "mm_token_type_ids": torch.nn.functional.pad(
         inputs["mm_token_type_ids"], (0, len(TARGET) - 1))}
-    expected = brute_vlm(model, full, TARGET, [list(s.positions) for s in expl.spans], mode)
+    expected = brute_vlm(model, full, TARGET, units, mode)
     _close(expl.per_target, expected)
+    verify()
     full_recompute = AtManExplainer(model, progress=False, mode=mode, batch_size=4,
-                                    prefix_reuse=False).explain(inputs, TARGET)
+                                    prefix_reuse=False).explain(inputs, TARGET,
+                                                                image_region=region)
     _close(full_recompute.per_target, expected)

@@ -13,9 +13,11 @@ and image size capped, per-layer lists cut to one layer of each kind) and assert
 - **refused**: the explainer raised TypeError / ValueError / NotImplementedError from
   ``atman_kernels`` code (the innermost frame of the traceback), with a message that names the
   model (class or model type) or the calling module;
-- **not built**: the tiny config cannot be made, or the model cannot be built or run a plain
-  forward offline. This is about the test's config shrinking and transformers, never the
-  package.
+- **not built**: building the tiny model or its plain forward fails with the exception listed
+  for the model type in NOT_BUILT: a missing optional dependency (timm, detectron2, natten),
+  a transformers bug that the unshrunk default config shows as well (checked on the meta
+  device), or a class that takes inputs no generic tiny input provides (a draft model, an
+  image-text classifier, colour-cluster ids). Any other failure to build fails the test.
 
 Anything else (a crash, a result that differs from the brute force, an explanation the brute
 force cannot check) fails the architecture's test. ``benchmarks/model_zoo.py`` runs the same
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
+import re
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AttentionInterface, AutoConfig
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.modeling_auto import (
@@ -180,9 +185,11 @@ def _shrink_dict(d: dict) -> dict:
         if isinstance(value, dict) and ("model_type" in value or key.endswith("_config")):
             if key != "per_layer_config":
                 d[key] = _shrink_dict(value)
+    aliases = _attribute_map(d.get("model_type"))
     for key, cap in CAPS.items():
-        if _num(d.get(key)) and d[key] > cap:
-            d[key] = cap
+        for name in {key, aliases.get(key, key)}:
+            if _num(d.get(name)) and d[name] > cap:
+                d[name] = cap
     heads = next((d[k] for k in HEADS if _num(d.get(k))), None)
     old_heads = next((original[k] for k in HEADS if _num(original.get(k))), None)
     for key in KV_HEADS:
@@ -250,7 +257,8 @@ def _shrink_dict(d: dict) -> dict:
             d["patch_size"] = PATCH
     if isinstance(d.get("image_size"), list) and len(d["image_size"]) == 2:
         d["image_size"] = [IMAGE_SIZE, IMAGE_SIZE]
-    _shrink_stages(d, original)
+    if d.get("model_type") not in UNCUT_STAGES:
+        _shrink_stages(d, original)
     for key in ("stage_names", "out_features", "out_indices"):  # backbone views: derived
         d.pop(key, None)
     # rope sections sized to the head dim
@@ -265,7 +273,186 @@ def _shrink_dict(d: dict) -> dict:
     for key in ("initializer_range",):
         if isinstance(d.get(key), float):
             d[key] = 0.02
+    fix = CONSISTENT.get(d.get("model_type"))
+    if fix is not None:
+        fix(d)
     return d
+
+
+def _attribute_map(model_type) -> dict:
+    """The config class's own names of standard attributes (Ernie 4.5 MoE: num_experts_per_tok
+    is moe_k), so that a cap reaches the field the config really has."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return {}
+    return dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) or {})
+
+
+# Fields that must stay consistent with each other after the generic caps, per model type
+# (read from each config's validation and its model's __init__/forward): the generic
+# shrinking alone gives these models shapes that do not fit together.
+def _zamba(d: dict) -> None:
+    """Zamba / Zamba2: the attention runs on [hidden, original embeddings] (2 x hidden);
+    Mamba heads x head dim = expand x hidden; a shared transformer is tied across hybrid
+    layers, so two hybrid layers are kept (one alone has nothing to tie to)."""
+    hidden, heads = d["hidden_size"], d["num_attention_heads"]
+    d["attention_hidden_size"] = 2 * hidden
+    d["attention_head_dim"] = 2 * hidden // heads
+    if "kv_channels" in d:
+        d["kv_channels"] = hidden // heads
+    if "mamba_headdim" in d:
+        d["mamba_headdim"] = 16
+        d["n_mamba_heads"] = d["mamba_expand"] * hidden // 16
+    if _num(d.get("mamba_dt_rank")):
+        d["mamba_dt_rank"] = math.ceil(hidden / 16)
+    d["num_hidden_layers"] = 4
+    d["layers_block_type"] = ["linear_attention", "hybrid"] * 2
+    for key in ("attn_layer_period", "attn_layer_offset"):
+        if key in d:
+            d[key] = {"attn_layer_period": 2, "attn_layer_offset": 1}[key]
+    if isinstance(d.get("hybrid_layer_ids"), list):
+        d["hybrid_layer_ids"] = [1, 3]
+
+
+def _xlnet(d: dict) -> None:
+    d["d_head"] = d["d_model"] // d["n_head"]
+
+
+def _reformer(d: dict) -> None:
+    """Axial position embeddings split the hidden size; heads x head size = hidden."""
+    hidden = d["hidden_size"]
+    d["axial_pos_embds_dim"] = [hidden // 4, hidden - hidden // 4]
+    d["attention_head_size"] = hidden // d["num_attention_heads"]
+    d["feed_forward_size"] = 2 * hidden
+
+
+def _musicgen_decoder(d: dict) -> None:
+    """One codebook: the test's input_ids are one row of tokens (4 codebooks would take a
+    [4, T] stack)."""
+    d["num_codebooks"] = 1
+
+
+def _dory(d: dict) -> None:
+    """input + recurrent + output layers = num_hidden_layers: three layers, one of each."""
+    kinds = [t for t in d["layer_types"] if t != "mlp"]
+    d["layer_types"] = [x for t in (kinds[0], kinds[0], kinds[-1]) for x in (t, "mlp")]
+    # a serialized Dory lists (attention, mlp) pairs: __post_init__ halves the counts
+    d["num_hidden_layers"] = 6
+    d["n_input_layers"] = d["n_recurrent_layers"] = d["n_output_layers"] = 2
+
+
+def _hrm_text(d: dict) -> None:
+    """num_hidden_layers = layers per stack x H_cycles x (L_cycles + 1) cache slots."""
+    d.update(num_layers_per_stack=1, H_cycles=1, L_cycles=1, L_bp_cycles=[1])
+    d["num_hidden_layers"] = 2
+
+
+def _xlstm(d: dict) -> None:
+    """The cache sizes its states by the qk / v widths rounded up to a multiple of 64, the
+    blocks by the widths themselves: a width of 128 keeps both equal (0.5 x 128 = 64)."""
+    d["num_blocks"] = d["num_hidden_layers"]
+    d["hidden_size"] = d["embedding_dim"] = 2 * WIDTH
+
+
+def _pvt(d: dict) -> None:
+    """The last stage attends over its cells plus a CLS token, so it cannot reduce its
+    sequence spatially: the reduction ratios of the last two stages are kept (..., 2, 1)."""
+    d["sequence_reduction_ratios"] = [2, 1]
+
+
+def _bailing_hybrid(d: dict) -> None:
+    """Experts split into num_expert_group groups; linear-attention heads x head dim."""
+    d["num_expert_group"] = 1
+    d["linear_num_heads"] = d["num_attention_heads"]
+    d["linear_head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+
+
+def _bamba(d: dict) -> None:
+    """The default Bamba has no attention layer (attn_layer_indices None): keep one."""
+    d["attn_layer_indices"] = [1]
+    d.pop("layer_types", None)
+
+
+def _granitemoehybrid(d: dict) -> None:
+    """The default is all Mamba: the second layer is made attention."""
+    d["layer_types"] = ["linear_attention", "full_attention"]
+    d.pop("layers_block_type", None)
+
+
+def _recurrent_gemma(d: dict) -> None:
+    """Blocks recurrent, recurrent, attention: three layers so that one attends."""
+    d["num_hidden_layers"] = len(d["block_types"])
+    d["lru_width"] = d["hidden_size"]
+
+
+def _dots3_vision(d: dict) -> None:
+    d["adapter_in_dim"] = d["hidden_size"]
+    d["adapter_out_dim"] = WIDTH
+
+
+def _dots3_audio(d: dict) -> None:
+    d["adapter_input_size"] = d["hidden_size"]
+    d["adapter_out_dim"] = WIDTH
+
+
+def _bit(d: dict) -> None:
+    """Group norms over bottleneck widths of hidden / 4 (16 at 64): 8 groups, not 32."""
+    d["num_groups"] = 8
+
+
+def _efficientnet(d: dict) -> None:
+    """The top convolution's width is round_filters(1280) (2560 at width factor 2), which
+    hidden_dim must equal; its stages are not cut (a CNN, refused as such)."""
+    d["hidden_dim"] = 2560
+
+
+def _hiera(d: dict) -> None:
+    d["num_query_pool"] = len(d["depths"]) - 1
+
+
+def _levit(d: dict) -> None:
+    """Attention biases are sized by the resolution after the 16x patch stem: 64 pixels make
+    4 x 4 cells, 2 x 2 after the one subsampling."""
+    d["down_ops"] = d["down_ops"][: len(d["depths"]) - 1]
+    d["image_size"], d["patch_size"] = 2 * IMAGE_SIZE, 16
+
+
+def _mobilevitv2(d: dict) -> None:
+    """Output stride 32 leaves 1 x 1 cells of a 32-pixel image for a 2 x 2 unfold: 64."""
+    d["image_size"] = 2 * IMAGE_SIZE
+
+
+def _perceiver(d: dict) -> None:
+    """The image preprocessors give 261 / 322 channels (prime-ish): one cross-attention head
+    (the released image classifiers use one); self-attention blocks capped."""
+    d["num_cross_attention_heads"] = 1
+    d["num_self_attends_per_block"] = 2
+
+
+def _layoutlmv3(d: dict) -> None:
+    """Spatial embeddings: 4 x coordinate_size + 2 x shape_size = hidden_size."""
+    d["coordinate_size"], d["shape_size"] = 10, 12
+
+
+def _lilt(d: dict) -> None:
+    """Six layout embeddings of hidden // 6 make hidden: a width divisible by 6 and 4."""
+    d["hidden_size"], d["intermediate_size"] = 48, 96
+
+
+CONSISTENT = {
+    "zamba": _zamba, "zamba2": _zamba, "xlnet": _xlnet, "reformer": _reformer,
+    "musicgen_decoder": _musicgen_decoder, "musicgen_melody_decoder": _musicgen_decoder,
+    "dory": _dory, "hrm_text": _hrm_text, "xlstm": _xlstm, "bailing_hybrid": _bailing_hybrid,
+    "bamba": _bamba, "pvt": _pvt, "granitemoehybrid": _granitemoehybrid,
+    "recurrent_gemma": _recurrent_gemma,
+    "dots3_note_vision_encoder": _dots3_vision, "dots3_note_audio_encoder": _dots3_audio,
+    "bit": _bit, "efficientnet": _efficientnet, "hiera": _hiera, "levit": _levit,
+    "mobilevitv2": _mobilevitv2, "perceiver": _perceiver, "layoutlmv3": _layoutlmv3,
+    "lilt": _lilt,
+}
+# Configs whose stage lists are validated as a whole (PP-LCNet: exactly 5 stages): not cut.
+UNCUT_STAGES = ("pp_lcnet",)
 
 
 def _fix_state_space(d: dict) -> None:
@@ -288,6 +475,9 @@ def _scaled_override(key, value, original, shrunk):
     return value
 
 
+STEM_AND_STAGES = ("hidden_sizes",)
+
+
 def _shrink_stages(d: dict, original: dict) -> None:
     """Hierarchical vision models (Swin, PVT, ConvNeXt, ...): two small stages."""
     depths_key = next((k for k in ("depths", "num_encoder_blocks", "stage_depths")
@@ -302,6 +492,13 @@ def _shrink_stages(d: dict, original: dict) -> None:
     for key, value in original.items():
         if isinstance(value, list) and len(value) == n_old:
             d[key] = value[:n_new]
+        elif key in STEM_AND_STAGES and isinstance(value, list) and len(value) == n_old + 1:
+            d[key] = value[:n_new + 1]  # the stem's width, then one per stage (TextNet)
+    if isinstance(d.get("stage_out_channels"), list) and isinstance(d.get("hidden_sizes"), list):
+        # HGNetV2: the classifier reads hidden_sizes[-1], the stages produce their
+        # stage_out_channels: the two are one list in the default config, kept so
+        d["hidden_sizes"] = list(d["stage_out_channels"])
+        return
     d[depths_key] = [1] * n_new
     for key in ("hidden_sizes", "embed_dims", "embedding_sizes", "num_channels_per_stage"):
         if isinstance(d.get(key), list):
@@ -313,7 +510,7 @@ def _shrink_stages(d: dict, original: dict) -> None:
         d["embed_dim"] = 32
     if _num(d.get("window_size")) and d["window_size"] > 4:
         d["window_size"] = 4
-    for key in ("num_layers", "num_stages"):
+    for key in ("num_layers", "num_stages", "num_encoder_blocks"):  # stage counts
         if _num(d.get(key)):
             d[key] = n_new
 
@@ -654,12 +851,87 @@ def explain(kind: str, model, inputs: dict) -> list:
             for batch in ("auto", 3)]
 
 
+@dataclass(frozen=True)
+class NotBuilt:
+    """A named reason why an architecture cannot be built here; building it must fail with
+    ``error`` and a message matching ``match`` (anything else is a failure).
+
+    ``why`` is "dependency" (``module`` is not installed), "transformers" (the default config
+    of the model type fails the same way: checked on the meta device by
+    test_named_transformers_bugs_fail_on_the_default_config, so the reason is not this test's
+    shrinking) or "inputs" (the class needs inputs no generic tiny input provides)."""
+
+    error: type
+    match: str
+    why: str
+    note: str
+    module: str | None = None
+
+
+_TIMM = NotBuilt(ImportError, r"requires the timm library", "dependency", "needs timm", "timm")
+NOT_BUILT = {
+    "gemma3n": _TIMM, "timm_wrapper": _TIMM,
+    "layoutlmv2": NotBuilt(ImportError, r"requires the detectron2 library", "dependency",
+                           "needs detectron2", "detectron2"),
+    "dinat": NotBuilt(ImportError, r"requires the natten library", "dependency",
+                      "needs natten", "natten"),
+    "blt": NotBuilt(AttributeError, r"'BltConfig' object has no attribute 'num_hidden_layers'",
+                    "transformers", "the per-layer config view reads num_hidden_layers, which "
+                    "BltConfig does not have"),
+    "cohere_compass_text": NotBuilt(KeyError, r"full_attention", "transformers",
+                                    "the default rope_parameters ({}) has no entry for its "
+                                    "full_attention layers"),
+    "dbrx": NotBuilt(AttributeError, r"'DbrxAttentionConfig' object has no attribute "
+                     r"'rope_theta'", "transformers", "DbrxAttention reads "
+                     "attn_config.rope_theta, which the attention config no longer has"),
+    "dots1": NotBuilt(TypeError, r"empty\(\) takes 1 positional argument but 3 were given",
+                      "transformers", "the default n_routed_experts is None: the experts "
+                      "are allocated with torch.empty(None, ...)"),
+    "gemma4_assistant": NotBuilt(StrictDataclassClassValidationError,
+                                 r"hidden_size_per_layer_input must be 0",
+                                 "transformers", "the default config fails its own validation"),
+    "lfm2_moe": NotBuilt(TypeError, r"'NoneType' object is not subscriptable", "transformers",
+                         "the default layer_types is None and the layers index it"),
+    "qwen4_exp": NotBuilt(TypeError, r"unsupported operand type\(s\) for //: 'NoneType' and "
+                          r"'NoneType'", "transformers", "the default indexer_budget and "
+                          "indexer_compress_ratio are None (budget // ratio)"),
+    "gemma4_unified_assistant": NotBuilt(ValueError, r"inputs_embeds and shared_kv_states "
+                                         r"cannot be None", "inputs", "a draft model: it "
+                                         "runs on the main model's embeddings and KV states"),
+    "imagegpt": NotBuilt(ValueError, r"You have to specify either input_ids or inputs_embeds",
+                         "inputs", "takes colour-cluster token ids, not pixel_values"),
+    "shieldgemma2": NotBuilt(ValueError, r"You must specify exactly one of input_ids or "
+                             r"inputs_embeds", "inputs", "an image-text classifier: takes a "
+                             "policy prompt's input_ids with the pixel_values"),
+}
+NOT_BUILT["qwen4_exp_text"] = NOT_BUILT["qwen4_exp"]
+
+
+def not_built_reason(model_type: str, exc: BaseException) -> str | None:
+    """The named reason when ``exc`` is the failure NOT_BUILT lists for ``model_type``."""
+    entry = NOT_BUILT.get(model_type)
+    if entry is None or not isinstance(exc, entry.error):
+        return None
+    if not re.search(entry.match, " ".join(str(exc).split())):
+        return None
+    if entry.why == "dependency" and importlib.util.find_spec(entry.module) is not None:
+        return None  # installed now: the failure is something else
+    label = {"dependency": "missing optional dependency", "transformers": "transformers bug",
+             "inputs": "needs other inputs"}[entry.why]
+    return f"{label}: {entry.note} ({_one_line(exc, 160)})"
+
+
 @functools.cache
 def outcome(kind: str, model_type: str, class_name: str) -> Outcome:
     try:
         model, inputs = build(kind, model_type, class_name)
-    except Exception as exc:  # noqa: BLE001 - any failure to build is "not built"
-        return Outcome("not built", _one_line(exc))
+    except Exception as exc:  # noqa: BLE001 - a named reason, or the test fails
+        reason = not_built_reason(model_type, exc)
+        if reason is not None:
+            return Outcome("not built", reason)
+        return Outcome("failing", f"the tiny model could not be built or run a plain forward "
+                                  f"(no named reason in NOT_BUILT): {_one_line(exc)} "
+                                  f"[{_frames(exc)}]")
     try:
         explanations = explain(kind, model, inputs)
     except Exception as exc:  # noqa: BLE001 - sorted right below
@@ -743,3 +1015,51 @@ def test_memory_estimate_reads_per_layer_configs():
     extra_kv = sum(2 * (h * d - kv_heads[0] * dims[0]) * len_k * elt  # keys and values
                    for h, d in zip(kv_heads, dims, strict=True))
     assert got - base == extra_kv > 0
+
+
+def _default_build_and_forward(kind: str, model_type: str, class_name: str) -> None:
+    """Build ``class_name`` from the unshrunk default config on the meta device (no memory)
+    and run its plain forward there: raises what transformers itself raises."""
+    config = AutoConfig.for_model(model_type)
+    want = getattr(getattr(transformers, class_name), "config_class", None)
+    if want is not None and not isinstance(config, want):
+        config = next((c for c in _configs(config) if isinstance(c, want)), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = getattr(transformers, class_name)(config).eval()
+    inputs = {k: v.to("meta") for k, v in model_inputs(kind, config).items()}
+    with torch.no_grad():
+        model(**inputs)
+
+
+TRANSFORMERS_BUGS = sorted((k, t, c) for k, t, c in ARCHITECTURES
+                           if NOT_BUILT.get(t) is not None
+                           and NOT_BUILT[t].why == "transformers")
+
+
+@pytest.mark.parametrize(("kind", "model_type", "class_name"), TRANSFORMERS_BUGS,
+                         ids=[_test_id(*a) for a in TRANSFORMERS_BUGS])
+def test_named_transformers_bugs_fail_on_the_default_config(kind, model_type, class_name):
+    """A "transformers bug" of NOT_BUILT is transformers' own: the default config, not
+    shrunk by this test, fails with the same exception (so the shrinking is not the cause)."""
+    entry = NOT_BUILT[model_type]
+    with pytest.raises(entry.error) as info:
+        _default_build_and_forward(kind, model_type, class_name)
+    assert re.search(entry.match, " ".join(str(info.value).split())), str(info.value)
+
+
+def test_named_reasons_are_about_installed_model_types():
+    """Every NOT_BUILT entry names a model type of this transformers and, for a missing
+    dependency, a module that is indeed not installed; a failure outside the list fails."""
+    types = {t for _, t, _ in ARCHITECTURES}
+    assert set(NOT_BUILT) <= types, sorted(set(NOT_BUILT) - types)
+    for entry in NOT_BUILT.values():
+        if entry.why == "dependency":
+            assert importlib.util.find_spec(entry.module) is None, entry.module
+    wrong = IndexError("list index out of range")
+    assert not_built_reason("poolformer", wrong) is None  # not listed: not "not built"
+    assert not_built_reason("dbrx", wrong) is None  # listed, but another exception
+    assert not_built_reason("dbrx", AttributeError(
+        "'DbrxAttentionConfig' object has no attribute 'rope_theta'")).startswith(
+        "transformers bug")
