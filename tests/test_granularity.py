@@ -135,7 +135,7 @@ def test_delimiter_word_and_paragraph_units(tok):
 
 def test_token_granularity_has_one_span_per_token_and_target_tokens(tok):
     model = tiny_llama(3, vocab=VOCAB)
-    expl = AtManExplainer(model, tok, progress=False).explain(TEXT, TARGET)
+    expl = AtManExplainer(model, tok, progress=False).explain(TEXT, TARGET, design="single")
     enc = _enc(tok, TEXT)
     n_prompt = len(enc["input_ids"])
     n_target = len(tok(TARGET, add_special_tokens=False)["input_ids"])
@@ -146,7 +146,8 @@ def test_token_granularity_has_one_span_per_token_and_target_tokens(tok):
         (i,) for i in range(n_prompt, n_prompt + n_target - 1)]
     assert all(TEXT[s.start:s.end] == s.text for s in prompt_units)
     with_bos = AtManExplainer(model, tok, progress=False).explain(TEXT, TARGET,
-                                                                  special_tokens=True)
+                                                                  special_tokens=True,
+                                                                  design="single")
     assert with_bos.spans[0].positions == (0,) and len(with_bos.spans) == len(expl.spans) + 1
 
 
@@ -171,7 +172,7 @@ def test_sentence_granularity_needs_few_forwards(tok):
         sent = ex.explain(TEXT, TARGET, granularity="sentence")
         n_sent = len(calls)
         calls.clear()
-        tokens = ex.explain(TEXT, TARGET)
+        tokens = ex.explain(TEXT, TARGET, design="single")
     finally:
         hook.remove()
     assert sent.settings["forwards"] == n_sent == 1 + 3

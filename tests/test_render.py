@@ -149,7 +149,7 @@ def test_json_is_strict_and_round_trips_nan_and_inf(tmp_path):
     text = expl.to_json()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     back = Explanation.from_json(text)
-    assert back.to_dict()["format_version"] == 2
+    assert back.to_dict()["format_version"] == 3
     assert torch.equal(back.per_target.isnan(), per_target.isnan())
     assert back.per_target[0, 1] == float("inf") and back.per_target[0, 2] == -float("inf")
     assert back.per_target[0, 3] == 1.5 and back.settings["odd"] == "NaN"

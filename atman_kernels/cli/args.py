@@ -106,10 +106,11 @@ def _layers(text: str) -> list[int]:
 
 
 def _explain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default=None,
+    p.add_argument("--prompt", "--question", dest="prompt", default=None,
                    help="the input text (causal LM: the prompt; classifier: the text to "
-                        "classify); '-' reads it from standard input; not for image "
-                        "classifiers and zero-shot models (their input is the --image)")
+                        "classify; with --context-file: the question); '-' reads it from "
+                        "standard input; not for image classifiers and zero-shot models "
+                        "(their input is the --image)")
     p.add_argument("--prompt-file", type=Path, default=None,
                    help="read the input text from this UTF-8 file instead of --prompt")
     p.add_argument("--input", type=Path, default=None, metavar="JSONL",
@@ -120,6 +121,28 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                         'appended to, as {"id": ..., "explanation": ...} (read it back with '
                         "atman_kernels.explain.many.read_many); a rerun with the same "
                         "--output skips the ids it already holds (resume after a crash)")
+    p.add_argument("--context-file", type=Path, default=None, metavar="PATH",
+                   help="a document given apart from the question (--prompt/--question): "
+                        "the prompt is --template filled in, and only the document is cut "
+                        "into units (--granularity) and suppressed")
+    p.add_argument("--template", default=None,
+                   help="with --context-file: the prompt around the document, holding "
+                        "{context} and {question} once each (default 'Context: "
+                        "{context}\\n\\nQuery: {question}'; '\\n' is a line break)")
+    p.add_argument("--design", choices=("auto", "single", "hierarchical", "sampled"),
+                   default="auto",
+                   help="which units each variant suppresses together: single (one variant "
+                        "per unit, the paper's exact scores), hierarchical (coarse units "
+                        "first, the best refined best-first within --budget; exact scores), "
+                        "sampled (random joint suppressions and a sparse linear surrogate: "
+                        "estimated scores, with the fit's quality); auto (default): single "
+                        "when the units fit in the budget, else hierarchical")
+    p.add_argument("--budget", type=_positive_int, default=None, metavar="N",
+                   help="the most suppressed forwards (variants) the explanation may run "
+                        "(default 48)")
+    p.add_argument("--cite", type=_positive_int, default=None, metavar="K",
+                   help="print each sentence of the answer with the K context units it rests "
+                        "on most (from the per-token rows of the same run)")
     p.add_argument("--chat", action="store_true",
                    help="apply the tokenizer's chat template to the prompt (the user's "
                         "message) and explain the message only: the template's tokens "
@@ -293,6 +316,12 @@ def _unit_flags(args: argparse.Namespace) -> str | None:
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)} are exclusive: give one way to cut the prompt "
                          "into units")
+    if getattr(args, "template", None) is not None and getattr(args, "context_file",
+                                                              None) is None:
+        raise UsageError("--template fills in a document: give --context-file too")
+    if getattr(args, "context_file", None) is not None and args.spans is not None:
+        raise UsageError("--context-file and --spans are exclusive: the document's units are "
+                         "cut at --granularity/--delimiter")
     return delimiter
 
 

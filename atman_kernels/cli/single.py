@@ -48,9 +48,19 @@ def run_explain(args: argparse.Namespace) -> int:
     if not args.quiet:
         color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
         made = " (generated)" if expl.settings.get("generated") else ""
+        design = expl.settings.get("design", "single")
         print(f"AtMan: {headline(expl)}{made} [{_model_name(model)}, "
               f"{len(expl.spans)} {expl.settings.get('granularity', 'token')} units, "
-              f"{expl.settings.get('forwards')} forwards, {seconds:.2f} s]")
+              f"{design} design, {expl.settings.get('forwards')} forwards, {seconds:.2f} s]")
+        if expl.tree:
+            print(f"levels: {' > '.join(expl.levels)}; "
+                  f"{expl.settings.get('unrefined_groups', 0)} groups not refined within "
+                  f"the budget of {expl.settings.get('budget')} (their members have no "
+                  "scores of their own)")
+        if expl.estimate is not None:
+            print(f"scores are surrogate estimates ({expl.estimate['method']} over "
+                  f"{expl.estimate.get('masks')} random joint suppressions; held-out fit "
+                  f"LDS {expl.estimate.get('lds', float('nan')):.2f})")
         candidates = expl.settings.get("candidates")
         if candidates:  # a zero-shot explanation: the labels the softmax ran over
             print("candidates: " + ", ".join(map(repr, candidates)))
@@ -67,6 +77,8 @@ def run_explain(args: argparse.Namespace) -> int:
             else:
                 where = f"{span.source} position {span.positions[0]}"
             print(f"  {rank:2d}. {_short(span.text)!r:<32} {where:<18} {score:+.5f}")
+        if args.cite is not None:
+            _print_citations(expl, args.cite)
         for label, path in (("json", args.json), ("html", args.html), ("png", args.png)):
             if path is not None:
                 print(f"wrote {label}: {path}")
@@ -80,15 +92,22 @@ def _read_prompt(args: argparse.Namespace) -> str:
                          "(standard input) or --prompt-file PATH, or many examples with "
                          "--input JSONL --output JSONL")
     if args.prompt_file is not None:
-        source = f"--prompt-file {args.prompt_file}"
-        try:
-            text = args.prompt_file.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read {source}: {exc.strerror or exc}") from exc
-    elif args.prompt == "-":
-        source, text = "--prompt - (standard input)", sys.stdin.buffer.read()
-    else:
-        source, text = "--prompt", args.prompt
+        return _read_text(args.prompt_file, f"--prompt-file {args.prompt_file}")
+    if args.prompt == "-":
+        return _checked_text(sys.stdin.buffer.read(), "--prompt - (standard input)")
+    return _checked_text(args.prompt, "--prompt")
+
+
+def _read_text(path: Any, source: str) -> str:
+    """A UTF-8 text file's contents, checked (non-empty, valid text)."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    return _checked_text(text, source)
+
+
+def _checked_text(text: str | bytes, source: str) -> str:
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -100,6 +119,21 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if text == "":
         raise UsageError(f"{source} is empty: give the text to explain")
     return text
+
+
+def _print_citations(expl: Any, k: int) -> None:
+    """Each answer sentence with the ``k`` units it rests on most."""
+    try:
+        citations = expl.citations(k)
+    except ValueError as exc:  # no answer text, nothing to cite
+        print(f"citations: {exc}")
+        return
+    print(f"citations (top {k} units per answer sentence; score = rise of that sentence's "
+          "cross-entropy in nats):")
+    for c in citations:
+        print(f"  {_short(c.text, 60)!r}")
+        for i, score in c.units:
+            print(f"      {_short(expl.spans[i].text, 56)!r:<60} {score:+.5f}")
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -179,7 +213,11 @@ def _prepare_prompt(args: argparse.Namespace) -> tuple[Any, ...]:
     inputs = (args.prompt, images) if images else args.prompt
     options = {"granularity": args.granularity, "delimiter": delimiter, "spans": args.spans,
                "max_new_tokens": _max_new_tokens(args), "image_region": args.image_region,
-               "chat": args.chat}
+               "chat": args.chat, "design": args.design, "budget": args.budget}
+    if args.context_file is not None:
+        options["context"] = _read_text(args.context_file, f"--context-file {args.context_file}")
+        if args.template is not None:
+            options["template"] = args.template.replace("\\n", "\n")
     return model, tokenizer, inputs, target, contrast, options
 
 

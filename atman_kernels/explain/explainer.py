@@ -46,9 +46,11 @@ from ..ops._checks import MODES
 from ..suppression import attention_backend
 from .batching import ChunkPolicy
 from .conceptual import check_factor, check_threshold, cosine_similarity_matrix, unit_factors
-from .engine import EngineResult, run_variants
-from .explanation import POSTPROCESS, Explanation, combine_scores
-from .front.base import Prepared, check_unit_arguments
+from .design import Outcome, Problem, check_budget, check_design, choose_design
+from .engine import EngineResult, VariantRunner
+from .explanation import POSTPROCESS, Explanation, Node, combine_scores
+from .factors import group_factors
+from .front.base import Prepared, check_unit_arguments, compose_context
 from .front.causal import CausalFrontEnd
 from .front.classify import IMAGE_REFUSED, ClassifierFrontEnd
 from .front.image_text import CAUSAL_IMAGE_TEXT_FAMILIES, IMAGE_TEXT_FAMILIES, ImageTextFrontEnd
@@ -210,6 +212,10 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         image_region: int | None = None,
         contrast: Any = None,
         chat: bool = False,
+        design: Any = "auto",
+        budget: int | None = None,
+        context: str | None = None,
+        template: str | None = None,
     ) -> Explanation:
         """Explain why the model predicts ``target`` for ``inputs``.
 
@@ -280,10 +286,42 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         tokenizer's chat template (with the generation prompt) and explains the user's message
         only: the template's tokens (system prompt, role markers) are neither explained nor
         suppressed; ``spans`` then count characters from the start of the message.
+
+        A context given apart from the question (retrieval-augmented prompts): ``inputs`` is
+        the question, ``context`` the document; the prompt is ``template`` (default
+        "Context: {context}\n\nQuery: {question}", ContextCite's) filled in, under the chat
+        template with ``chat=True``; only the context is cut into units (at ``granularity``)
+        and suppressed, so the question and the template's words are never explained.
+        Causal LMs and text classifiers.
+
+        Designs (:mod:`.design`): which units each variant suppresses together.
+        ``design="single"`` is the paper's (one variant per unit, exact scores);
+        ``"hierarchical"`` scores coarse units (paragraphs, or blocks of consecutive units)
+        jointly and refines the best ones best-first within ``budget``, every score the exact
+        score of its unit (``Explanation.tree`` keeps every level; unrefined groups are units
+        of their own); ``"sampled"`` (or ``Sampled(keep_prob, seed, alpha)``) fits a sparse
+        linear surrogate to ``budget`` random joint suppressions, so the scores are estimates
+        and ``Explanation.estimate`` says so with the fit's quality. ``"auto"`` (default) is
+        ``single`` when the units fit in the budget, else ``hierarchical`` for text.
+        ``budget``: the most suppressed variants (forwards of the input, the baseline not
+        counted) the explanation may run (None: :data:`.design.DEFAULT_BUDGET`).
+        ``settings`` records the design, the budget and the variants spent.
         """
         from ..hf import atman_attention, check_supported
 
         check_unit_arguments(granularity, delimiter, spans)
+        if context is not None or template is not None:
+            if self.kind not in ("causal_lm", "classifier"):
+                raise ValueError(f"context= explains a text context given apart from its "
+                                 f"question; not for a {self.kind} model")
+            if context is None:
+                raise ValueError("template= fills in a context: give context= too")
+            if spans is not None:
+                raise ValueError("context= and spans= cannot be combined: the context's units "
+                                 "are cut at granularity=/delimiter=")
+            compose_context(inputs, context, template)
+        design = check_design(design)
+        budget = check_budget(budget)
         # a model "atman" cannot reach is refused before any input is prepared
         check_supported(self._suppressed_root())
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
@@ -307,7 +345,8 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         model.eval()
         start = time.perf_counter()
         unit_args = {"granularity": granularity, "delimiter": delimiter, "spans": spans,
-                     "special_tokens": bool(special_tokens), "chat": bool(chat)}
+                     "special_tokens": bool(special_tokens), "chat": bool(chat),
+                     "context": context, "template": template}
         if chat and self.kind not in ("causal_lm", "classifier"):
             raise ValueError(f"chat=True applies a tokenizer's chat template to a text prompt; "
                              f"not for a {self.kind} model")
@@ -327,11 +366,12 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                     prepared = self._prepare_image(inputs, target, unit_args, contrast)
                 root = self._suppressed_root()
                 only = None if root is model else root
+                chosen = choose_design(design, prepared.units, budget)
                 with atman_attention(model, only=only), attention_backend(self.backend):
-                    result = self._run(prepared)
+                    result, outcome = self._run(prepared, chosen, budget)
         finally:
             model.train(was_training)
-        expl = self._finish(result, prepared)
+        expl = self._finish(result, prepared, outcome)
         seconds = time.perf_counter() - start
         expl.settings["seconds"] = seconds
         self.last_stats["seconds"] = seconds
@@ -401,7 +441,8 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         return settings
 
     # ------------------------------------------------------------------------------ engine
-    def _run(self, prepared: Prepared) -> EngineResult:
+    def _run(self, prepared: Prepared, design: Any, budget: int | None
+             ) -> tuple[EngineResult, Outcome]:
         task, units = prepared.task, prepared.units
         n = task.seq_len
         unit_positions = [list(u.positions) for u in units]
@@ -413,33 +454,51 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
             if embeddings is not None:
                 similarity = cosine_similarity_matrix(embeddings.float().cpu())
         eligible = sorted({p for u in unit_positions for p in u})
-        factors = unit_factors(n, unit_positions, self.factor, similarity=similarity,
-                               threshold=self.conceptual_threshold, eligible=eligible)
-        factors = factors.to(device=self._device, dtype=torch.float32)
+        unit_rows = unit_factors(n, unit_positions, self.factor, similarity=similarity,
+                                 threshold=self.conceptual_threshold, eligible=eligible)
         policy = ChunkPolicy(self.batch_size, self.max_memory, self._device,
                              next(self.model.parameters()).dtype, self.model.config)
 
         # a task whose attention is not over its n factor columns says what it is (Swin:
         # windows of the first stage's tokens)
         len_q, len_k = getattr(task, "attention_shape", None) or (n, n)
+        expected = len(units) if budget is None else min(budget, len(units))
 
         def chunk_size(reuse: bool) -> int:
-            return policy.size(len(units), len_q=len_q, len_k=len_k, n_logits=task.n_targets,
+            return policy.size(expected, len_q=len_q, len_k=len_k, n_logits=task.n_targets,
                                reuse=reuse)
 
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(units), desc="AtMan", unit="variant", disable=not self.progress,
-                  leave=False) as bar:
-            result = run_variants(
-                task, factors, mode=self.mode, layers=self.layers, chunk_size=chunk_size,
-                on_done=bar.update, guard=lambda: _routing_guard(self._guarded_root(),
-                                                             self.layers),
-            )
-        self.last_stats = _stats(result, len(units))
-        return result
+        contrast_rows = prepared.contrast_rows
 
-    def _finish(self, result: EngineResult, prepared: Prepared) -> Explanation:
+        def rank(rise: torch.Tensor) -> torch.Tensor:
+            rows = rise.T  # [R, G]
+            t = rows.shape[0] - contrast_rows
+            return combine_scores(rows[:t], self.postprocess, False,
+                                  contrast=rows[t:] if contrast_rows else None)
+
+        with tqdm(total=expected, desc="AtMan", unit="variant", disable=not self.progress,
+                  leave=False) as bar:
+            runner = VariantRunner(
+                task, mode=self.mode, layers=self.layers, chunk_size=chunk_size,
+                device=self._device, on_done=bar.update,
+                guard=lambda: _routing_guard(self._guarded_root(), self.layers))
+
+            def evaluate(groups: Any) -> torch.Tensor:
+                rows = group_factors(unit_rows, groups)
+                return runner.run(rows.to(device=self._device, dtype=torch.float32))
+
+            problem = Problem(units=list(units), prompt=prepared.fields.get("prompt"),
+                              granularity=prepared.settings.get("granularity", "token"),
+                              evaluate=evaluate, rank=rank, budget=budget)
+            outcome = design.run(problem)
+        result = runner.result(outcome.rise)
+        self.last_stats = _stats(result, runner.variants)
+        return result, outcome
+
+    def _finish(self, result: EngineResult, prepared: Prepared, outcome: Outcome
+                ) -> Explanation:
         rows = result.rise.T.contiguous().detach().cpu()  # [T (+ F), n]
         n_target = rows.shape[0] - prepared.contrast_rows
         per_target, foil = rows[:n_target], rows[n_target:]
@@ -453,17 +512,30 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         settings = self._settings(
             **prepared.settings, prefix_reuse=result.prefix_reuse, batch_size=result.chunk_size,
             forwards=result.forwards, token_forwards=result.token_forwards,
-            units=len(prepared.units),
+            units=len(prepared.units), **outcome.settings,
         )
         if getattr(prepared.task, "reuse_off", None):  # asked for, impossible for this cache
             settings["prefix_reuse_off"] = prepared.task.reuse_off
+        tree = []
+        for entry in outcome.tree:
+            row = entry.rise.detach().cpu().to(torch.float64)
+            own, foil_row = row[:n_target], row[n_target:]
+            score = combine_scores(own[:, None], self.postprocess, False,
+                                   contrast=foil_row[:, None] if prepared.contrast_rows
+                                   else None)
+            tree.append(Node(span=entry.span, level=entry.level, parent=entry.parent,
+                             rise=tuple(own.tolist()), score=float(score[0]),
+                             refined=entry.refined,
+                             contrast_rise=tuple(foil_row.tolist()) if prepared.contrast_rows
+                             else None))
         # tensors made under inference_mode refuse in-place updates later: hand out plain ones
         # (cloned here, outside inference_mode)
         fields = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
                   for k, v in prepared.fields.items()}
         return Explanation(tokens=[], scores=scores.clone(), per_target=per_target.clone(),
-                           baseline_loss=baseline[:n_target].clone(), spans=prepared.units,
-                           settings=settings, **contrast_fields, **fields)
+                           baseline_loss=baseline[:n_target].clone(), spans=outcome.spans,
+                           settings=settings, tree=tree, estimate=outcome.estimate,
+                           **contrast_fields, **fields)
 
 
 @contextmanager

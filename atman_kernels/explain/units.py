@@ -372,6 +372,7 @@ def prompt_spans(
     eligible: Sequence[int] | None = None,
     position_offset: int = 0,
     language: str = "en",
+    region: tuple[int, int] | None = None,
 ) -> list[Span]:
     """The explained units of a text prompt, sorted by position.
 
@@ -390,6 +391,9 @@ def prompt_spans(
             token with a non-empty range); the others (BOS, chat markers) are in none.
         position_offset: model-input position of token 0 of ``offsets``.
         language: sentencex language code for ``"sentence"``.
+        region: a (start, end) character range of ``text``: only ``text[start:end]`` is cut
+            into units (a context given apart from the question), and only tokens whose first
+            non-whitespace character lies in it are in a unit.
 
     Raises:
         TypeError / ValueError: bad arguments, before any work (the message names the argument).
@@ -432,6 +436,20 @@ def prompt_spans(
         )
     ranges = _check_offsets(text, offsets)
     tokens = _check_eligible(eligible, ranges)
+    if region is not None:
+        ra, rb = _check_spans([region], len(text))[0] if not isinstance(region, (str, bytes)) \
+            and len(region) == 2 else (None, None)
+        if ra is None:
+            raise TypeError(f"region must be a (start, end) character range, got {region!r}")
+        if spans is not None:
+            raise ValueError("region and spans cannot be combined: spans are the units")
+        tokens = [i for i in tokens if ra <= _anchor(text, *ranges[i]) < rb]
+        if not tokens:
+            raise ValueError(f"region ({ra}, {rb}) holds no eligible token")
+        if granularity != "token":
+            inner = _cut(text[ra:rb], granularity, delimiter, language)
+            return _assign(text, ranges, tokens, [(a + ra, b + ra) for a, b in inner],
+                           position_offset)
     if spans is not None:
         return _explicit_units(
             text, ranges, tokens, _check_spans(spans, len(text)), position_offset
@@ -442,15 +460,20 @@ def prompt_spans(
             Span(text[ranges[i][0] : ranges[i][1]], *ranges[i], (position_offset + i,))
             for i in tokens
         ]
+    return _assign(text, ranges, tokens, _cut(text, granularity, delimiter, language),
+                   position_offset)
+
+
+def _cut(text: str, granularity: str, delimiter: str | None, language: str
+         ) -> list[tuple[int, int]]:
+    """The sorted disjoint character ranges of ``text`` at a coarse granularity."""
     if granularity == "word":
-        units = [m.span() for m in _WORD.finditer(text)]
-    elif granularity == "sentence":
-        units = split_sentences(text, language)
-    elif granularity == "paragraph":
-        units = _split_paragraphs(text)
-    else:
-        units = _split_at(text, delimiter)
-    return _assign(text, ranges, tokens, units, position_offset)
+        return [m.span() for m in _WORD.finditer(text)]
+    if granularity == "sentence":
+        return split_sentences(text, language)
+    if granularity == "paragraph":
+        return _split_paragraphs(text)
+    return _split_at(text, delimiter)
 
 
 def _assign(

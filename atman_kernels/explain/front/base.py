@@ -132,8 +132,12 @@ class FrontEnd:
         granularity, delimiter, spans = (unit_args["granularity"], unit_args["delimiter"],
                                          unit_args["spans"])
         coarse = granularity != "token" or delimiter is not None or spans is not None
+        region = None
+        if unit_args.get("context") is not None:
+            prompt, region = compose_context(prompt, unit_args["context"],
+                                             unit_args.get("template"))
         if unit_args.get("chat"):
-            return self._chat_units(prompt, name, unit_args)
+            return self._chat_units(prompt, name, unit_args, region)
         if isinstance(prompt, str):
             enc = self._encode(prompt, name, add_special_tokens=True)
             ids = enc["input_ids"]
@@ -151,7 +155,8 @@ class FrontEnd:
                                     eligible)
             else:
                 units = prompt_spans(prompt, enc["offsets"], granularity=granularity,
-                                     delimiter=delimiter, spans=spans, eligible=eligible)
+                                     delimiter=delimiter, spans=spans, eligible=eligible,
+                                     region=region)
             return ids, units, prompt, enc
         if coarse:
             raise ValueError(
@@ -164,9 +169,11 @@ class FrontEnd:
         return ids, token_spans(self._token_strings([ids[i] for i in eligible]), eligible), \
             None, {}
 
-    def _chat_units(self, message: Any, name: str, unit_args: dict[str, Any]
+    def _chat_units(self, message: Any, name: str, unit_args: dict[str, Any],
+                    region: tuple[int, int] | None = None
                     ) -> tuple[list[int], list[Span], str, dict[str, Any]]:
-        """The chat template applied to the user's ``message``; units inside the message."""
+        """The chat template applied to the user's ``message``; units inside the message
+        (inside ``region`` of the message when given: a context)."""
         if not isinstance(message, str):
             raise ValueError(f"chat=True takes the user's message as a string, got {name} as "
                              f"{type(message).__name__}")
@@ -205,12 +212,14 @@ class FrontEnd:
                                            for a, b in (enc["offsets"][i] for i in eligible)],
                                  granularity=unit_args["granularity"],
                                  delimiter=unit_args["delimiter"],
-                                 position_offset=0)
+                                 position_offset=0, region=region)
             units = [Span(u.text, u.start + start, u.end + start,
                           tuple(eligible[p] for p in u.positions)) for u in units]
             return enc["input_ids"], units, text, enc
         units = prompt_spans(text, enc["offsets"], granularity="token", spans=spans,
-                             eligible=eligible)
+                             eligible=eligible,
+                             region=None if region is None else (region[0] + start,
+                                                                 region[1] + start))
         return enc["input_ids"], units, text, enc
 
     def _check_length(self, n: int) -> None:
@@ -257,8 +266,47 @@ class FrontEnd:
         return new
 
 
+CONTEXT_TEMPLATE = "Context: {context}\n\nQuery: {question}"
+
+
+def compose_context(question: Any, context: Any, template: str | None
+                    ) -> tuple[str, tuple[int, int]]:
+    """The prompt of a context given apart from its question, and the context's character
+    range in it: ``template`` (default :data:`CONTEXT_TEMPLATE`, ContextCite's) with
+    ``{context}`` and ``{question}`` replaced (each exactly once; no other braces are read,
+    so a document may hold any)."""
+    template = CONTEXT_TEMPLATE if template is None else template
+    if not isinstance(context, str) or not context.strip():
+        raise ValueError(f"context must be a non-empty string (the document whose units are "
+                         f"explained), got {context!r}")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"with context=, the prompt is the question: a non-empty string, got "
+                         f"{question!r}")
+    if not isinstance(template, str) or template.count("{context}") != 1 or template.count(
+            "{question}") != 1:
+        raise ValueError(f"template must be a string holding '{{context}}' and '{{question}}' "
+                         f"once each, got {template!r}")
+    check_text(context, "context")
+    head, tail = template.split("{context}")
+    if "{question}" in head:
+        before, after = head.split("{question}")
+        head = before + question + after
+    else:
+        tail = tail.replace("{question}", question)
+    return head + context + tail, (len(head), len(head) + len(context))
+
+
 def unit_settings(unit_args: dict[str, Any]) -> dict[str, Any]:
     """How the prompt was cut into units, for ``Explanation.settings``."""
+    extra: dict[str, Any] = {}
+    if unit_args.get("context") is not None:
+        _, (a, b) = compose_context("q", unit_args["context"], unit_args.get("template"))
+        extra = {"context_chars": b - a,
+                 "template": unit_args.get("template") or CONTEXT_TEMPLATE}
+    return {**_cut_settings(unit_args), **extra}
+
+
+def _cut_settings(unit_args: dict[str, Any]) -> dict[str, Any]:
     if unit_args["spans"] is not None:
         return {"granularity": "spans"}
     if unit_args["delimiter"] is not None:

@@ -83,7 +83,7 @@ class CausalFrontEnd(FrontEnd):
             return self._contrastive_causal(prompt_ids, target_ids, foil_ids, units,
                                             prompt_text, generated, unit_args)
         coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
-                  or unit_args["spans"] is not None)
+                  or unit_args["spans"] is not None or unit_args.get("context") is not None)
         if not coarse:
             units = units + token_spans(self._token_strings(target_ids[:-1]),
                                         list(range(n_prompt, n)), source="target")
