@@ -177,6 +177,24 @@ def brute_classifier_units(model, model_inputs, seq_len, units, cls, c=0.1, mode
                                   _unit_rows(seq_len, units, c), cls, mode)
 
 
+# ----------------------------------------------------------------------------- tokenizers
+def trained_bpe(corpus, vocab_size):
+    """A small byte-level BPE tokenizer with a BOS ("<s>", id 0) and an EOS, trained here on
+    ``corpus`` (a list of strings; offline, fast), with character offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+
+
 # --------------------------------------------------------------------------------- models
 def unit_scale_(model, seed=0):
     """Unit-scale random weights in place (every matrix ~ N(0, 1/fan_in)): attention far from

@@ -13,9 +13,14 @@ import math
 
 import pytest
 import torch
-from _brute import _brute_causal_rows, _close, brute_causal_units, tiny_llama, unit_scale_
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from _brute import (
+    _brute_causal_rows,
+    _close,
+    brute_causal_units,
+    tiny_llama,
+    trained_bpe,
+    unit_scale_,
+)
 
 import atman_kernels.hf  # noqa: F401  (registers "atman")
 from atman_kernels.explain import AtManExplainer, Explanation
@@ -44,16 +49,8 @@ VOCAB = 300
 
 
 @pytest.fixture(scope="module")
-def tok() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([DOC + TARGET] * 20, trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                       special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+def tok():
+    return trained_bpe([DOC + TARGET] * 20, VOCAB)
 
 
 @pytest.fixture(scope="module")

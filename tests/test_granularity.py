@@ -19,8 +19,8 @@ from _brute import (
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
+    trained_bpe,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 import atman_kernels.hf  # noqa: F401  (registers "atman")
@@ -38,16 +38,7 @@ SENTENCES = [(0, 26), (27, 75), (76, 101)]
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
     """A small byte-level BPE tokenizer with a BOS, trained here (offline, fast)."""
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([TEXT + TARGET, "The collection holds 3.5 thousand works."] * 20,
-                            trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                       special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    return trained_bpe([TEXT + TARGET, "The collection holds 3.5 thousand works."] * 20, VOCAB)
 
 
 def _enc(tok, text):

@@ -300,8 +300,7 @@ def unit_settings(unit_args: dict[str, Any]) -> dict[str, Any]:
     """How the prompt was cut into units, for ``Explanation.settings``."""
     extra: dict[str, Any] = {}
     if unit_args.get("context") is not None:
-        _, (a, b) = compose_context("q", unit_args["context"], unit_args.get("template"))
-        extra = {"context_chars": b - a,
+        extra = {"context_chars": len(unit_args["context"]),
                  "template": unit_args.get("template") or CONTEXT_TEMPLATE}
     return {**_cut_settings(unit_args), **extra}
 
