@@ -68,9 +68,9 @@ def test_measure_counts_warmup_and_repeats_and_takes_the_median():
 
 
 def test_measure_odd_count_median_is_the_middle_call():
-    fake = FakeClock([5.0, 0.4, 0.1, 0.3])
+    fake = FakeClock([5.0, 0.5, 0.125, 0.375])  # exact in binary
     t = _timing.measure(fake.fn, warmup=1, repeats=3, **fake.kw())
-    assert t.times == (0.4, 0.1, 0.3) and t.median == 0.3
+    assert t.times == (0.5, 0.125, 0.375) and t.median == 0.375
 
 
 def test_measure_runs_on_to_the_time_floor_and_stops_at_the_cap():
