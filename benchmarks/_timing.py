@@ -65,7 +65,8 @@ class Timing:
     """What :func:`measure` saw. ``times`` / ``cpu_times``: wall / process-CPU seconds of each
     timed call, in order; ``loads``: the 1-minute load average before the first timed call,
     then after each (``len(times) + 1`` values); ``warmup``: untimed calls made first;
-    ``result``: the last call's return value."""
+    ``result``: the last call's return value (:func:`measure`; None from
+    :func:`interleaved`)."""
 
     times: tuple[float, ...]
     cpu_times: tuple[float, ...]
@@ -111,7 +112,10 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3,
 
     Timed calls: at least ``repeats``; more while fewer than ``min_seconds`` have passed since
     the first timed call began (up to ``max_repeats``, default ``repeats``); none started once
-    ``max_seconds`` have passed (None: no cap; the first timed call always runs)."""
+    ``max_seconds`` have passed (None: no cap; the first timed call always runs). Only the last
+    call's value is kept (``Timing.result``): a call's value is dropped before the next call
+    starts, so no earlier output is alive during a timed call (peak-memory readings around
+    ``measure`` see one call's memory)."""
     _check_count("warmup", warmup, 0)
     _check_count("repeats", repeats, 1)
     if max_repeats is None:
@@ -129,6 +133,7 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3,
     result = None
     start = clock()
     while len(times) < repeats or (clock() - start < min_seconds and len(times) < max_repeats):
+        result = None  # the previous call's value is not held while the next one runs
         wall0, cpu0 = clock(), cpu_clock()
         result = fn()
         wall1, cpu1 = clock(), cpu_clock()
@@ -145,7 +150,9 @@ def interleaved(fns: Mapping[Hashable, Callable[[], Any]], *, rounds: int, warmu
                 load: Clock = load_average) -> dict[Hashable, Timing]:
     """Time every callable of ``fns`` once per round, in the mapping's order, ``rounds``
     rounds (after ``warmup`` untimed rounds). Each :class:`Timing`'s ``loads`` holds the load
-    average before every round and after the last (shared by all callables)."""
+    average before every round and after the last (shared by all callables); its ``result``
+    is None (every call's value is dropped at once, so no output is held while another
+    callable runs)."""
     _check_count("rounds", rounds, 1)
     _check_count("warmup", warmup, 0)
     if not fns:
@@ -155,19 +162,18 @@ def interleaved(fns: Mapping[Hashable, Callable[[], Any]], *, rounds: int, warmu
             fn()
     times: dict[Hashable, list[float]] = {key: [] for key in fns}
     cpu_times: dict[Hashable, list[float]] = {key: [] for key in fns}
-    results: dict[Hashable, Any] = {}
     loads = []
     for _ in range(rounds):
         loads.append(load())
         for key, fn in fns.items():
             wall0, cpu0 = clock(), cpu_clock()
-            results[key] = fn()
+            fn()  # its value is dropped: no output is held while the others run
             wall1, cpu1 = clock(), cpu_clock()
             times[key].append(wall1 - wall0)
             cpu_times[key].append(cpu1 - cpu0)
     loads.append(load())
-    return {key: Timing(tuple(times[key]), tuple(cpu_times[key]), tuple(loads), warmup,
-                        results[key]) for key in fns}
+    return {key: Timing(tuple(times[key]), tuple(cpu_times[key]), tuple(loads), warmup)
+            for key in fns}
 
 
 class Stopwatch:

@@ -106,7 +106,26 @@ def test_interleaved_times_each_callable_once_per_round():
     assert out["a"].times == (2.0, 3.0, 4.0) and out["b"].times == (11.0, 12.0, 13.0)
     assert out["a"].median == 3.0 and out["b"].min == 11.0
     assert out["a"].loads == out["b"].loads == (1.0, 2.0, 3.0, 4.0)
-    assert out["b"].result == "b"
+    assert out["b"].result is None  # values are dropped, none held while another runs
+
+
+def test_measure_holds_no_earlier_value_during_a_call():
+    import weakref
+
+    class Out:
+        pass
+
+    alive: list[weakref.ref] = []
+    seen_alive = []
+
+    def fn():
+        seen_alive.append(sum(r() is not None for r in alive))
+        out = Out()
+        alive.append(weakref.ref(out))
+        return out
+
+    t = _timing.measure(fn, warmup=1, repeats=3)
+    assert seen_alive == [0, 0, 0, 0] and isinstance(t.result, Out)
 
 
 def test_stopwatch_reads_live_then_freezes():
