@@ -18,7 +18,7 @@ LOWEST_TESTS := tests/test_hf.py tests/test_hf_guards.py tests/test_explainer.py
 	tests/test_gemma3_images.py
 
 .PHONY: setup build test test-fast test-lowest lint explain bench-attention bench-attention-isa \
-	clean
+	bench-save bench-compare bench-check clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,34 @@ bench-attention: setup
 # The C++ op against SDPA on each instruction-set level (AVX2 emulated on an AVX-512 host).
 bench-attention-isa: setup
 	$(BIN)/python benchmarks/bench_attention.py --paired --isa avx2 avx512
+
+# The tracked timings: the pytest-benchmark suite in benchmarks/suite (docs/benchmarks.md,
+# tracked timings). Runs are saved as JSON under $(BENCH_STORAGE) (git-ignored: timings belong
+# to one machine); bench-compare times the suite again and fails when a case's median is more
+# than 25% slower than in the newest saved run. bench-check runs every case once, untimed, on
+# one thread (no oversubscription on a shared machine; nothing is timed). BENCH_ARGS: more
+# pytest arguments, e.g. BENCH_ARGS='-k small'.
+BENCH_STORAGE ?= benchmarks/.benchmarks
+BENCH_NAME ?= tracked
+BENCH_THREADS ?= 2
+BENCH_COMPARE_FAIL ?= median:25%
+BENCH_ARGS ?=
+BENCH_PYTEST = $(BIN)/python -m pytest -q -p no:cacheprovider benchmarks/suite $(BENCH_ARGS)
+BENCH_TIMED := --benchmark-storage=file://$(BENCH_STORAGE) --benchmark-group-by=group \
+	--benchmark-columns=min,median,mean,stddev,rounds --benchmark-sort=name
+
+bench-save: setup
+	ATMAN_BENCH_THREADS=$(BENCH_THREADS) $(BENCH_PYTEST) $(BENCH_TIMED) \
+		--benchmark-save=$(BENCH_NAME)
+
+bench-compare: setup
+	@ls $(BENCH_STORAGE)/*/*.json >/dev/null 2>&1 || { \
+		echo "no saved run under $(BENCH_STORAGE): run make bench-save first" >&2; exit 1; }
+	ATMAN_BENCH_THREADS=$(BENCH_THREADS) $(BENCH_PYTEST) $(BENCH_TIMED) \
+		--benchmark-compare --benchmark-compare-fail=$(BENCH_COMPARE_FAIL)
+
+bench-check: setup
+	ATMAN_BENCH_THREADS=1 $(BENCH_PYTEST) --benchmark-disable
 
 # For a CUDA machine that already has torch, triton, transformers and pytest, no network: uses
 # that Python (not the CPU venv), installs this package with --no-deps --no-build-isolation,

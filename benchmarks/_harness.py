@@ -12,14 +12,13 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import measure
 
 
 def _status_kib(field: str) -> int:
@@ -52,21 +51,15 @@ def peak_rss() -> int:
 
 def time_call(fn: Callable[[], object], *, warmup: int = 1, min_reps: int = 3,
               max_seconds: float = 20.0) -> tuple[float, int, int]:
-    """(median seconds, repetitions, peak bytes above the RSS before the first call)."""
+    """(median seconds, repetitions, peak bytes above the RSS before the first call).
+
+    :func:`_timing.measure`: ``warmup`` untimed calls, then at least ``min_reps`` timed ones,
+    more up to 25 while under 2 s, none started past ``max_seconds``. The peak covers the
+    warm-up calls too (the OS's high-water mark only grows)."""
     base = reset_peak_rss()
-    for _ in range(warmup):
-        fn()
-    peak = peak_rss() - base
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < 2.0 and len(times) < 25):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > max_seconds:
-            break
-    peak = max(peak, peak_rss() - base)
-    return statistics.median(times), len(times), peak
+    timing = measure(fn, warmup=warmup, repeats=min_reps, min_seconds=2.0,
+                     max_repeats=max(25, min_reps), max_seconds=max_seconds)
+    return timing.median, timing.repeats, peak_rss() - base
 
 
 def cpu_model() -> str:

@@ -42,7 +42,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -60,6 +59,7 @@ from _harness import (  # noqa: E402
     time_call,
     write_csv,
 )
+from _timing import Stopwatch, interleaved  # noqa: E402
 
 from atman_kernels import suppressed_attention  # noqa: E402
 from atman_kernels.ops import cpp_backend  # noqa: E402
@@ -186,10 +186,10 @@ def measure_one(row: dict) -> dict:
     q, k, v, factors = make_case(n, dtype, row["device"])
     fn = make_method(name, q, k, v, factors)
 
-    t0 = time.perf_counter()
     with torch.inference_mode():
-        out = fn()
-        first = time.perf_counter() - t0
+        with Stopwatch() as first_call:
+            out = fn()
+        first = first_call.seconds
         err = check(name, out, q, k, v, factors)
         tol = 1e-3 if dtype == torch.float32 else 2e-2
         if not err <= tol:
@@ -227,25 +227,20 @@ def measure_paired(row: dict) -> list[dict]:
     with torch.inference_mode():
         for method, dt, fn in entries:
             base = reset_peak_rss()
-            t0 = time.perf_counter()
-            out = fn()
-            first = time.perf_counter() - t0
+            with Stopwatch() as first_call:
+                out = fn()
+            first = first_call.seconds
             peak = peak_rss() - base
             err = check(method, out, *cases[dt])
             tol = 1e-3 if dt == "float32" else 2e-2
             status = "ok" if err <= tol else f"wrong: max error {err:.2e} > {tol}"
             stats[method, dt] = {"status": status, "first_call_s": f"{first:.3f}",
-                                 "max_err": f"{err:.2e}", "peak_mib": f"{peak / 2**20:.1f}",
-                                 "times": []}
+                                 "max_err": f"{err:.2e}", "peak_mib": f"{peak / 2**20:.1f}"}
             del out
-        loads = []
-        for _ in range(rounds_for(n)):
-            loads.append(os.getloadavg()[0])
-            for method, dt, fn in entries:
-                t0 = time.perf_counter()
-                fn()
-                stats[method, dt]["times"].append(time.perf_counter() - t0)
-    rounds = {key: st.pop("times") for key, st in stats.items()}
+        timings = interleaved({(method, dt): fn for method, dt, fn in entries},
+                              rounds=rounds_for(n))
+    loads = list(next(iter(timings.values())).loads[:-1])  # before each round
+    rounds = {key: list(t.times) for key, t in timings.items()}
     medians = {key: statistics.median(times) for key, times in rounds.items()}
     sdpa = medians["sdpa (no suppression)", "float32"]
     rows = []

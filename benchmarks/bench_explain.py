@@ -71,11 +71,11 @@ import csv
 import datetime as dt
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from _harness import machine
+from _timing import Stopwatch, measure
 
 TEXT = (
     "The history of Paris spans more than two thousand years. The city grew from a small "
@@ -180,14 +180,12 @@ def granularity_benchmark(args: argparse.Namespace) -> None:
                       granularity="sentence")  # warm-up
     runs = {}
     for granularity in ("sentence", "token"):
-        times, loads = [], [os.getloadavg()[0]]
         repeats = args.token_repeats if granularity == "token" and args.token_repeats else (
             args.repeats)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            expl = explainer.explain(prompt, target, granularity=granularity)
-            times.append(time.perf_counter() - start)
-            loads.append(os.getloadavg()[0])
+        timing = measure(lambda g=granularity: explainer.explain(prompt, target, granularity=g),
+                         warmup=0, repeats=repeats)  # warmed up once above
+        # loads: before the first run, then after each
+        expl, times, loads = timing.result, list(timing.times), list(timing.loads)
         runs[granularity] = (expl, times, loads)
         print(f"{granularity:8s} {statistics.median(times):8.2f} s  runs "
               f"{[round(t, 2) for t in times]}  forwards {expl.settings['forwards']}  "
@@ -261,10 +259,9 @@ def _timed_chunks(starts: list[int], chunk: int, limit: int) -> list[int]:
 
 def _plain_per_token(model, batch: torch.Tensor, n_logits: int) -> tuple[float, float]:
     """(wall, CPU) seconds per token of one plain forward of ``batch`` [B, N]."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    model(input_ids=batch, use_cache=False, logits_to_keep=n_logits)
-    return ((time.perf_counter() - wall) / batch.numel(),
-            (time.process_time() - cpu) / batch.numel())
+    with Stopwatch() as sw:
+        model(input_ids=batch, use_cache=False, logits_to_keep=n_logits)
+    return sw.seconds / batch.numel(), sw.cpu_seconds / batch.numel()
 
 
 def floor_benchmark(args: argparse.Namespace) -> None:
@@ -315,11 +312,10 @@ def floor_benchmark(args: argparse.Namespace) -> None:
                     before = _plain_per_token(model, batch, t)
                     task = CausalLMTask(model, ids, len(prompt_ids), torch.tensor(target_ids),
                                         reuse=True)
-                    wall, cpu = time.perf_counter(), time.process_time()
-                    with atman_attention(model):
+                    with Stopwatch() as sw, atman_attention(model):
                         result = run_variants(task, factors, mode="paper", layers=None,
                                               chunk_size=lambda reuse, c=chunk: c)
-                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                    wall, cpu = sw.seconds, sw.cpu_seconds
                     after = _plain_per_token(model, batch, t)
                     per_wall, per_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
                     ratios.append(result.token_forwards * per_wall / wall)
@@ -468,11 +464,10 @@ def main(argv: list[str] | None = None) -> None:
                              "note": f"skipped: above --naive-max {args.naive_max}"})
                 continue
             ex = _explainer(model, tokenizer, method, same_chunk, kappa)
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                expl = ex.explain(prompt, target)
-                times.append(time.perf_counter() - start)
+            # warmed up once above, before the first size
+            timing = measure(lambda ex=ex, p=prompt, t=target: ex.explain(p, t), warmup=0,
+                             repeats=args.repeats)
+            expl, times = timing.result, list(timing.times)
             if reference is None:
                 reference = expl.per_target
             diff = _rel_diff(expl.per_target, reference)

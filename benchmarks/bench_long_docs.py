@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _baselines import integrated_gradients, target_log_prob_fn  # noqa: E402
 from _harness import machine_stamp, peak_rss, reset_peak_rss, run_isolated, write_csv  # noqa: E402
+from _timing import Stopwatch  # noqa: E402
 from bench_memory import random_llama  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -310,11 +311,11 @@ def measure_one(row: dict[str, Any]) -> dict[str, Any]:
     out = {**row, "n_tokens": doc["n_tokens"], "n_units": len(spans),
            "load_before": f"{os.getloadavg()[0]:.1f}"}
     base = reset_peak_rss()
-    t0, c0 = time.perf_counter(), time.process_time()
-    scores = run()
-    out["seconds"] = f"{time.perf_counter() - t0:.3f}"
+    with Stopwatch() as sw:
+        scores = run()
+    out["seconds"] = f"{sw.seconds:.3f}"
     # CPU seconds of the process (every thread): less swayed by other work than wall time
-    out["cpu_s"] = f"{time.process_time() - c0:.3f}"
+    out["cpu_s"] = f"{sw.cpu_seconds:.3f}"
     out["peak_mib"] = f"{(peak_rss() - base) / 2**20:.0f}"
     out["load_after"] = f"{os.getloadavg()[0]:.1f}"
     stats = getattr(getattr(run, "explainer", None), "last_stats", {})

@@ -43,14 +43,13 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from _harness import machine
+from _timing import Stopwatch
 
 EXAMPLES = [
     ("The capital of France is", " Paris"),
@@ -142,12 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         plan = [m for _ in range(args.repeats) for m in MODEL_METHODS]
         plan += [m for _ in range(args.cheap_repeats) for m in METHODS[2:]]
         for method in plan:
-            before = os.getloadavg()[0]
-            start, start_cpu = time.perf_counter(), time.process_time()
-            _run(method, explainer, EXAMPLES, folder, done_file, replay)
-            times[method].append(time.perf_counter() - start)
-            cpu[method].append(time.process_time() - start_cpu)
-            loads[method] += [before, os.getloadavg()[0]]
+            with Stopwatch() as sw:
+                _run(method, explainer, EXAMPLES, folder, done_file, replay)
+            times[method].append(sw.seconds)
+            cpu[method].append(sw.cpu_seconds)
+            loads[method] += [sw.load_before, sw.load_after]
     base = statistics.median(times["loop"])
     stamp = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

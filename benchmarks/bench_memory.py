@@ -83,6 +83,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _harness import machine_stamp, peak_rss, reset_peak_rss, run_isolated, write_csv  # noqa: E402
+from _timing import Stopwatch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["forward", "forward-nocache", "atman", "atman-region4", "atman-reference", "ig-10",
@@ -656,17 +657,17 @@ def measure_one(row: dict, *, mem_cap: bool = True) -> dict:
                                                 else min(cap, hard), hard))
     load0 = os.getloadavg()[0]
     base = reset_peak_rss()
-    t0 = time.perf_counter()
     status = "ok"
-    try:
-        run()
-    except BudgetReached:
-        status = "partial"
-    except Exception as exc:  # noqa: BLE001 - an out-of-memory row is a result, not a crash
-        if not _oom(exc):
-            raise
-        status = f"oom (over the {row.get('mem_budget_gib')} GiB budget)"
-    elapsed = time.perf_counter() - t0
+    with Stopwatch() as sw:
+        try:
+            run()
+        except BudgetReached:
+            status = "partial"
+        except Exception as exc:  # noqa: BLE001 - an out-of-memory row is a result, not a crash
+            if not _oom(exc):
+                raise
+            status = f"oom (over the {row.get('mem_budget_gib')} GiB budget)"
+    elapsed = sw.seconds
     peak = peak_rss() - base
     budget.remove()
     out.update(status=status, peak_mib=f"{peak / 2**20:.1f}", calls=len(budget.times),
@@ -853,7 +854,7 @@ def main() -> None:
                     row = {"model": model, "method": method, "n": n, "batch": batch,
                            "threads": args.threads, "full": int(full),
                            "mem_budget_gib": args.mem_budget_gib}
-                    t0 = time.perf_counter()
+                    row_clock = Stopwatch()
                     ig10 = next((r for r in new if _key(r) == (model, "ig-10", n)), None)
                     if (method == "ig-50" and not full and ig10 is not None
                             and ig10.get("status") == "partial" and batch <= 10):
@@ -861,7 +862,7 @@ def main() -> None:
                     else:
                         res = run_isolated(Path(__file__), row, timeout=args.timeout)
                     res.update(stamp)
-                    res["row_wall_s"] = f"{time.perf_counter() - t0:.0f}"
+                    res["row_wall_s"] = f"{row_clock.seconds:.0f}"
                     new.append(res)
                     print(f"{model:16s} n={n:5d} {method:17s} {res['status'][:40]:40s} "
                           f"{res.get('peak_mib', ''):>9s} MiB  "

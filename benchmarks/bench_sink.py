@@ -20,7 +20,6 @@ import csv
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _harness import machine_stamp  # noqa: E402
+from _timing import Stopwatch  # noqa: E402
 
 PROMPTS = [
     ("The capital of France is", " Paris"), ("The capital of Italy is", " Rome"),
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from atman_kernels.models import load_smollm2
 
     model, tokenizer = load_smollm2()
-    rows, load0, start = [], os.getloadavg()[0], time.perf_counter()
+    rows, load0, whole_run = [], os.getloadavg()[0], Stopwatch()
     for prompt, target in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
         with torch.inference_mode():
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     stamp = {**machine_stamp(), "threads": args.threads, "load_avg_1m_start": load0,
              "load_avg_1m_end": os.getloadavg()[0],
-             "wall_s": round(time.perf_counter() - start, 1)}
+             "wall_s": round(whole_run.seconds, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*rows[0], *stamp])

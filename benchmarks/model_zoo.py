@@ -18,7 +18,6 @@ import datetime
 import logging
 import os
 import sys
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import test_zoo  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from _timing import Stopwatch  # noqa: E402
 
 STATUSES = ("explained", "refused", "not built", "failing")
 KIND_TITLES = {
@@ -44,11 +44,11 @@ def run(only: list[str] | None = None) -> list[dict]:
     for kind, model_type, class_name in test_zoo.architectures():
         if only and model_type not in only:
             continue
-        start = time.perf_counter()
-        result = test_zoo.outcome(kind, model_type, class_name)
+        with Stopwatch() as sw:
+            result = test_zoo.outcome(kind, model_type, class_name)
         rows.append({"kind": kind, "model_type": model_type, "class": class_name,
                      "status": result.status, "reason": result.reason,
-                     "seconds": round(time.perf_counter() - start, 3)})
+                     "seconds": round(sw.seconds, 3)})
         print(f"{kind:10s} {class_name:45s} {result.status:9s} {result.reason[:90]}",
               flush=True)
     return rows
@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    start = time.perf_counter()
-    rows = run(args.only)
-    seconds = time.perf_counter() - start
+    with Stopwatch() as whole_run:
+        rows = run(args.only)
+    seconds = whole_run.seconds
     if args.merge and args.only:
         with args.csv.open(encoding="utf-8") as fh:
             old = [r for r in csv.DictReader(fh) if r["model_type"] not in args.only]
