@@ -25,9 +25,7 @@ same chat prompt; scores are per source, higher = the answer rests on it more):
 from __future__ import annotations
 
 import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _faith_common import append_result, done_keys, read_job  # noqa: E402
-from _harness import machine_stamp, peak_rss, reset_peak_rss  # noqa: E402
+from _faith_common import read_job  # noqa: E402
+from _faith_worker import run_documents  # noqa: E402
 
 PROJECT_METHODS = ["forward", "atman-single", "atman-auto", "atman-hierarchical-24",
                    "atman-hierarchical-48", "atman-sampled-32", "atman-sampled-64", "ig-10",
@@ -160,26 +158,7 @@ def main(job_path: str) -> None:
     if job["method"] == "ig-10":
         model.requires_grad_(False)
     import captum.attr  # noqa: F401  (imported before the baseline RSS, for every method)
-    run = runner(job["method"], model, tok)
-    run(job["warmup"])
-    done = done_keys(job["results"])
-    for doc in job["docs"]:
-        if (job["method"], int(doc["length"]), doc["doc"]) in done:
-            continue
-        stamp = machine_stamp()
-        base = reset_peak_rss()
-        t0, c0 = time.perf_counter(), time.process_time()
-        scores, forwards = run(doc)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        append_result(job["results"], {
-            "method": job["method"], "length": int(doc["length"]), "doc": doc["doc"],
-            "scores": scores, "seconds": round(seconds, 3), "cpu_s": round(cpu, 3),
-            "peak_mib": round((peak_rss() - base) / 2**20, 1), "forwards": forwards,
-            "n_tokens": len(doc["prompt_ids"]) + len(doc["response_ids"]),
-            "load_before": stamp["loadavg_1m"], "load_after": f"{os.getloadavg()[0]:.1f}",
-            "machine": stamp["machine"], "threads": stamp["threads"], "date": stamp["date"],
-            "env": f"torch {torch.__version__}, transformers "
-                   f"{__import__('transformers').__version__}"})
+    run_documents(job, runner(job["method"], model, tok))
 
 
 if __name__ == "__main__":

@@ -21,17 +21,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _faith_common import ablate, append_result, done_keys, read_job  # noqa: E402
-from _harness import machine_stamp, peak_rss, reset_peak_rss  # noqa: E402
+from _faith_common import ablate, read_job  # noqa: E402
+from _faith_worker import run_documents  # noqa: E402
 
 PEER_METHODS = ["contextcite-32", "contextcite-64", "attnlrp"]
 
@@ -124,26 +122,7 @@ def main(job_path: str) -> None:
         run = attnlrp_runner(model)
     else:
         run = contextcite_runner(model, tok, int(method.split("-")[1]))
-    run(job["warmup"])
-    done = done_keys(job["results"])
-    import transformers
-
-    for doc in job["docs"]:
-        if (method, int(doc["length"]), doc["doc"]) in done:
-            continue
-        stamp = machine_stamp()
-        base = reset_peak_rss()
-        t0, c0 = time.perf_counter(), time.process_time()
-        scores, forwards = run(doc)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        append_result(job["results"], {
-            "method": method, "length": int(doc["length"]), "doc": doc["doc"],
-            "scores": scores, "seconds": round(seconds, 3), "cpu_s": round(cpu, 3),
-            "peak_mib": round((peak_rss() - base) / 2**20, 1), "forwards": forwards,
-            "n_tokens": len(doc["prompt_ids"]) + len(doc["response_ids"]),
-            "load_before": stamp["loadavg_1m"], "load_after": f"{os.getloadavg()[0]:.1f}",
-            "machine": stamp["machine"], "threads": stamp["threads"], "date": stamp["date"],
-            "env": f"torch {torch.__version__}, transformers {transformers.__version__}"})
+    run_documents(job, run)
 
 
 if __name__ == "__main__":
