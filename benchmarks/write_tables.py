@@ -785,6 +785,89 @@ def model_zoo_counts() -> str:
     return table(["kind", *(names.get(s, s) for s in statuses), "total"], body)
 
 
+# --- faithfulness against the peers (bench_faithfulness) ------------------------------------
+
+FAITH_NAMES = {
+    "atman-auto": "**AtMan default** (`design=\"auto\"`)", "atman-single": "AtMan single",
+    "atman-hierarchical-24": "AtMan hierarchical, budget 24",
+    "atman-hierarchical-48": "AtMan hierarchical, budget 48",
+    "atman-sampled-32": "AtMan sampled, budget 32", "atman-sampled-64": "AtMan sampled, budget 64",
+    "contextcite-32": "ContextCite, 32 ablations", "contextcite-64": "ContextCite, 64 ablations",
+    "attnlrp": "AttnLRP (lxt)", "ig-10": "Captum IG-10",
+    "feature-ablation": "Captum FeatureAblation",
+    "forward": "one plain forward (yardstick)",
+}
+
+
+def _faith() -> dict[tuple[str, int], dict[str, str]]:
+    return {(r["method"], int(r["length"])): r for r in rows("faithfulness_summary_cpu.csv")}
+
+
+def _f(value: str, fmt: str = ".2f") -> str:
+    return format(float(value), fmt) if value not in ("", None) else ""
+
+
+@block("faithfulness")
+def faithfulness() -> str:
+    """Every method at every length measured: faithfulness, time, memory, forwards."""
+    body = []
+    for (method, n), r in sorted(_faith().items(), key=lambda kv: kv[0][1]):
+        ev = (f"{_f(r['evidence_top1'])} ({r['templated']} pages)"
+              if r.get("evidence_top1") else "")
+        body.append([str(n), FAITH_NAMES.get(method, method), r["docs"], _f(r.get("top1_drop")),
+                     _f(r.get("top3_drop")), _f(r.get("top5_drop")), _f(r.get("lds")), ev,
+                     _f(r["seconds"], ".1f"), _f(r["forwards"], ".0f"),
+                     _f(r["memory_x_forward"]), str(r["load_max"])])
+    return table(["tokens", "method", "docs", "top-1 drop", "top-3 drop", "top-5 drop", "LDS",
+                  "evidence top-1", "s / doc", "forwards", "memory / forward's", "load max"],
+                 body)
+
+
+@block("faithfulness_targets")
+def faithfulness_targets() -> str:
+    """Issue "designs" item 7: the default against its targets, at each length measured."""
+    by = _faith()
+    lines = []
+    for n in sorted({k[1] for k in by}):
+        auto, cc, lrp = (by.get((m, n)) for m in ("atman-auto", "contextcite-64", "attnlrp"))
+        if auto is None:
+            continue
+        items = []
+        for key, label in (("top1_drop", "top-1"), ("top3_drop", "top-3"),
+                           ("top5_drop", "top-5"), ("evidence_top1", "evidence top-1")):
+            a = float(auto[key]) if auto.get(key) else None
+            peers = [(name, float(r[key])) for name, r in (("ContextCite-64", cc),
+                                                           ("AttnLRP", lrp))
+                     if r is not None and r.get(key)]
+            if a is None or not peers:
+                continue
+            best = max(peers, key=lambda p: p[1])
+            verdict = "met" if a > best[1] else f"missed by {best[1] - a:.2f}"
+            items.append(f"{label} {a:.2f} vs best peer {best[0]} {best[1]:.2f}: {verdict}")
+        t = float(auto["seconds"])
+        if cc is not None:
+            ratio = t / float(cc["seconds"])
+            items.append(f"time {ratio:.2f}x ContextCite-64's (target <= 0.5: "
+                         f"{'met' if ratio <= 0.5 else 'missed'})")
+        if lrp is not None:
+            ratio = t / float(lrp["seconds"])
+            items.append(f"time {ratio:.1f}x AttnLRP's (target <= 2: "
+                         f"{'met' if ratio <= 2 else 'missed'})")
+        single, ig = by.get(("atman-single", n)), by.get(("ig-10", n))
+        if n >= 4096 and single is not None:
+            ratio = t / float(single["seconds"])
+            items.append(f"time {ratio:.2f}x the exhaustive single design's (target <= 0.2: "
+                         f"{'met' if ratio <= 0.2 else 'missed'})")
+        if n >= 4096 and ig is not None:
+            items.append(f"{'faster' if t < float(ig['seconds']) else 'slower'} than IG-10")
+        if auto.get("memory_x_forward"):
+            m = float(auto["memory_x_forward"])
+            items.append(f"memory {m:.2f}x a plain forward's (target <= 1.2: "
+                         f"{'met' if m <= 1.2 else 'missed'})")
+        lines.append(f"- {n} tokens ({auto['docs']} documents): " + "; ".join(items) + ".")
+    return "\n".join(lines) + "\n"
+
+
 # --- the README's headline figures ----------------------------------------------------------------
 
 @block("headline")
