@@ -25,7 +25,7 @@ from _brute import tiny_llama, trained_bpe, unit_scale_
 from PIL import Image
 
 import atman_kernels.hf  # noqa: F401  (registers "atman")
-from atman_kernels.explain import AtManExplainer, Explanation
+from atman_kernels.explain import AtManExplainer, Explanation, Span
 from atman_kernels.explain.render import score_rgb, to_html
 
 BROWSER = pytest.mark.browser
@@ -141,6 +141,42 @@ def pictured() -> Explanation:
         (PROMPT, [_picture()]), IMAGE_TARGET)
     assert expl.images is not None and any(s.source == "image" for s in expl.spans)
     return expl
+
+
+def page_json(page: str) -> dict:
+    """The page's one JSON data block, parsed."""
+    import json
+
+    start = page.index('<script type="application/json" class="atman-data">')
+    body = page[page.index(">", start) + 1:page.index("</script>", start)]
+    assert page.count('type="application/json"') == 1
+    return json.loads(body)
+
+
+def test_the_page_reads_one_json_block_the_explanations_own(plain, hierarchical):
+    """Not in a browser: the data block is ``to_dict()`` and ``citations(3)``, nothing else,
+    and the notebook shows the same page."""
+    for expl in (plain, hierarchical):
+        page = to_html(expl)
+        data = page_json(page)
+        assert set(data) == {"explanation", "citations", "cite_k"} and data["cite_k"] == 3
+        assert data["explanation"] == json_round(expl.to_dict())
+        assert data["citations"] == json_round([c.to_dict() for c in expl.citations(3)])
+        assert expl._repr_html_() == page
+    # text that would end the script element early stays inside the JSON
+    spans = [Span("a </script><b>", 0, 14, (0,)), Span(" <!--x", 14, 20, (1,))]
+    odd = Explanation(tokens=[], scores=torch.tensor([1.0, -1.0]),
+                      per_target=torch.tensor([[1.0, -1.0]]), target_tokens=[" </script>"],
+                      kind="causal_lm", spans=spans, prompt="a </script><b> <!--x")
+    page = to_html(odd)
+    assert page_json(page)["explanation"]["prompt"] == odd.prompt
+    assert page.count("</script>") == 2  # the data block's end and the script's
+
+
+def json_round(value):
+    import json
+
+    return json.loads(json.dumps(value))
 
 
 # ---------------------------------------------------------------------- the browser

@@ -2,7 +2,11 @@
 // Explanation's to_dict() and its citations) and nothing else; no network, no library.
 (function () {
   "use strict";
-  var root = document.currentScript.closest(".atman-page");
+  // the page this script belongs to (a notebook may hold several); without currentScript
+  // (a script run by a notebook front end) the last page so far is this one
+  var pages = document.querySelectorAll(".atman-page");
+  var root = document.currentScript ? document.currentScript.closest(".atman-page")
+    : pages[pages.length - 1];
   var data = JSON.parse(root.querySelector("script.atman-data").textContent);
   var E = data.explanation;
 
