@@ -24,7 +24,7 @@ from .common import (
     scale_labels,
     score_rgb,
 )
-from .maps import _view_layer_list
+from .maps import _image_layers, _view_layer_list
 from .page_data import CITE_K, page_data, page_data_json
 
 if TYPE_CHECKING:
@@ -88,6 +88,10 @@ def render_html(expl: Explanation, *, images: Sequence[Any] | None = None) -> st
         body.extend(_answer_lines(expl))
         body.append("</div>")
     else:
+        if expl.image is not None:  # the picture (not serialised) with the patch map on it
+            rows, cols = expl.patch_grid
+            body.append("<div class=\"pictures\">" + _figure(
+                *_image_layers(expl, expl.image), f"{rows} x {cols} patches", 0) + "</div>")
         body.append(_patch_grid(expl))
         body.extend(_answer_lines(expl))
     body.append(_row_controls(expl))
@@ -221,29 +225,31 @@ def _patch_grid(expl: Explanation) -> str:
 
 
 def _pictures(expl: Explanation, images: Sequence[Any] | None) -> str:
-    """Each image view: the picture with its map on top at an adjustable opacity (a range
-    input), or the bare map when no picture is given."""
+    """Each image view (:func:`_figure`), in the order of :func:`.maps._view_images`."""
+    return ("<div class=\"pictures\">" + "".join(
+        _figure(base, colours, mask, caption, n) for n, (base, colours, mask, caption)
+        in enumerate(_view_layer_list(expl, images, 384))) + "</div>")
+
+
+def _figure(base, colours, mask, caption: str, n: int) -> str:
+    """The picture ``base`` with its map (``colours`` at opacity ``mask``) on top, the map's
+    opacity set by a range input (the ``n``-th on the page); without a picture the bare map."""
     esc = html.escape
-    out = ["<div class=\"pictures\">"]
-    for n, (base, colours, mask, caption) in enumerate(_view_layer_list(expl, images, 384)):
-        w, h = colours.size
-        if base is None:
-            out.append(f"<figure><img src=\"{_png_data_uri(colours)}\" width=\"{w}\" "
-                       f"height=\"{h}\" alt=\"{esc(caption)}\"><figcaption>{esc(caption)}"
-                       "</figcaption></figure>")
-            continue
-        layer = colours.copy()
-        layer.putalpha(mask)
-        out.append(
-            f"<figure><div class=\"blend\" style=\"width:{w}px;height:{h}px\">"
-            f"<img class=\"base\" src=\"{_png_data_uri(base)}\" width=\"{w}\" height=\"{h}\" "
-            f"alt=\"{esc(caption)}\"><img class=\"map\" src=\"{_png_data_uri(layer)}\" "
-            f"width=\"{w}\" height=\"{h}\" alt=\"score map\"></div>"
-            f"<figcaption>{esc(caption)} <label>map opacity <input type=\"range\" "
-            f"class=\"opacity\" id=\"opacity-{n}\" min=\"0\" max=\"100\" value=\"100\">"
-            "</label></figcaption></figure>")
-    out.append("</div>")
-    return "".join(out)
+    w, h = colours.size
+    if base is None:
+        return (f"<figure><img src=\"{_png_data_uri(colours)}\" width=\"{w}\" "
+                f"height=\"{h}\" alt=\"{esc(caption)}\"><figcaption>{esc(caption)}"
+                "</figcaption></figure>")
+    layer = colours.copy()
+    layer.putalpha(mask)
+    return (
+        f"<figure><div class=\"blend\" style=\"width:{w}px;height:{h}px\">"
+        f"<img class=\"base\" src=\"{_png_data_uri(base)}\" width=\"{w}\" height=\"{h}\" "
+        f"alt=\"{esc(caption)}\"><img class=\"map\" src=\"{_png_data_uri(layer)}\" "
+        f"width=\"{w}\" height=\"{h}\" alt=\"score map\"></div>"
+        f"<figcaption>{esc(caption)} <label>map opacity <input type=\"range\" "
+        f"class=\"opacity\" id=\"opacity-{n}\" min=\"0\" max=\"100\" value=\"100\">"
+        "</label></figcaption></figure>")
 
 
 def _html_legend(peak: float, low: str, high: str, note: str, main: bool = False) -> str:

@@ -138,6 +138,16 @@ def _view_layer_list(expl: Explanation, images: Sequence[Any] | None, side: int)
 
 
 def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
+    """An image classifier's patch map over its picture (bare, 32 px cells, without one)."""
+    from PIL import Image
+
+    base, overlay, mask = _image_layers(expl, image)
+    return overlay if base is None else Image.composite(overlay, base, mask)
+
+
+def _image_layers(expl: Explanation, image: torch.Tensor | None):
+    """The layers :func:`_image_heatmap` blends: (picture, map colours, map opacity mask), or
+    (None, the bare map, None) without a picture."""
     from PIL import Image
 
     rows, cols = expl.patch_grid
@@ -149,7 +159,7 @@ def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
         alpha.putpixel((idx % cols, idx // cols), int(40 + 170 * abs(unit)))
     if image is None:
         size = (cols * 32, rows * 32)
-        return heat.resize(size, Image.NEAREST)
+        return None, heat.resize(size, Image.NEAREST), None
     pic = image.detach().to(torch.float32).cpu()
     if pic.dim() == 4 and pic.shape[0] == 1:
         pic = pic[0]
@@ -166,4 +176,4 @@ def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
     base = base.resize(size, Image.BILINEAR)
     overlay = heat.resize(size, Image.NEAREST)
     mask = alpha.resize(size, Image.NEAREST)
-    return Image.composite(overlay, base, mask)
+    return base, overlay, mask
