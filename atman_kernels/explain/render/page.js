@@ -45,6 +45,7 @@
       var u = p > 0 && isFinite(v) ? Math.max(-1, Math.min(1, v / p)) : 0;
       el.dataset.score = String(v);
       el.style.background = rgb(u);
+      el.style.color = Math.abs(u) > 0.6 ? "#fff" : "";  // readable on a strong colour
       el.title = fmt(v) + " nats";
       el.setAttribute("aria-label", el.textContent + ": " + fmt(v) + " nats");
     });
