@@ -17,8 +17,8 @@ LOWEST_TESTS := tests/test_hf.py tests/test_hf_guards.py tests/test_explainer.py
 	tests/test_granularity.py tests/test_cli.py tests/test_engine_cache.py tests/test_swin.py \
 	tests/test_gemma3_images.py
 
-.PHONY: setup build browser test test-fast test-lowest lint explain bench-attention \
-	bench-attention-isa clean
+.PHONY: setup build test test-fast test-lowest lint explain bench-attention bench-attention-isa \
+	clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,7 @@ build: setup
 # only when `chromium` or `chromedriver` is missing.
 CHROMIUM ?= chromium
 CHROMEDRIVER ?= chromedriver
+.PHONY: browser
 browser:
 	@if command -v $(CHROMIUM) >/dev/null 2>&1 && command -v $(CHROMEDRIVER) >/dev/null 2>&1; \
 	then \
