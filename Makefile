@@ -37,7 +37,23 @@ $(STAMP): pyproject.toml setup.py
 build: setup
 	$(BIN)/python setup.py -q build_ext --inplace
 
-test: setup
+# Headless Chromium and its driver for the page's browser tests (tests/test_page_browser.py,
+# marked `browser`): Debian's packages, installed with apt-get (as root, else through sudo)
+# only when `chromium` or `chromedriver` is missing.
+CHROMIUM ?= chromium
+CHROMEDRIVER ?= chromedriver
+.PHONY: browser
+browser:
+	@if command -v $(CHROMIUM) >/dev/null 2>&1 && command -v $(CHROMEDRIVER) >/dev/null 2>&1; \
+	then \
+		echo "$(CHROMIUM) and $(CHROMEDRIVER) found"; \
+	else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 # The integration and explainer tests again on the lowest supported transformers.

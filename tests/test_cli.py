@@ -188,7 +188,7 @@ def test_explain_image_end_to_end(llava_dir, picture_file, tmp_path, capsys):
     assert [s.box for s in regions] == [s.box for s in direct.spans if s.source == "image"]
     assert "box " in printed or all(s.source != "image" for _, s, _ in direct.top(3))
     page = out_html.read_text()
-    assert page.count("data:image/png;base64,") == 1
+    assert page.count("data:image/png;base64,") == 2  # the picture and its map layer
     with Image.open(out_png) as img:
         assert img.format == "PNG" and img.size[0] == 800
 

@@ -117,10 +117,13 @@ def test_html_embeds_the_maps_and_shows_no_image_unit_as_text():
     page = to_html(expl)
     assert "http" not in page.lower() and "<link" not in page
     uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(uris) == 1
-    with Image.open(io.BytesIO(base64.b64decode(uris[0]))) as im:
-        embedded = np.asarray(im.convert("RGB"))
-    assert np.array_equal(embedded, np.asarray(view_image(expl, 0, side=384)))
+    assert len(uris) == 2  # the picture, and its map (colours with their opacity) above it
+    with Image.open(io.BytesIO(base64.b64decode(uris[0]))) as pic, \
+            Image.open(io.BytesIO(base64.b64decode(uris[1]))) as layer:
+        assert layer.mode == "RGBA"
+        embedded = np.asarray(Image.alpha_composite(pic.convert("RGBA"), layer).convert("RGB"))
+    # at full opacity (the slider's start) the page shows exactly the blended view
+    assert np.abs(embedded.astype(int) - np.asarray(view_image(expl, 0, side=384))).max() <= 1
     text_div = page.split('<div class="text">', 1)[1].split("</div>", 1)[0]
     assert "image 0" not in text_div and html.escape(" what") in text_div
     assert 'class="tok target"' in text_div  # the explained target token, outlined
@@ -212,7 +215,7 @@ def test_a_strong_cell_is_red_at_its_box_on_a_real_model(make, region, tmp_path)
     assert is_red(png[y + centre(box, scale)[1], x + centre(box, scale)[0]])
     views = {v["view"] for v in strong.image_views}
     page = to_html(strong)
-    assert page.count("data:image/png;base64,") == len(views)
+    assert page.count("data:image/png;base64,") == 2 * len(views)  # picture and map each
     text = to_terminal(strong, color=False)
     assert f"image 0, whole view ({rows} x {cols} cells):" in text
     assert ("global view" in text) == ("global" in views)

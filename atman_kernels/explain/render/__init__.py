@@ -4,8 +4,13 @@ Rendering reads an Explanation (the Explanation does not import this package):
 :func:`to_html`, :func:`save_png` and :func:`to_terminal`, one module per output format
 (:mod:`.html`, :mod:`.png`, :mod:`.terminal`, :mod:`.notebook`) over the shared pieces of
 :mod:`.common` (colours, text segments, labels) and :mod:`.maps` (score maps on pictures).
-Layering, each module importing only those before it: common, maps, terminal, html, png,
-notebook.
+Layering, each module importing only those before it: common, maps, page_data, terminal,
+html, png, notebook.
+
+The HTML page is explorable (docs/explaining.md, "The explanation page"): its script
+(``page.js``) reads one JSON block (:mod:`.page_data`: the Explanation's ``to_dict()`` and its
+citations) to show each target token's row, the answer's citations, a design's tree, a
+sortable table of the top units and each picture's map at an adjustable opacity.
 
 Text explanations show the prompt's own text, its spacing and line breaks, with each explained
 unit (token, word, sentence, span) highlighted; prompt text outside every unit is shown plain.

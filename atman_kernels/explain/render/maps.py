@@ -51,6 +51,19 @@ def view_image(expl: Explanation, image: int = 0, view: str = "whole", *,
     over the picture. Without a picture: the bare grid, square cells. Colours on the scale of
     all units (:func:`score_rgb` of the score over the largest |score|).
     """
+    from PIL import Image
+
+    base, overlay, mask = view_layers(expl, image, view, picture=picture, side=side)
+    if base is None:
+        return overlay
+    return Image.composite(overlay, base, mask)
+
+
+def view_layers(expl: Explanation, image: int = 0, view: str = "whole", *,
+                picture: Any = None, side: int = 384):
+    """The two layers :func:`view_image` blends: (picture, map colours, map opacity mask), PIL
+    images of one size ("RGB", "RGB", "L"); without a picture (None, the bare grid, None).
+    ``Image.composite(colours, picture, mask)`` is :func:`view_image`."""
     from PIL import Image, ImageDraw
 
     if expl.kind != "image_text":
@@ -73,7 +86,7 @@ def view_image(expl: Explanation, image: int = 0, view: str = "whole", *,
         alpha.putpixel((k % cols, k // cols), _alpha(units[u]))
     if picture is None:
         cell = max(2, side // max(rows, cols))
-        return heat.resize((cols * cell, rows * cell), Image.NEAREST)
+        return None, heat.resize((cols * cell, rows * cell), Image.NEAREST), None
     pic = _picture_array(picture)
     h, w = pic.shape[:2]
     scale = side / max(h, w)
@@ -94,27 +107,47 @@ def view_image(expl: Explanation, image: int = 0, view: str = "whole", *,
     else:
         overlay = heat.resize(size, Image.NEAREST)
         mask = alpha.resize(size, Image.NEAREST)
-    return Image.composite(overlay, base, mask)
+    return base, overlay, mask
 
 
 def _view_images(expl: Explanation, images: Sequence[Any] | None, side: int) -> list:
     """(PIL image, caption) of every view: each picture's "whole" map at ``side``, its
     "global" map (tiling models) at half."""
+    from PIL import Image
+
+    return [(overlay if base is None else Image.composite(overlay, base, mask), caption)
+            for base, overlay, mask, caption in _view_layer_list(expl, images, side)]
+
+
+def _view_layer_list(expl: Explanation, images: Sequence[Any] | None, side: int) -> list:
+    """(picture, map colours, map mask, caption) of every view (:func:`view_layers`), in the
+    order and sizes of :func:`_view_images`."""
     pictures = list(images) if images is not None else expl.images
     out = []
     for v in sorted(expl.image_views, key=lambda v: (v["image"], v["view"] != "whole")):
         i, name = v["image"], v["view"]
         picture = pictures[i] if pictures is not None and i < len(pictures) else None
         small = name == "global"
-        img = view_image(expl, i, name, picture=picture, side=side // 2 if small else side)
+        base, overlay, mask = view_layers(expl, i, name, picture=picture,
+                                          side=side // 2 if small else side)
         rows, cols = v["grid"]
         what = "global view" if small else "whole picture"
-        out.append((img, f"image {i}: {what}, {rows} x {cols} cells"
-                         + ("" if picture is not None else " (no picture given)")))
+        out.append((base, overlay, mask, f"image {i}: {what}, {rows} x {cols} cells"
+                    + ("" if picture is not None else " (no picture given)")))
     return out
 
 
 def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
+    """An image classifier's patch map over its picture (bare, 32 px cells, without one)."""
+    from PIL import Image
+
+    base, overlay, mask = _image_layers(expl, image)
+    return overlay if base is None else Image.composite(overlay, base, mask)
+
+
+def _image_layers(expl: Explanation, image: torch.Tensor | None):
+    """The layers :func:`_image_heatmap` blends: (picture, map colours, map opacity mask), or
+    (None, the bare map, None) without a picture."""
     from PIL import Image
 
     rows, cols = expl.patch_grid
@@ -126,7 +159,7 @@ def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
         alpha.putpixel((idx % cols, idx // cols), int(40 + 170 * abs(unit)))
     if image is None:
         size = (cols * 32, rows * 32)
-        return heat.resize(size, Image.NEAREST)
+        return None, heat.resize(size, Image.NEAREST), None
     pic = image.detach().to(torch.float32).cpu()
     if pic.dim() == 4 and pic.shape[0] == 1:
         pic = pic[0]
@@ -143,4 +176,4 @@ def _image_heatmap(expl: Explanation, image: torch.Tensor | None):
     base = base.resize(size, Image.BILINEAR)
     overlay = heat.resize(size, Image.NEAREST)
     mask = alpha.resize(size, Image.NEAREST)
-    return Image.composite(overlay, base, mask)
+    return base, overlay, mask
