@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,7 @@ def read_examples(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
 def run_explain_many(args: argparse.Namespace) -> int:
     """``--input JSONL --output JSONL``: every example explained with one progress bar,
     appended to --output as it finishes; the ids --output already holds are skipped."""
+    from ..explain.distributed import check_parts, place_from_env
     from ..explain.many import ExampleError, OutputLocked, check_output_unlocked, finished_ids
 
     _check_many_flags(args)
@@ -175,6 +177,11 @@ def run_explain_many(args: argparse.Namespace) -> int:
     check_tokenizer = _check_chat(args)
     _check_outputs(args)  # a folder or an unwritable --output, before it is read
     try:
+        place = place_from_env()
+        check_parts(args.output, place)  # parts this run cannot continue: before the model
+    except ValueError as exc:
+        raise UsageError(f"--output: {exc}") from exc
+    try:
         check_output_unlocked(args.output)  # another run on it: refused before the model loads
         done = finished_ids(args.output, repair=False)
     except OutputLocked as exc:
@@ -188,6 +195,10 @@ def run_explain_many(args: argparse.Namespace) -> int:
             print(f"AtMan: all {len(examples)} examples of {args.input} are in {args.output} "
                   "already; nothing to explain")
         return 0
+    if place.distributed and args.threads is None:
+        # torchrun: the machine's cores shared among the processes on it
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", place.world))
+        args.threads = max(1, (os.cpu_count() or 1) // max(1, local))
     _setup(args)
     archs = getattr(loading.folder_config(args.model), "architectures", None) or []
     early_kind = loading.class_kind(archs[0] if archs else None)
@@ -236,7 +247,8 @@ def run_explain_many(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     if not args.quiet:
         each = f", {seconds / len(results):.2f} s each" if results else ""
-        print(f"explained {len(results)} examples in {seconds:.1f} s{each}; wrote jsonl: "
-              f"{args.output}")
+        where = (f"rank {place.rank} of {place.world}: " if place.distributed else "")
+        print(f"{where}explained {len(results)} examples in {seconds:.1f} s{each}; wrote "
+              f"jsonl: {args.output}")
     return 0
 

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from .distributed import Group, check_parts, merge, part_path, place_from_env, share
 from .explanation import Explanation, ensure_parent
 
 try:
@@ -108,10 +109,21 @@ def output_lock(path: Path) -> Iterator[bool]:
         yield created
     finally:
         try:
-            if created and os.fstat(fd).st_size == 0:
+            if created and _same_empty_file(fd, path):
                 path.unlink(missing_ok=True)
         finally:
             os.close(fd)  # releases the lock
+
+
+def _same_empty_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` and that file is empty (a file put in
+    its place, e.g. a merged output renamed over it, is never removed)."""
+    held = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino) and held.st_size == 0
 
 
 def check_output_unlocked(path: Path) -> None:
@@ -188,38 +200,87 @@ def explain_many(explainer: Explains, examples: Iterable[Any], *,
                  ) -> list[tuple[str, Explanation]]:
     """Explain every example; see :meth:`AtManExplainer.explain_many`.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each process explains its share of the examples
+    into a part file and rank 0 merges the parts into ``output`` in input order
+    (:mod:`.distributed`); without ``output`` each process returns its share's explanations.
+
     Raises:
         OutputLocked: another run holds ``output`` (before any example is explained).
         FileExistsError: ``output`` exists and ``resume`` is False.
+        ValueError: part files this run cannot continue (another world size; or a single
+            process finding a distributed run's parts).
     """
     path = None if output is None else Path(output)
+    place = place_from_env()
+    if place.distributed:
+        return _explain_share(explainer, examples, path, place, resume, progress,
+                              explain_kwargs)
+    items = _examples(examples)
+    total = len(examples) if hasattr(examples, "__len__") else None
     if path is None:
-        return _explain_all(explainer, examples, None, set(), progress, explain_kwargs)
+        return _explain_all(explainer, items, total, None, set(), progress, explain_kwargs)
     ensure_parent(path)
+    check_parts(path, place)
     with output_lock(path) as created:
         if not created and not resume:
             raise FileExistsError(f"output {path} exists: pass resume=True to skip the examples "
                                   "it holds, or choose another file")
         done = finished_ids(path)  # read under the lock: a finished run's lines are all there
-        return _explain_all(explainer, examples, path, done, progress, explain_kwargs)
+        return _explain_all(explainer, items, total, path, done, progress, explain_kwargs)
 
 
-def _explain_all(explainer: Explains, examples: Iterable[Any], path: Path | None,
-                 done: set[str], progress: bool | None, explain_kwargs: dict[str, Any]
-                 ) -> list[tuple[str, Explanation]]:
-    """The loop of :func:`explain_many`: the ids in ``done`` skipped, each other example
-    explained and appended to ``path`` (when given)."""
+def _explain_share(explainer: Explains, examples: Iterable[Any], path: Path | None,
+                   place: Any, resume: bool, progress: bool | None,
+                   explain_kwargs: dict[str, Any]) -> list[tuple[str, Explanation]]:
+    """One rank of a distributed run: its share into its part, then rank 0 merges."""
+    items = list(_examples(examples))
+    ids = [ident for ident, _ in items]
+    seen: set[str] = set()
+    for ident in ids:  # every rank checks the whole input, so all refuse alike
+        if ident in seen:
+            raise ValueError(f"example id {ident!r} appears twice")
+        seen.add(ident)
+    mine = [items[i] for i in share(len(items), place)]
+    if path is None:
+        return _explain_all(explainer, iter(mine), len(mine), None, set(), progress,
+                            explain_kwargs)
+    ensure_parent(path)
+    check_parts(path, place)
+    part = part_path(path, place)
+    if not resume and (path.exists() or part.exists()):
+        raise FileExistsError(f"output {path if path.exists() else part} exists: pass "
+                              "resume=True to skip the examples it holds, or choose another file")
+    merged = finished_ids(path, repair=False)  # lines a finished earlier run already holds
+    model = getattr(explainer, "model", None)
+    device = next(model.parameters()).device if model is not None else None
+    with Group(place, device) as group:
+        with output_lock(part):
+            done = finished_ids(part) | merged
+            results = _explain_all(explainer, iter(mine), len(mine), part, done, progress,
+                                   explain_kwargs)
+        group.barrier()  # every part is complete before rank 0 reads them
+        if place.rank == 0:
+            merge(path, ids, place, lock=output_lock)
+        group.barrier()  # no rank returns before the merged output is there
+    return results
+
+
+def _explain_all(explainer: Explains, items: Iterator[tuple[str, dict[str, Any]]],
+                 total: int | None, path: Path | None, done: set[str], progress: bool | None,
+                 explain_kwargs: dict[str, Any]) -> list[tuple[str, Explanation]]:
+    """The loop of :func:`explain_many`: (id, explain() arguments) ``items`` (from
+    :func:`_examples`); the ids in ``done`` skipped, each other example explained and
+    appended to ``path`` (when given)."""
     from tqdm.auto import tqdm
 
     show = explainer.progress if progress is None else bool(progress)
-    total = len(examples) if hasattr(examples, "__len__") else None
     results: list[tuple[str, Explanation]] = []
     seen: set[str] = set()
     inner = explainer.progress
     explainer.progress = False  # one bar for the whole run
     try:
         with tqdm(total=total, desc="AtMan examples", unit="example", disable=not show) as bar:
-            for ident, args in _examples(examples):
+            for ident, args in items:
                 if ident in seen:
                     raise ValueError(f"example id {ident!r} appears twice")
                 seen.add(ident)
