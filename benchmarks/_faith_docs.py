@@ -8,6 +8,9 @@ scored on):
   the query "In which city did <person> grow up?". A seed is used only where the model's own
   greedy answer names Hamburg (``answered`` seeds; the seeds tried are recorded), so the
   evidence rank measures what the answer rests on.
+- either kind: only where the answer's tokens are what the tokenizer makes of the prompt and
+  answer text again (:func:`round_trips`), so that ContextCite, which tokenises the text,
+  explains the very tokens the other methods are given.
 - ``prose``: text no one in this project wrote: the licence texts Debian ships in
   ``/usr/share/common-licenses`` (GPL, LGPL, GFDL, MPL, Apache, Artistic, CC0), hard-wrapped
   lines joined, paragraphs kept; windows of whole paragraphs from several starting
@@ -111,6 +114,15 @@ def generate_answer(model: Any, ids: list[int], max_new_tokens: int, eos: int | 
     return out
 
 
+def round_trips(tokenizer: Any, ids: list[int], answer: list[int]) -> bool:
+    """Whether the answer's tokens are what the tokenizer makes of prompt + answer text: a
+    method that re-tokenises the text (ContextCite) then explains the same tokens as one
+    that takes the ids. A generated answer whose text tokenises otherwise is not used."""
+    text = tokenizer.decode(ids + answer)
+    again = tokenizer.encode(text, add_special_tokens=False)
+    return again == ids + answer
+
+
 def _finish(tokenizer: Any, doc: dict[str, Any]) -> dict[str, Any]:
     doc["sources"] = sentence_sources(doc["context"])
     doc["positions"] = source_positions(tokenizer, doc["context"], doc["query"], doc["sources"])
@@ -135,7 +147,7 @@ def templated_doc(model: Any, tokenizer: Any, length: int, seed: int, tries: int
             n_sent += max(1, (length - len(ids)) // 12)
         answer = generate_answer(model, ids, 16, tokenizer.eos_token_id, tokenizer, True)
         text = tokenizer.decode(answer)
-        if ANSWER_CITY not in text:
+        if ANSWER_CITY not in text or not round_trips(tokenizer, ids, answer):
             continue
         doc = _finish(tokenizer, {"doc": f"templated-{length}-{s}", "kind": "templated",
                                   "length": length, "context": context, "query": query,
@@ -172,7 +184,7 @@ def prose_doc(model: Any, tokenizer: Any, length: int, index: int) -> dict[str, 
     else:
         return None
     answer = generate_answer(model, ids, 40, tokenizer.eos_token_id, tokenizer, True)
-    if not tokenizer.decode(answer).strip():
+    if not tokenizer.decode(answer).strip() or not round_trips(tokenizer, ids, answer):
         return None
     return _finish(tokenizer, {"doc": f"prose-{length}-{name}-{start}", "kind": "prose",
                                "length": length, "context": context, "query": query,

@@ -238,7 +238,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             s["evidence_top1"] = f"{sum(x == 1 for x in ranks) / len(ranks):.2f}" if ranks else ""
             s["evidence_rank"] = mean(ranks)
         s["load_max"] = max(max(float(r["load_before"]), float(r["load_after"])) for r in rs)
-        s["machine"] = rs[0]["machine"]
+        s["machine"] = " + ".join(sorted({r["machine"] for r in rs}))  # two: not comparable
         out.append(s)
     return out
 

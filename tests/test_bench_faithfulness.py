@@ -213,3 +213,14 @@ def test_summary_and_plot(tmp_path):
     assert s["atman-auto"]["memory_x_forward"] == "1.10" and s["forward"]["docs"] == 2
     bf.plot(list(s.values()), tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_an_answer_whose_text_tokenises_otherwise_is_not_used(tiny):
+    _, tok = tiny
+    ids = fc.prompt_ids(tok, CONTEXT, QUERY)
+    canonical = tok.encode(" Hamburg.", add_special_tokens=False)
+    assert fd.round_trips(tok, ids, canonical)
+    split = tok.encode(" Ham", add_special_tokens=False) + tok.encode("burg.",
+                                                                     add_special_tokens=False)
+    assert tok.decode(split) == " Hamburg." and split != canonical
+    assert not fd.round_trips(tok, ids, split)
