@@ -48,6 +48,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -291,15 +292,22 @@ def plot(summary: list[dict[str, Any]], png: Path) -> None:
                            marker=marker, color=colour, s=70 if m == "atman-auto" else 40,
                            label=label, zorder=3)
         n = max(int(r["docs"]) for r in rows.values()) if rows else 0
+        cpu = " + ".join(sorted({re.sub(r", \d+ cores.*$", "", r["machine"]).replace("(R)", "")
+                                 for r in rows.values()}))
         ax.set_xscale("log")
-        ax.set_title(f"{length} tokens ({n} documents)")
+        ax.set_title(f"{length} tokens ({n} documents)\n{cpu}", fontsize=9)
         ax.set_xlabel("seconds per document (2 threads, log)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("top-3 removal drop of log p(answer) (nats, higher = more faithful)")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    machine = summary[0]["machine"]
-    fig.suptitle(f"SmolLM2-135M, sentences of the context; {machine}", fontsize=9)
-    fig.tight_layout()
+    axes[0][0].set_ylabel("top-3 removal drop (nats; higher = more faithful)")
+    handles: dict[str, Any] = {}  # every method of any panel, once
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles),
+               fontsize=8, frameon=False)
+    fig.suptitle("SmolLM2-135M, sentences of the context (times compare within a panel "
+                 "only)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
 

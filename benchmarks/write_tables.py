@@ -818,7 +818,7 @@ def faithfulness() -> str:
                      _f(r.get("top3_drop")), _f(r.get("top5_drop")), _f(r.get("lds")), ev,
                      _f(r["seconds"], ".1f"), _f(r["forwards"], ".0f"),
                      _f(r["memory_x_forward"]), str(r["load_max"]),
-                     r["machine"].replace(", 2 cores, no GPU", "").replace("(R)", "")])
+                     re.sub(r", \d+ cores.*$", "", r["machine"]).replace("(R)", "")])
     return table(["tokens", "method", "docs", "top-1 drop", "top-3 drop", "top-5 drop", "LDS",
                   "evidence top-1", "s / doc", "forwards", "memory / forward's", "load max",
                   "CPU (2 cores)"], body)

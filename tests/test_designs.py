@@ -154,7 +154,9 @@ def test_hierarchical_with_room_for_everything_equals_single(model, tok):
     full = ex.explain(DOC, TARGET, granularity="sentence", design="hierarchical", budget=12)
     assert full.settings["variants"] == 12 and full.settings["unrefined_groups"] == 0
     assert full.spans == single.spans
-    _close(full.per_target, single.per_target, rel=1e-6)
+    # fp32, the same variants batched differently: 1.4e-6 of the peak measured on an AVX-512
+    # host; a wrong unit or row is off by the order of the peak
+    _close(full.per_target, single.per_target, rel=1e-5)
 
 
 def test_best_first_order_replays_on_blocks(model, tok):
