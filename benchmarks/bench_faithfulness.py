@@ -357,7 +357,9 @@ def main(argv: list[str] | None = None) -> None:
     from _faith_methods import load
 
     model, tok = load(args.model)
-    all_docs = {n: docs_for(model, tok, n, counts[n], args.work) for n in args.lengths}
+    # --plot only evaluates what has run: it builds no document
+    all_docs = {} if args.plot else {n: docs_for(model, tok, n, counts[n], args.work)
+                                     for n in args.lengths}
     f = Outputs(model, tok, args.work / "eval.jsonl")
     if args.prepare:
         for n in args.lengths:
