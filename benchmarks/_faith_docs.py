@@ -194,29 +194,40 @@ def prose_doc(model: Any, tokenizer: Any, length: int, index: int) -> dict[str, 
 
 
 def build_docs(model: Any, tokenizer: Any, length: int, n_docs: int,
-               have: list[dict[str, Any]] | None = None, on_doc: Any = None
-               ) -> list[dict[str, Any]]:
+               have: list[dict[str, Any]] | None = None, on_doc: Any = None,
+               tries: int = 60) -> list[dict[str, Any]]:
     """``n_docs`` documents of ``length`` tokens: templated and prose alternating (templated
     first), seeds and windows in a fixed order, so that asking for more extends ``have`` (the
-    documents built before); ``on_doc(docs)`` is called after each new one (to save it)."""
+    documents built before); ``on_doc(docs)`` is called after each new one (to save it).
+
+    Where no seed of the ``tries`` after the last templated page gives an answered page (the
+    model stops naming the evidence's city at long lengths), that slot and every later one at
+    this length take prose; the prose document records the seeds that failed
+    (``templated_failed``), so that extending the file later neither retries them nor goes
+    back to templated pages."""
     docs: list[dict[str, Any]] = list(have or [])
     seeds = [d["seed"] for d in docs if d["kind"] == "templated"]
+    failed = [d["templated_failed"] for d in docs if d.get("templated_failed")]
     windows = [d["window"] for d in docs if d["kind"] == "prose"]
     seed = max(seeds) + 1 if seeds else 0
     window = max(windows) + 1 if windows else 0
     while len(docs) < n_docs:
-        if len(docs) % 2 == 0:
-            d = templated_doc(model, tokenizer, length, seed, tries=60)
+        d, gave_up = None, None
+        if len(docs) % 2 == 0 and not failed:
+            d = templated_doc(model, tokenizer, length, seed, tries=tries)
             if d is not None:
                 seed = d["seed"] + 1
-        else:
-            d = None
+            else:
+                gave_up = failed = [seed, seed + tries - 1]
+        if d is None and (len(docs) % 2 == 1 or failed):
             while d is None and window < 10 * len(PROSE_FILES):
                 d = prose_doc(model, tokenizer, length, window)
                 window += 1
+            if d is not None and gave_up:
+                d["templated_failed"] = gave_up
         if d is None:
-            raise RuntimeError(f"no more {'templated' if len(docs) % 2 == 0 else 'prose'} "
-                               f"documents of {length} tokens after {len(docs)}")
+            kind = "templated" if len(docs) % 2 == 0 and not failed else "prose"
+            raise RuntimeError(f"no more {kind} documents of {length} tokens after {len(docs)}")
         docs.append(d)
         if on_doc is not None:
             on_doc(docs)

@@ -80,9 +80,16 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+def cpu_isa() -> str:
+    """The vector instruction set torch's CPU kernels dispatch to here (``AVX512``, ``AVX2``,
+    ``DEFAULT``, ...): hosts of one CPU model name differ in it, and CPU timings with them."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def machine() -> str:
-    """The machine a row ran on, read now: ``"<CPU model>, <n> cores, <GPU name or no GPU>"``."""
-    return f"{cpu_model()}, {os.cpu_count()} cores, {gpu_name() or 'no GPU'}"
+    """The machine a row ran on, read now:
+    ``"<CPU model> (<torch's CPU ISA>), <n> cores, <GPU name or no GPU>"``."""
+    return f"{cpu_model()} ({cpu_isa()}), {os.cpu_count()} cores, {gpu_name() or 'no GPU'}"
 
 
 def machine_stamp() -> dict[str, str]:

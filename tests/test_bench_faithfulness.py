@@ -224,3 +224,32 @@ def test_an_answer_whose_text_tokenises_otherwise_is_not_used(tiny):
                                                                      add_special_tokens=False)
     assert tok.decode(split) == " Hamburg." and split != canonical
     assert not fd.round_trips(tok, ids, split)
+
+
+def test_docs_fall_back_to_prose_once_templated_pages_run_out(monkeypatch):
+    """Planted generators: templated pages answer only below seed 3. The slot where they run
+    out and every later one take prose, the failed seeds are recorded, and extending the file
+    later tries no templated seed again; documents built before are kept as they were."""
+    calls = []
+
+    def templated(model, tok, length, seed, tries):
+        calls.append((seed, tries))
+        s = next((s for s in range(seed, seed + tries) if s < 3), None)
+        return None if s is None else {"doc": f"templated-{s}", "kind": "templated", "seed": s}
+
+    def prose(model, tok, length, index):
+        return None if index % 2 else {"doc": f"prose-{index}", "kind": "prose", "window": index}
+
+    monkeypatch.setattr(fd, "templated_doc", templated)
+    monkeypatch.setattr(fd, "prose_doc", prose)
+    docs = fd.build_docs(None, None, 64, 6, tries=5)
+    assert [d["doc"] for d in docs] == ["templated-0", "prose-0", "templated-1", "prose-2",
+                                        "templated-2", "prose-4"]
+    more = fd.build_docs(None, None, 64, 9, have=docs, tries=5)
+    assert more[:6] == docs
+    assert [d["doc"] for d in more[6:]] == ["prose-6", "prose-8", "prose-10"]
+    assert more[6]["templated_failed"] == [3, 7] and "templated_failed" not in more[7]
+    assert calls == [(0, 5), (1, 5), (2, 5), (3, 5)]
+    calls.clear()
+    again = fd.build_docs(None, None, 64, 10, have=more, tries=5)
+    assert calls == [] and again[9]["doc"] == "prose-12"

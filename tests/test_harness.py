@@ -34,7 +34,8 @@ def test_cpu_model_is_the_one_the_os_reports():
     model = _os_cpu_model()
     assert model and _harness.cpu_model() == model
     stamp = _harness.machine_stamp()
-    assert stamp["machine"].startswith(f"{model}, {os.cpu_count()} cores, ")
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert stamp["machine"].startswith(f"{model} ({isa}), {os.cpu_count()} cores, ")
     if not torch.cuda.is_available():
         assert stamp["machine"].endswith(", no GPU") and stamp["device"] == f"CPU {model}"
     else:
@@ -48,8 +49,9 @@ def test_stamp_reads_gpu_threads_and_load_at_the_call(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (4.5, 1.0, 1.0))
     monkeypatch.setattr(os, "cpu_count", lambda: 96)
     monkeypatch.setattr(_harness, "cpu_model", lambda: "Planted CPU 9000")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "PLANTED_ISA")
     stamp = _harness.machine_stamp()
-    assert stamp["machine"] == "Planted CPU 9000, 96 cores, Planted GPU 80GB"
+    assert stamp["machine"] == "Planted CPU 9000 (PLANTED_ISA), 96 cores, Planted GPU 80GB"
     assert stamp["device"] == "Planted GPU 80GB"
     assert stamp["threads"] == "7" and stamp["loadavg_1m"] == "4.5"
 
