@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from atman_kernels.explain.design import (
 )
 from atman_kernels.explain.engine import VariantRunner
 from atman_kernels.explain.estimate import fit_lasso, spearman
+from atman_kernels.explain.front.base import answer_unit_options
 from atman_kernels.explain.hierarchy import build_hierarchy
 from atman_kernels.explain.units import Span
 
@@ -271,6 +273,53 @@ def test_bad_budgets_and_designs_are_refused_before_any_forward(model, tok, kwar
     finally:
         hook.remove()
     assert calls == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"design": "single", "budget": 5, "granularity": "sentence"},
+     "budget=5 is below the 10 units"),
+    ({"design": "single", "budget": 5, "granularity": "token"}, "budget=5 is below the"),
+    ({"design": "hierarchical", "budget": 1, "granularity": "token"},
+     "budget=1 cannot score the top level"),
+    ({"design": "sampled", "budget": 1, "granularity": "token"}, "needs budget >= 2"),
+])
+def test_a_generated_answer_is_not_generated_where_no_answer_fits(model, tok, kwargs, match):
+    calls, hook = _count_forwards(model)
+    try:
+        with pytest.raises(ValueError, match=match) as err:
+            _explainer(model, tok).explain(DOC, None, max_new_tokens=4, **kwargs)
+    finally:
+        hook.remove()
+    assert calls == [] and "refused before generating the answer" in str(err.value)
+
+
+def test_the_check_before_generating_refuses_only_what_every_answer_fails(model, tok):
+    """Token by token, the answer's tokens (but its last) are units: a budget that fits the
+    prompt's units alone passes the check before generating. Then a one-token answer is
+    explained, and a longer one is refused after generating, before any explaining forward."""
+    ex = _explainer(model, tok)
+    n_prompt_units = len(ex.explain(DOC, " Hamburg", granularity="token", design="single").spans)
+    one = ex.explain(DOC, None, max_new_tokens=1, granularity="token", design="single",
+                     budget=n_prompt_units)
+    assert one.settings["variants"] == n_prompt_units
+    with pytest.raises(ValueError, match=f"budget={n_prompt_units} is below the") as err:
+        ex.explain(DOC, None, max_new_tokens=4, granularity="token", design="single",
+                   budget=n_prompt_units)
+    assert "before generating" not in str(err.value)
+    # hierarchical: target-token units make one more top-level member, and a top level above
+    # max_children is cut into blocks, so an answer's units can shrink the top level: 8
+    # paragraphs are 8 top groups alone, 2 blocks with the answer's group
+    text = "\n\n".join(f"P{i} one. P{i} two." for i in range(8))
+    units = [Span(m.group(), m.start(), m.end(), (k,))
+             for k, m in enumerate(re.finditer(r"\S+", text))]
+    alone, with_answer = answer_unit_options(units, len(units), True)
+    assert len(build_hierarchy(alone, text, "word").top) == 8
+    assert len(build_hierarchy(with_answer, text, "word").top) == 2
+    ex._precheck("hierarchical", 4, [alone, with_answer], text, "word", False)  # passes
+    with pytest.raises(ValueError, match="budget=4 cannot score the top level.*8 groups"):
+        ex._precheck("hierarchical", 4, [alone], text, "word", False)
+    with pytest.raises(ValueError, match="budget=1 cannot score the top level.*2 groups"):
+        ex._precheck("hierarchical", 1, [alone, with_answer], text, "word", False)
 
 
 @pytest.mark.parametrize("kwargs", [{"keep_prob": 0}, {"keep_prob": 1.0}, {"keep_prob": 1.5},

@@ -50,7 +50,7 @@ from .design import Outcome, Problem, check_budget, check_design, choose_design
 from .engine import EngineResult, VariantRunner
 from .explanation import POSTPROCESS, Explanation, Node, combine_scores
 from .factors import group_factors
-from .front.base import Prepared, check_unit_arguments, compose_context
+from .front.base import Prepared, check_unit_arguments, compose_context, unit_settings
 from .front.causal import CausalFrontEnd
 from .front.classify import IMAGE_REFUSED, ClassifierFrontEnd
 from .front.image_text import CAUSAL_IMAGE_TEXT_FAMILIES, IMAGE_TEXT_FAMILIES, ImageTextFrontEnd
@@ -314,7 +314,9 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         and ``Explanation.estimate`` says so with the fit's quality. ``"auto"`` (default) is
         ``single`` when the units fit in the budget, else ``hierarchical`` for text.
         ``budget``: the most suppressed variants (forwards of the input, the baseline not
-        counted) the explanation may run (None: :data:`.design.DEFAULT_BUDGET`).
+        counted) the explanation may run (None: :data:`.design.DEFAULT_BUDGET`). A design
+        that cannot work within it is refused before any forward; with ``target=None``,
+        before the answer is generated where no answer could fit.
         ``settings`` records the design, the budget and the variants spent.
         """
         from ..hf import atman_attention, check_supported
@@ -362,14 +364,20 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                              f"not for a {self.kind} model")
         try:
             with torch.inference_mode():
+                # a generated answer is refused before it is generated where no answer fits
+                def precheck(options: list[list[Any]], prompt: str | None,
+                             pictures: bool) -> None:
+                    self._precheck(design, budget, options, prompt,
+                                   unit_settings(unit_args)["granularity"], pictures)
+
                 if self.kind == "causal_lm":
                     prepared = self._prepare_causal(inputs, target, max_new_tokens, unit_args,
-                                                    contrast, image_region)
+                                                    contrast, image_region, precheck)
                 elif self.kind == "classifier":
                     prepared = self._prepare_classifier(inputs, target, unit_args, contrast)
                 elif self.kind == "image_text":
                     prepared = self._prepare_image_text(inputs, target, max_new_tokens,
-                                                        unit_args, image_region)
+                                                        unit_args, image_region, precheck)
                 elif self.kind == "zero_shot":
                     prepared = self._prepare_zero_shot(inputs, target, unit_args, contrast)
                 else:
@@ -378,8 +386,10 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                 only = None if root is model else root
                 if self.sink == "keep" and self.kind in ("causal_lm", "image_text"):
                     prepared.units = _without_first_position(prepared.units)
-                chosen = choose_design(design, prepared.units, budget)
-                _check_design_fits(chosen, prepared)
+                chosen = _fit_design(design, budget, prepared.units,
+                                     prepared.fields.get("prompt"),
+                                     prepared.settings.get("granularity", "token"),
+                                     _has_pictures(prepared))
                 with atman_attention(model, only=only), attention_backend(self.backend):
                     result, outcome = self._run(prepared, chosen, budget)
         finally:
@@ -453,6 +463,24 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
         }
         settings.update(extra)
         return settings
+
+    def _precheck(self, design: Any, budget: int | None, options: list[list[Any]],
+                  prompt: str | None, granularity: str, pictures: bool) -> None:
+        """Before generating an answer: refuse the design and budget where they fit none of
+        the unit lists ``options`` the answer can give (the front end lists them: without
+        target-token units, and with them where the answer is explained token by token;
+        designs depend only on whether there are any, see :func:`_fit_design`)."""
+        errors = []
+        for units in options:
+            if self.sink == "keep" and self.kind in ("causal_lm", "image_text"):
+                units = _without_first_position(units)
+            try:
+                _fit_design(design, budget, units, prompt, granularity, pictures)
+                return
+            except ValueError as e:
+                errors.append(e)
+        raise ValueError(f"{errors[-1]} (refused before generating the answer: it fits no "
+                         "answer the model can generate)")
 
     # ------------------------------------------------------------------------------ engine
     def _run(self, prepared: Prepared, design: Any, budget: int | None
@@ -552,17 +580,26 @@ class AtManExplainer(CausalFrontEnd, ClassifierFrontEnd, ImageTextFrontEnd, Zero
                            **contrast_fields, **fields)
 
 
-def _check_design_fits(design: Any, prepared: Prepared) -> None:
-    """Refuse, before any forward, a design whose units an explanation's fields cannot hold:
-    a picture's map needs one score per cell, which a coarse-to-fine design leaves out where
-    it does not refine."""
+def _has_pictures(prepared: Prepared) -> bool:
+    return (prepared.fields.get("patch_grid") is not None
+            or bool(prepared.fields.get("image_views")))
+
+
+def _fit_design(design: Any, budget: int | None, units: list[Any], prompt: str | None,
+                granularity: str, pictures: bool) -> Any:
+    """The design to run on ``units`` (``choose_design``), refused before any forward where
+    it cannot explain them within ``budget`` (the design's own ``check``) or where an
+    explanation's fields cannot hold its units: a picture's map needs one score per cell,
+    which a coarse-to-fine design leaves out where it does not refine."""
     from .design import Hierarchical
 
-    if isinstance(design, Hierarchical) and (prepared.fields.get("patch_grid") is not None
-                                             or prepared.fields.get("image_views")):
+    chosen = choose_design(design, units, budget)
+    if isinstance(chosen, Hierarchical) and pictures:
         raise ValueError("design 'hierarchical' is not built for pictures yet: a score map "
                          "needs a score for every cell, and unrefined regions have none; use "
                          "design='single' (exact) or 'sampled' (estimated)")
+    chosen.check(units, prompt, granularity, budget)
+    return chosen
 
 
 def _without_first_position(units: list[Any]) -> list[Any]:

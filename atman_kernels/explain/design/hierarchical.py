@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..hierarchy import build_hierarchy
+from ..hierarchy import Hierarchy, build_hierarchy
+from ..units import Span
 from .base import DEFAULT_BUDGET, Outcome, Problem, TreeEntry
 
 
@@ -40,15 +41,23 @@ class Hierarchical:
             raise ValueError(f"max_children must be an int >= 2, got {max_children!r}")
         self.max_children = max_children
 
-    def run(self, problem: Problem) -> Outcome:
-        tree = build_hierarchy(problem.units, problem.prompt, problem.granularity,
-                               max_children=self.max_children)
-        budget = DEFAULT_BUDGET if problem.budget is None else problem.budget
+    def check(self, units: list[Span], prompt: str | None, granularity: str,
+              budget: int | None) -> Hierarchy:
+        """The tree over ``units``; refuses (before any forward) a budget that cannot score
+        its top level."""
+        tree = build_hierarchy(units, prompt, granularity, max_children=self.max_children)
+        budget = DEFAULT_BUDGET if budget is None else budget
         top = tree.top
         if len(top) > budget:
             raise ValueError(
                 f"budget={budget} cannot score the top level of the hierarchy: it has "
                 f"{len(top)} groups ({self._levels(tree, top)}); give budget >= {len(top)}")
+        return tree
+
+    def run(self, problem: Problem) -> Outcome:
+        tree = self.check(problem.units, problem.prompt, problem.granularity, problem.budget)
+        budget = DEFAULT_BUDGET if problem.budget is None else problem.budget
+        top = tree.top
         groups = tree.groups
         entries: list[TreeEntry] = []
         entry_of: dict[int, int] = {}  # group index -> entry index

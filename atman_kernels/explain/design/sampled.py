@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..estimate import cross_validated_spearman, fit_lasso
+from ..units import Span
 from .base import DEFAULT_BUDGET, Outcome, Problem
 
 
@@ -55,11 +56,17 @@ class Sampled:
         return (torch.rand(k, n_units, generator=gen, dtype=torch.float64)
                 >= self.keep_prob).to(torch.float64)
 
-    def run(self, problem: Problem) -> Outcome:
-        k = DEFAULT_BUDGET if problem.budget is None else problem.budget
+    def check(self, units: list[Span], prompt: str | None, granularity: str,
+              budget: int | None) -> None:
+        """Refuse (before any forward) a budget below 2 masks."""
+        k = DEFAULT_BUDGET if budget is None else budget
         if k < 2:
             raise ValueError(f"design 'sampled' needs budget >= 2 masks to fit a surrogate, "
                              f"got budget={k}")
+
+    def run(self, problem: Problem) -> Outcome:
+        self.check(problem.units, problem.prompt, problem.granularity, problem.budget)
+        k = DEFAULT_BUDGET if problem.budget is None else problem.budget
         n = len(problem.units)
         x = self.masks(k, n)
         run = [i for i in range(k) if bool(x[i].any())]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..units import Span
 from .base import Outcome, Problem
 
 
@@ -13,13 +14,19 @@ class Single:
 
     name = "single"
 
-    def run(self, problem: Problem) -> Outcome:
-        n = len(problem.units)
-        if problem.budget is not None and problem.budget < n:
+    def check(self, units: list[Span], prompt: str | None, granularity: str,
+              budget: int | None) -> None:
+        """Refuse a budget below the number of units (before any forward)."""
+        n = len(units)
+        if budget is not None and budget < n:
             raise ValueError(
-                f"budget={problem.budget} is below the {n} units design 'single' scores one "
+                f"budget={budget} is below the {n} units design 'single' scores one "
                 f"variant each; give budget >= {n}, or design='hierarchical' (coarse units "
                 "first, refined best-first within the budget) or 'sampled'")
+
+    def run(self, problem: Problem) -> Outcome:
+        n = len(problem.units)
+        self.check(problem.units, problem.prompt, problem.granularity, problem.budget)
         rise = problem.evaluate([[i] for i in range(n)])
         return Outcome(spans=list(problem.units), rise=rise,
                        settings={"design": self.name, "variants": n})

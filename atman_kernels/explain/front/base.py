@@ -11,7 +11,7 @@ the settings they read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,25 @@ class Prepared:
     embed: bool = False
     embeddings: torch.Tensor | None = None
     contrast_rows: int = 0  # the last rows of the task's targets are the foil's
+
+
+# Called by a front end before it generates an answer: (the unit lists the answer can give,
+# the prompt text their offsets index, whether the input holds pictures) -> None, or
+# ValueError where the explanation's design and budget fit none of them.
+Precheck = Callable[[list[list[Span]], "str | None", bool], None]
+
+
+def answer_unit_options(units: list[Span], n_prompt: int, with_target: bool
+                        ) -> list[list[Span]]:
+    """The unit lists a generated answer can give: ``units`` alone (an answer of one token,
+    or one whose tokens are not units) and, ``with_target``, ``units`` and target-token
+    units. Designs see target-token units only as one group however many there are (one
+    group per source, :mod:`..hierarchy`), and a single-unit design needs more budget the
+    more there are: one placeholder unit stands for them (the least a longer answer adds)."""
+    options = [list(units)]
+    if with_target:
+        options.append(list(units) + token_spans([""], [n_prompt], source="target"))
+    return options
 
 
 class FrontEnd:

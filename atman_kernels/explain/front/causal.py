@@ -10,7 +10,7 @@ import torch
 
 from ..tasks import CausalLMTask, ContrastiveLMTask
 from ..units import Span, token_spans
-from .base import FrontEnd, Prepared, unit_settings
+from .base import FrontEnd, Precheck, Prepared, answer_unit_options, unit_settings
 from .image_text import CAUSAL_IMAGE_TEXT_FAMILIES, IMAGE_TEXT_FAMILIES
 
 # parts of model-input names that carry another modality (images, video, audio features)
@@ -40,13 +40,14 @@ class CausalFrontEnd(FrontEnd):
 
     def _prepare_causal(self, inputs: Any, target: Any, max_new_tokens: int,
                         unit_args: dict[str, Any], contrast: Any = None,
-                        image_region: int | None = None) -> Prepared:
+                        image_region: int | None = None, precheck: Precheck | None = None
+                        ) -> Prepared:
         name = type(self.model).__name__
         if (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str)) or (
                 hasattr(inputs, "keys") and "pixel_values" in inputs):
             if name in CAUSAL_IMAGE_TEXT_FAMILIES:
                 return self._causal_with_images(inputs, target, max_new_tokens, unit_args,
-                                                contrast, image_region)
+                                                contrast, image_region, precheck)
             what = IMAGES_REFUSED.get(name) or (
                 "is explained as a causal LM on text only: AtMan's image-token layout is not "
                 "implemented for its family" if name.endswith("ForConditionalGeneration")
@@ -71,7 +72,14 @@ class CausalFrontEnd(FrontEnd):
         if contrast is not None:
             foil_ids = self._token_ids(contrast, "contrast", add_special_tokens=False)
         generated = target is None
+        coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
+                  or unit_args["spans"] is not None or unit_args.get("context") is not None)
         if generated:
+            if precheck is not None:
+                # the answer's tokens (but its last) become units only token by token
+                with_target = not coarse and foil_ids is None and max_new_tokens >= 2
+                precheck(answer_unit_options(units, len(prompt_ids), with_target),
+                         prompt_text, False)
             target_ids = self._generate(prompt_ids, max_new_tokens)
         else:
             target_ids = self._token_ids(target, "target", add_special_tokens=False)
@@ -82,8 +90,6 @@ class CausalFrontEnd(FrontEnd):
             self._check_length(n_prompt + len(foil_ids) - 1)
             return self._contrastive_causal(prompt_ids, target_ids, foil_ids, units,
                                             prompt_text, generated, unit_args)
-        coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
-                  or unit_args["spans"] is not None or unit_args.get("context") is not None)
         if not coarse:
             units = units + token_spans(self._token_strings(target_ids[:-1]),
                                         list(range(n_prompt, n)), source="target")
@@ -110,7 +116,8 @@ class CausalFrontEnd(FrontEnd):
 
     def _causal_with_images(self, inputs: Any, target: Any, max_new_tokens: int,
                             unit_args: dict[str, Any], contrast: Any,
-                            image_region: int | None) -> Prepared:
+                            image_region: int | None, precheck: Precheck | None = None
+                            ) -> Prepared:
         """A causal LM that takes images (Gemma 3), given images: the vision-language front
         end (image regions and text as units), with its refusals."""
         name = type(self.model).__name__
@@ -125,7 +132,7 @@ class CausalFrontEnd(FrontEnd):
             raise ValueError(f"chat=True applies the chat template to a text prompt; for {name} "
                              "with images pass the processor's output of the rendered prompt")
         return self._prepare_image_text(inputs, target, max_new_tokens, unit_args,
-                                        image_region)
+                                        image_region, precheck)
 
     def _reuse_and_note(self) -> tuple[bool, dict[str, str]]:
         """Whether to try prefix reuse, and the settings note of a model with recurrent state.

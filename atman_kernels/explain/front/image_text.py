@@ -11,7 +11,7 @@ import torch
 
 from ..tasks import VisionLanguageTask
 from ..units import Span, prompt_spans, token_spans
-from .base import FrontEnd, Prepared, unit_settings
+from .base import FrontEnd, Precheck, Prepared, answer_unit_options, unit_settings
 
 # Vision-language models whose image-token layout is known (explain/vision.py), by class name.
 IMAGE_TEXT_FAMILIES = {
@@ -67,7 +67,8 @@ class ImageTextFrontEnd(FrontEnd):
         return data, images
 
     def _prepare_image_text(self, inputs: Any, target: Any, max_new_tokens: int,
-                            unit_args: dict[str, Any], image_region: int | None) -> Prepared:
+                            unit_args: dict[str, Any], image_region: int | None,
+                            precheck: Precheck | None = None) -> Prepared:
         from ..vision import image_views, picture_size, probe_boxes, region_cells
 
         data, images = self._image_text_inputs(inputs)
@@ -147,7 +148,15 @@ class ImageTextFrontEnd(FrontEnd):
                             image=view.image, box=box)
                 image_units.append((span, {"image": view.image, "view": view.view}, cells))
         generated = target is None
+        coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
+                  or unit_args["spans"] is not None)
         if generated:
+            if precheck is not None:
+                known = sorted(units + [u for u, _, _ in image_units],
+                               key=lambda u: u.positions[0])
+                with_target = not coarse and max_new_tokens >= 2
+                precheck(answer_unit_options(known, len(prompt_ids), with_target), text,
+                         bool(views))
             target_ids = self._generate(prompt_ids, max_new_tokens, extra)
         else:
             target_ids = self._token_ids(target, "target", add_special_tokens=False)
@@ -159,8 +168,6 @@ class ImageTextFrontEnd(FrontEnd):
         extra = {k: torch.nn.functional.pad(v, (0, n - n_prompt))
                  if torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, n_prompt)
                  and not v.is_floating_point() else v for k, v in extra.items()}
-        coarse = (unit_args["granularity"] != "token" or unit_args["delimiter"] is not None
-                  or unit_args["spans"] is not None)
         all_units = units + [u for u, _, _ in image_units]
         if not coarse:
             all_units += token_spans(self._token_strings(target_ids[:-1]),
