@@ -255,21 +255,45 @@ def write_rows(path: Path, rows: list[dict[str, Any]], fields: list[str] | None 
     os.replace(tmp, path)
 
 
-def plot(summary: list[dict[str, Any]], png: Path) -> None:
+def panel_means(rows: list[dict[str, Any]], length: int
+                ) -> tuple[dict[str, dict[str, Any]], int]:
+    """Mean seconds and top-3 drop of each method at ``length`` over the documents every such
+    method ran on one host (points of a panel must compare: same documents, same speed), and
+    how many documents that is."""
+    by: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+    for r in rows:
+        if (int(r["length"]) == length and r["method"] != "forward"
+                and r.get("top3_drop") not in ("", None)):
+            by.setdefault(r["method"], {})[(r["doc"], r["machine"])] = r
+    if not by:
+        return {}, 0
+    common = set.intersection(*(set(v) for v in by.values()))
+    out = {}
+    for method, runs in by.items():
+        picked = [runs[k] for k in sorted(common)]
+        if picked:
+            out[method] = {
+                "seconds": statistics.fmean(float(r["seconds"]) for r in picked),
+                "top3_drop": statistics.fmean(float(r["top3_drop"]) for r in picked),
+                "machine": picked[0]["machine"]}
+    return out, len(common)
+
+
+def plot(rows_in: list[dict[str, Any]], png: Path) -> None:
     """Top-3 removal drop against seconds per document: a curve per design over its budgets,
-    the other methods as points, one panel per length."""
+    the other methods as points, one panel per length, each over the documents all its
+    methods ran on one host (:func:`panel_means`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted({int(s["length"]) for s in summary if s["method"] != "forward"})
+    lengths = sorted({int(r["length"]) for r in rows_in if r["method"] != "forward"})
     if not lengths:
         return
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 4.2), squeeze=False)
     for ax, length in zip(axes[0], lengths, strict=True):
-        rows = {s["method"]: s for s in summary if int(s["length"]) == length
-                and s["method"] != "forward" and s.get("top3_drop")}
+        rows, n = panel_means(rows_in, length)
         for design, colour in (("hierarchical", "tab:blue"), ("sampled", "tab:green")):
             pts = sorted((float(r["seconds"]), float(r["top3_drop"]), m)
                          for m, r in rows.items() if m.startswith(f"atman-{design}-"))
@@ -291,11 +315,10 @@ def plot(summary: list[dict[str, Any]], png: Path) -> None:
                 ax.scatter(float(rows[m]["seconds"]), float(rows[m]["top3_drop"]),
                            marker=marker, color=colour, s=70 if m == "atman-auto" else 40,
                            label=label, zorder=3)
-        n = max(int(r["docs"]) for r in rows.values()) if rows else 0
         cpu = " + ".join(sorted({re.sub(r", \d+ cores.*$", "", r["machine"]).replace("(R)", "")
                                  for r in rows.values()}))
         ax.set_xscale("log")
-        ax.set_title(f"{length} tokens ({n} documents)\n{cpu}", fontsize=9)
+        ax.set_title(f"{length} tokens ({n} documents every method ran)\n{cpu}", fontsize=9)
         ax.set_xlabel("seconds per document (2 threads, log)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-3 removal drop (nats; higher = more faithful)")
@@ -305,8 +328,9 @@ def plot(summary: list[dict[str, Any]], png: Path) -> None:
             handles.setdefault(label, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles),
                fontsize=8, frameon=False)
-    fig.suptitle("SmolLM2-135M, sentences of the context (times compare within a panel "
-                 "only)", fontsize=9)
+    fig.suptitle("SmolLM2-135M, sentences of the context; a panel: means over the documents "
+                 "all its methods ran on one host (times compare within a panel only; the "
+                 "tables give every document)", fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -409,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     write_rows(args.out / "faithfulness_cpu.csv", rows, ROW_FIELDS)
     summary = summarise(rows)
     write_rows(args.out / "faithfulness_summary_cpu.csv", summary)
-    plot(summary, args.out / "faithfulness_cpu.png")
+    plot(rows, args.out / "faithfulness_cpu.png")
     print(f"[faith] {len(rows)} rows -> {args.out / 'faithfulness_cpu.csv'}")
 
 

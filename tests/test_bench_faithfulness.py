@@ -211,8 +211,23 @@ def test_summary_and_plot(tmp_path):
     s = {r["method"]: r for r in bf.summarise(rows)}
     assert s["atman-auto"]["top1_drop"] == "1.500" and s["atman-auto"]["evidence_top1"] == "0.50"
     assert s["atman-auto"]["memory_x_forward"] == "1.10" and s["forward"]["docs"] == 2
-    bf.plot(list(s.values()), tmp_path / "p.png")
+    bf.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_a_panel_averages_only_documents_every_method_ran_on_one_host():
+    def row(m, doc, sec, top3, machine="M"):
+        return {"method": m, "length": 512, "doc": doc, "seconds": sec, "top3_drop": top3,
+                "machine": machine}
+    rows = [row("atman-auto", "d0", 10, 6), row("atman-auto", "d1", 20, 4),
+            row("atman-auto", "d2", 1000, 99),                  # the peer did not run d2
+            row("attnlrp", "d0", 1, 5), row("attnlrp", "d1", 3, 5, machine="N"),  # other host
+            row("forward", "d0", 0.5, "")]
+    means, n = bf.panel_means(rows, 512)
+    assert n == 1 and set(means) == {"atman-auto", "attnlrp"}
+    assert means["atman-auto"]["seconds"] == 10 and means["atman-auto"]["top3_drop"] == 6
+    assert means["attnlrp"]["seconds"] == 1
+    assert bf.panel_means(rows, 1024) == ({}, 0)
 
 
 def test_an_answer_whose_text_tokenises_otherwise_is_not_used(tiny):
