@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 TEMPLATE = "Context: {context}\n\nQuery: {query}"
+# documents per prompt length the benchmark is to have (its default counts and the docs' target)
+DOCS_PER_LENGTH = {512: 20, 1024: 20, 2048: 5, 4096: 5}
 
 
 def check_sources(context: str, sources: Sequence[Sequence[int]]) -> None:

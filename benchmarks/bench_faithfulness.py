@@ -59,7 +59,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _faith_common import ablate, prompt_ids, random_masks, top_k_keep  # noqa: E402
+from _faith_common import (  # noqa: E402
+    DOCS_PER_LENGTH,
+    ablate,
+    prompt_ids,
+    random_masks,
+    top_k_keep,
+)
 from _faith_methods import PROJECT_METHODS  # noqa: E402
 from _faith_peers import PEER_METHODS  # noqa: E402
 
@@ -71,7 +77,7 @@ WORK = RESULTS / "faithfulness"
 METHODS = ["forward", "atman-auto", "contextcite-64", "attnlrp", "contextcite-32",
            "atman-hierarchical-24", "atman-hierarchical-48", "atman-sampled-32",
            "atman-single", "ig-10", "feature-ablation", "atman-sampled-64"]
-DEFAULT_DOCS = {512: 20, 1024: 20, 2048: 5, 4096: 5}
+DEFAULT_DOCS = DOCS_PER_LENGTH
 KS = (1, 3, 5)
 LDS_SEED = 7_000  # held-out masks: seeds far from ContextCite's (ablation index 0..K-1)
 assert sorted(METHODS) == sorted(PROJECT_METHODS + PEER_METHODS)

@@ -29,6 +29,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from _faith_common import DOCS_PER_LENGTH  # stdlib only: the benchmark's document counts
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -799,6 +801,17 @@ FAITH_NAMES = {
 }
 
 
+# the two peers of the targets: (name in the text, method, time limit as a multiple of theirs)
+FAITH_PEERS = (("ContextCite-64", "contextcite-64", 0.5), ("AttnLRP", "attnlrp", 2.0))
+FAITH_DROPS = (("top1_drop", "top-1"), ("top3_drop", "top-3"), ("top5_drop", "top-5"))
+FAITH_VERDICTS = FAITH_DROPS + (("evidence_top1", "evidence top-1"),)
+
+
+def _cpu_name(machine: str) -> str:
+    """A recorded machine stamp without its core and GPU counts: "AMD EPYC (AVX512)"."""
+    return re.sub(r", \d+ cores.*$", "", machine).replace("(R)", "")
+
+
 def _faith() -> dict[tuple[str, int], dict[str, str]]:
     return {(r["method"], int(r["length"])): r for r in rows("faithfulness_summary_cpu.csv")}
 
@@ -818,7 +831,7 @@ def faithfulness() -> str:
                      _f(r.get("top3_drop")), _f(r.get("top5_drop")), _f(r.get("lds")), ev,
                      _f(r["seconds"], ".1f"), _f(r["forwards"], ".0f"),
                      _f(r["memory_x_forward"]), str(r["load_max"]),
-                     re.sub(r", \d+ cores.*$", "", r["machine"]).replace("(R)", "")])
+                     _cpu_name(r["machine"])])
     return table(["tokens", "method", "docs", "top-1 drop", "top-3 drop", "top-5 drop", "LDS",
                   "evidence top-1", "s / doc", "forwards", "memory / forward's", "load max",
                   "CPU (2 cores)"], body)
@@ -874,11 +887,9 @@ def faithfulness_targets() -> str:
         if auto is None:
             continue
         mine = _faith_docs("atman-auto", n)
-        peers = [(name, _faith_docs(m, n)) for name, m in (("ContextCite-64", "contextcite-64"),
-                                                           ("AttnLRP", "attnlrp"))]
+        peers = [(name, _faith_docs(m, n)) for name, m, _ in FAITH_PEERS]
         items = []
-        for key, label in (("top1_drop", "top-1"), ("top3_drop", "top-3"),
-                           ("top5_drop", "top-5"), ("evidence_top1", "evidence top-1")):
+        for key, label in FAITH_VERDICTS:
             for name, theirs in peers:
                 got = _paired(mine, theirs, key)
                 if got is None:
@@ -887,8 +898,7 @@ def faithfulness_targets() -> str:
                 verdict = "met" if a > b else ("tied (target: ahead)" if a == b
                                                else f"missed by {b - a:.2f}")
                 items.append(f"{label} {a:.2f} vs {name} {b:.2f} ({k} docs): {verdict}")
-        for name, theirs, limit in (("ContextCite-64", peers[0][1], 0.5),
-                                    ("AttnLRP", peers[1][1], 2.0)):
+        for (name, theirs), (_, _, limit) in zip(peers, FAITH_PEERS, strict=True):
             got = _paired(mine, theirs, "seconds")
             if got is not None:
                 ratio = got[0] / got[1]
@@ -920,8 +930,7 @@ def faithfulness_misses() -> str:
     lengths = sorted(n for m, n in by if m == "atman-auto")
     mine = {n: _faith_docs("atman-auto", n) for n in lengths}
     lines = []
-    for name, method, limit in (("AttnLRP", "attnlrp", 2.0), ("ContextCite-64",
-                                                              "contextcite-64", 0.5)):
+    for name, method, limit in reversed(FAITH_PEERS):
         ratios = {}
         for n in lengths:
             got = _paired(mine[n], _faith_docs(method, n), "seconds")
@@ -935,10 +944,9 @@ def faithfulness_misses() -> str:
     behind: list[str] = []
     ceiling: dict[str, list[int]] = {}
     for n in lengths:
-        for name, method in (("ContextCite-64", "contextcite-64"), ("AttnLRP", "attnlrp")):
+        for name, method, _ in FAITH_PEERS:
             theirs = _faith_docs(method, n)
-            for key, label in (("top1_drop", "top-1"), ("top3_drop", "top-3"),
-                               ("top5_drop", "top-5"), ("evidence_top1", "evidence top-1")):
+            for key, label in FAITH_VERDICTS:
                 got = _paired(mine[n], theirs, key)
                 if got is None or got[0] > got[1]:
                     continue
@@ -961,7 +969,7 @@ def faithfulness_misses() -> str:
     over = [n for n in mem if mem[n] > 1.2]
     if over:
         peers = []
-        for name, method in (("AttnLRP", "attnlrp"), ("ContextCite-64", "contextcite-64")):
+        for name, method, _ in reversed(FAITH_PEERS):
             vals = [float(by[(method, n)]["memory_x_forward"]) for n in lengths
                     if (method, n) in by and by[(method, n)].get("memory_x_forward")]
             if vals:
@@ -972,9 +980,6 @@ def faithfulness_misses() -> str:
     return "\n".join(lines) + "\n"
 
 
-FAITH_TARGET_DOCS = {512: 20, 1024: 20, 2048: 5, 4096: 5}  # the issue's counts per length
-
-
 @block("faithfulness_counts")
 def faithfulness_counts() -> str:
     """How many documents the default ran at each length against the issue's count, how many
@@ -983,11 +988,10 @@ def faithfulness_counts() -> str:
     lines = []
     for n in sorted(n for m, n in by if m == "atman-auto"):
         r = by[("atman-auto", n)]
-        want = FAITH_TARGET_DOCS.get(n)
-        short = (f"target {want}: met" if want and int(r["docs"]) >= want
-                 else f"target {want}: {want - int(r['docs'])} short" if want else "no target")
-        hosts = " and ".join(re.sub(r", \d+ cores.*$", "", h).replace("(R)", "")
-                             for h in r["machine"].split(" + "))
+        want, have = DOCS_PER_LENGTH.get(n), int(r["docs"])
+        short = ("no target" if want is None else f"target {want}: met" if have >= want
+                 else f"target {want}: {want - have} short")
+        hosts = " and ".join(_cpu_name(h) for h in r["machine"].split(" + "))
         lines.append(f"- {n} tokens: {r['docs']} documents ({short}), {r['templated']} of them "
                      f"templated pages with a known evidence sentence; {hosts}")
     return "\n".join(lines) + "\n"
@@ -1006,8 +1010,7 @@ def faithfulness_alternatives() -> str:
             if t is None:
                 continue
             parts = [f"time {t[0] / t[1]:.2f}x"]
-            for key, label in (("top1_drop", "top-1"), ("top3_drop", "top-3"),
-                               ("top5_drop", "top-5"), ("lds", "LDS")):
+            for key, label in FAITH_DROPS + (("lds", "LDS"),):
                 got = _paired(mine, theirs, key)
                 if got is not None:
                     parts.append(f"{label} {got[0] - got[1]:+.2f}")
